@@ -1,0 +1,370 @@
+"""Run configuration: typed sections, YAML loading, JSON overrides, validation.
+
+A run's configuration is resolved in layers, each deep-merged over the last:
+    configs/base.yaml -> configs/optimizers/NAME.yaml -> configs/presets/PRESET.yaml -> --config JSON
+The optimizer YAML holds flat keys (as in the paper's harness: lr, rank, beta, ...). In the JSON
+overrides, a top-level key that names a section (model, data, train, adam, logging, optimizer)
+merges into that section; any other key is an optimizer key, so `{"lr": 0.05, "rank": 32}` works
+as in the paper's README.
+
+The resolved config is plain data (`RunConfig.to_dict()`), written to results/RUN/config.json and
+read back by the worker with `RunConfig.from_dict`.
+"""
+
+import copy
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from optimizers import OPTIMIZERS, optimizer_config_class
+
+CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(CONFIG_DIR)
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the key, file or value."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt2"  # model family (model.py)
+    preset: str | None = "cpu-small"  # a size from model.PRESETS; the fields below override it
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None  # maximum context length
+    vocab_size: int = 50304
+    dropout: float = 0.0
+
+    def validate(self):
+        from model import PRESETS
+
+        if self.arch != "gpt2":
+            raise ValueError(f"model.arch must be 'gpt2', got {self.arch!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"model.preset {self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        if self.preset is None and None in (self.n_layer, self.n_head, self.n_embd, self.block_size):
+            raise ValueError("model.preset is null, so model.n_layer, n_head, n_embd and block_size must all be set")
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            _positive(f"model.{key}", getattr(self, key), allow_none=True)
+        resolved = self.resolved()
+        if resolved["n_embd"] % resolved["n_head"]:
+            raise ValueError(f"model.n_embd ({resolved['n_embd']}) must be divisible by model.n_head ({resolved['n_head']})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    def resolved(self) -> dict:
+        """The GPTConfig fields this section describes (preset values, then explicit overrides)."""
+        from model import PRESETS
+
+        fields = dict(PRESETS[self.preset]) if self.preset else {}
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, key) is not None:
+                fields[key] = getattr(self, key)
+        fields["vocab_size"] = self.vocab_size
+        fields["dropout"] = self.dropout
+        return fields
+
+
+@dataclass
+class DataConfig:
+    train_files: str = "data/shakespeare/train_*.bin"  # glob of training shards (relative to the repo root or absolute)
+    val_files: str = "data/shakespeare/val_*.bin"
+    seq_len: int = 128  # tokens per training sequence
+    shuffle: bool = True  # shuffle the training windows each epoch (seeded)
+    val_tokens: int = 8192  # tokens evaluated at each validation
+
+    def validate(self):
+        _positive("data.seq_len", self.seq_len)
+        _positive("data.val_tokens", self.val_tokens)
+        if self.val_tokens < self.seq_len:
+            raise ValueError(f"data.val_tokens ({self.val_tokens}) must be at least data.seq_len ({self.seq_len})")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8  # sequences per optimizer step, over all ranks and accumulation steps
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seed: int = 1337
+    val_every: int = 25  # evaluate every this many steps (and at step 0 and the last step); 0: only at the end
+    val_batch_size: int = 32  # sequences per validation forward on one rank
+    device: str = "auto"  # auto (cuda when launched with --num-gpus), cpu or cuda
+    autocast: str = "none"  # none or bf16 (autocast of the forward pass; GPU)
+    compile: bool = False  # torch.compile the model (slow to compile on CPU)
+    grad_clip: float = 0.0  # clip the global gradient norm to this value; 0: off
+    ckpt_every: int = 0  # write a checkpoint every this many steps; 0: only at the end
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
+
+    def validate(self):
+        for key in ("steps", "batch_size", "micro_batch_size", "val_batch_size", "keep_checkpoints"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("val_every", "ckpt_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size ({self.micro_batch_size})"
+            )
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.autocast", self.autocast, ("none", "bf16"))
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class AdamConfig:
+    """AdamW for everything that is not a hidden matrix: embeddings, the head and 1-D params."""
+
+    embed_lr: float = 0.003
+    head_lr: float = 0.003  # only used when the head is not tied to the embedding
+    scalar_lr: float = 0.003  # biases, norm gains
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def validate(self):
+        for key in ("embed_lr", "head_lr", "scalar_lr"):
+            _positive(f"adam.{key}", getattr(self, key))
+        _betas("adam.betas", self.betas)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "off"  # off, offline (local files, sync later) or online
+    wandb_project: str = "mofa"
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def validate(self):
+        _choice("logging.wandb", self.wandb, ("off", "offline", "online"))
+
+
+@dataclass
+class LaunchConfig:
+    """Filled in by run.py, not by the user."""
+
+    nproc: int = 1  # processes per node
+    nnodes: int = 1
+    world_size: int = 1
+    device: str = "cpu"  # cpu or cuda: what the workers run on
+    backend: str = "gloo"  # gloo on CPU, nccl on GPU
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "adam": AdamConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    name: str
+    optimizer_name: str
+    optimizer: Any  # the optimizer's own config dataclass (optimizers.OPTIMIZERS[name].config)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    adam: AdamConfig = field(default_factory=AdamConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        name, opt_name = d.pop("name"), d.pop("optimizer_name")
+        if opt_name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {opt_name!r}; choose one of {sorted(OPTIMIZERS)}")
+        sections = {key: build_dataclass(SECTIONS[key], d.get(key, {}), key) for key in SECTIONS}
+        launch = build_dataclass(LaunchConfig, d.get("launch", {}), "launch")
+        optimizer = build_dataclass(optimizer_config_class(opt_name), d.get("optimizer", {}), "optimizer")
+        unknown = set(d) - set(SECTIONS) - {"optimizer", "launch"}
+        if unknown:
+            raise ConfigError(f"unknown config section {sorted(unknown)[0]!r}; valid sections: {sorted(SECTIONS) + ['optimizer']}")
+        cfg = cls(name=name, optimizer_name=opt_name, optimizer=optimizer, launch=launch, **sections)
+        cfg.validate()
+        return cfg
+
+    def validate(self):
+        try:
+            for key in SECTIONS:
+                getattr(self, key).validate()
+            self.optimizer.validate()
+            block_size = self.model.resolved()["block_size"]
+            if self.data.seq_len > block_size:
+                raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's context model.block_size ({block_size})")
+            per_step = self.launch.world_size * self.train.micro_batch_size
+            if self.train.batch_size % per_step:
+                raise ValueError(
+                    f"train.batch_size ({self.train.batch_size}) must be a multiple of world size x train.micro_batch_size "
+                    f"({self.launch.world_size} x {self.train.micro_batch_size})"
+                )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    @property
+    def grad_accum(self) -> int:
+        return self.train.batch_size // (self.launch.world_size * self.train.micro_batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed construction from plain data
+
+
+def build_dataclass(cls, data: dict, path: str):
+    """Builds dataclass `cls` from a dict, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{path}.{key}'; valid keys: {', '.join(names)}")
+    values = {key: _coerce(data[key], hints[key], f"{path}.{key}") for key in data}
+    return cls(**values)
+
+
+def _coerce(value, hint, path: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {json.dumps(value)}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {json.dumps(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{path} must be an integer, got {json.dumps(value)}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {json.dumps(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {json.dumps(value)}")
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"unsupported config type {hint} at {path}")
+
+
+def _positive(key, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if value <= 0:
+        raise ValueError(f"{key} must be > 0, got {value}")
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _betas(key, betas):
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{key} must be two numbers in [0, 1), got {betas}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layered loading
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values")
+    return data
+
+
+def parse_overrides(text: str | None) -> dict:
+    """The --config argument: a JSON object, or @path to a JSON file."""
+    if not text:
+        return {}
+    source = "--config"
+    if text.startswith("@"):
+        source = text[1:]
+        if not os.path.isfile(source):
+            raise ConfigError(f"--config file not found: {source}")
+        with open(source) as f:
+            text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def split_overrides(overrides: dict) -> dict:
+    """Sorts override keys into sections: section names merge into sections, the rest are optimizer keys."""
+    layered = {}
+    for key, value in overrides.items():
+        if key in SECTIONS or key == "optimizer":
+            layered = deep_merge(layered, {key: value})
+        else:
+            layered = deep_merge(layered, {"optimizer": {key: value}})
+    return layered
+
+
+def resolve_config(optimizer: str, overrides: dict | None = None, preset: str | None = None, name: str = "run",
+                   launch: dict | None = None) -> RunConfig:
+    """Builds the validated RunConfig from the YAML layers and the JSON overrides."""
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
+    data = load_yaml(os.path.join(CONFIG_DIR, "base.yaml"))
+    data["optimizer"] = load_yaml(os.path.join(CONFIG_DIR, "optimizers", f"{optimizer}.yaml"))
+    if preset:
+        preset_path = os.path.join(CONFIG_DIR, "presets", f"{preset}.yaml")
+        if not os.path.isfile(preset_path):
+            available = sorted(p[:-5] for p in os.listdir(os.path.join(CONFIG_DIR, "presets")) if p.endswith(".yaml"))
+            raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(available) or 'none'}")
+        data = deep_merge(data, split_overrides(load_yaml(preset_path)))
+    data = deep_merge(data, split_overrides(overrides or {}))
+    data.update(name=name, optimizer_name=optimizer, launch=launch or {})
+    return RunConfig.from_dict(data)
+
+
+def resolve_path(path: str) -> str:
+    """Data paths in configs are relative to the repo root unless absolute."""
+    return path if os.path.isabs(path) else os.path.join(ROOT, path)

@@ -1,0 +1,228 @@
+"""Optimizer registry and parameter routing.
+
+Every optimizer the harness compares is trained on the same split of the model:
+- hidden matrices: the 2-D weights inside the transformer blocks get the chosen optimizer;
+- embeddings, the head and every 1-D parameter (biases, norm gains) get AdamW with their own
+  learning rates (the `adam` config section), whatever the chosen optimizer.
+
+`OPTIMIZERS` maps a name (`run.py --optimizer NAME`) to an `OptimizerSpec`: the dataclass of its
+config keys (the keys of configs/optimizers/NAME.yaml), a builder for the hidden matrices, and
+the per-step hyperparameter schedules it needs besides the learning rate (e.g. MoFaSGD's beta
+warmup). Heavy or optional dependencies (galore-torch, wandb) are imported only when used.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from optimizers.mofasgd import MoFaSGD
+
+__all__ = ["MoFaSGD", "OPTIMIZERS", "OptimizerSpec", "split_parameters", "build_optimizers", "state_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config dataclasses: one per optimizer, fields = the YAML keys
+
+
+@dataclass
+class ScheduleConfig:
+    """Keys every optimizer config has: the learning rate and its schedule."""
+
+    lr: float = 0.01
+    cooldown_frac: float = 0.4  # linear decay to 0 over this last fraction of the steps
+    lr_warmup_steps: int = 0  # linear learning-rate warmup from 0 over this many first steps
+    scheduler_name: str = "original"  # the paper harness's name for flat + linear cooldown; the only one
+
+    def validate(self):
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise ValueError(f"optimizer.cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"optimizer.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.scheduler_name != "original":
+            raise ValueError(f"optimizer.scheduler_name must be 'original', got {self.scheduler_name!r}")
+
+
+@dataclass
+class AdamWConfig(ScheduleConfig):
+    lr: float = 0.002
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    fused: bool = True  # torch's fused kernel (CPU and CUDA); false: the foreach kernel
+
+    def validate(self):
+        super().validate()
+        _check_betas("optimizer.betas", self.betas)
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class MoFaSGDConfig(ScheduleConfig):
+    lr: float = 0.05
+    rank: int = 32
+    beta: float = 0.95  # momentum decay when warmup_steps is 0
+    eta1: float = 0.25  # weight of the low-rank (momentum) step
+    eta2: float = 0.0  # weight of the gradient's component outside the momentum subspace
+    use_current_projection: bool = True
+    use_ones_for_nonzero_s: bool = False
+    eps: float = 1e-10
+    max_value: float = 5.0
+    warmup_steps: int = 300  # beta warmup steps
+    beta_start: float = 0.65
+    beta_end: float = 0.85
+    nesterov: bool = False
+    init: str = "weight_svd"
+    momentum: str = "sum"
+
+    def validate(self):
+        super().validate()
+        if self.rank < 1:
+            raise ValueError(f"optimizer.rank must be >= 1, got {self.rank}")
+        for key in ("beta", "beta_start", "beta_end"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.eps < 0 or self.max_value <= 0:
+            raise ValueError(f"optimizer.eps must be >= 0 and optimizer.max_value > 0, got {self.eps}, {self.max_value}")
+        if self.init not in ("weight_svd", "zero"):
+            raise ValueError(f"optimizer.init must be weight_svd or zero, got {self.init!r}")
+        if self.momentum not in ("sum", "ema"):
+            raise ValueError(f"optimizer.momentum must be sum or ema, got {self.momentum!r}")
+
+
+def _check_betas(key, betas):
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{key} must be two numbers in [0, 1), got {betas}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders and schedules
+
+
+def linear_warmup(start: float, end: float, steps: int) -> Callable[[int], float]:
+    """start -> end linearly over `steps` steps, then end."""
+    return lambda step: end if steps == 0 or step >= steps else start + (end - start) * step / steps
+
+
+def _build_adamw(params, cfg: AdamWConfig, device: str):
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, fused=cfg.fused or None, foreach=None if cfg.fused else True)
+
+
+def _build_mofasgd(params, cfg: MoFaSGDConfig, device: str):
+    return MoFaSGD(params, lr=cfg.lr, rank=cfg.rank, beta=cfg.beta, eta1=cfg.eta1, eta2=cfg.eta2,
+                   use_current_projection=cfg.use_current_projection,
+                   use_ones_for_nonzero_s=cfg.use_ones_for_nonzero_s, nesterov=cfg.nesterov, eps=cfg.eps,
+                   max_value=cfg.max_value, init=cfg.init, momentum=cfg.momentum)
+
+
+def _mofasgd_schedules(cfg: MoFaSGDConfig):
+    if cfg.warmup_steps == 0:
+        return {}
+    return {"beta": linear_warmup(cfg.beta_start, cfg.beta_end, cfg.warmup_steps)}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    config: type  # dataclass of the config keys
+    build: Callable  # (hidden params, config, device) -> torch.optim.Optimizer
+    schedules: Callable = lambda cfg: {}  # config -> {param-group key: fn(step) -> value}
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec(AdamWConfig, _build_adamw),
+    "mfsgd": OptimizerSpec(MoFaSGDConfig, _build_mofasgd, _mofasgd_schedules),
+}
+
+
+def optimizer_config_class(name: str) -> type:
+    return OPTIMIZERS[name].config
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter routing
+
+
+def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Splits the model's parameters into hidden / embed / head / scalar groups.
+
+    hidden: 2-D (or higher) weights of modules other than embeddings and the head;
+    embed: weights of nn.Embedding modules; head: the output layer `lm_head` unless tied to an
+    embedding; scalar: every parameter with fewer than 2 dims. Tied parameters count once.
+    Every parameter lands in exactly one group (asserted).
+    """
+    groups = {"hidden": [], "embed": [], "head": [], "scalar": []}
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    seen = set()
+    for name, p in model.named_parameters():  # named_parameters skips tied duplicates
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2:
+            kind = "scalar"
+        elif id(p) in embedding_ids:
+            kind = "embed"
+        elif id(p) in head_ids:
+            kind = "head"
+        else:
+            kind = "hidden"
+        groups[kind].append((name, p))
+        seen.add(id(p))
+    routed = [id(p) for ps in groups.values() for _, p in ps]
+    assert len(routed) == len(set(routed)), "a parameter was routed to two groups"
+    assert set(routed) == {id(p) for p in model.parameters() if p.requires_grad}, "a parameter was not routed"
+    return groups
+
+
+def build_optimizers(model: nn.Module, name: str, cfg, adam_cfg, device: str = "cpu"):
+    """The chosen optimizer on the hidden matrices, AdamW on the rest; returns (hidden_opt, adam_opt)."""
+    groups = split_parameters(model)
+    hidden = [p for _, p in groups["hidden"]]
+    hidden_opt = OPTIMIZERS[name].build(hidden, cfg, device)
+    adam_groups = [
+        dict(params=[p for _, p in groups[kind]], lr=lr, kind=kind)
+        for kind, lr in (("embed", adam_cfg.embed_lr), ("head", adam_cfg.head_lr), ("scalar", adam_cfg.scalar_lr))
+        if groups[kind]
+    ]
+    adam_opt = torch.optim.AdamW(adam_groups, betas=tuple(adam_cfg.betas), eps=adam_cfg.eps,
+                                 weight_decay=adam_cfg.weight_decay, fused=True)
+    return hidden_opt, adam_opt
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory accounting
+
+
+def _tensors_in(obj, depth=0):
+    """Tensors held by an optimizer state value: tensors, containers, or objects holding tensors."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 4:
+        return
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for v in vars(obj).values():
+            yield from _tensors_in(v, depth + 1)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state actually held: distinct storages, so a view of a large tensor
+    counts the whole storage it pins."""
+    storages = {}
+    for state in optimizer.state.values():
+        for t in _tensors_in(state):
+            s = t.untyped_storage()
+            storages[s.data_ptr() if s.data_ptr() else id(s)] = s.nbytes()
+    return sum(storages.values())

@@ -1,0 +1,470 @@
+"""MoFaSGD: Momentum Factorized SGD (Mahdavinia & Mahdavi, TMLR 2025, arXiv 2507.08091).
+
+Every hidden m x n weight keeps its momentum only as a rank-r SVD,
+
+    M ~= U diag(S) V^T,   U: m x r, V: n x r (orthonormal columns), S: (r,),
+
+so the optimizer state is (m + n) r + r floats per matrix instead of m n. Each step, for gradient G
+(the paper's Algorithm 1 with its UMF, "update momentum factor", routine):
+
+  1. Tangent projection of G onto the tangent space of the rank-r manifold at M:
+         G_hat = U U^T G + G V V^T - U U^T G V V^T.
+  2. UMF: the new factors are exactly the rank-r truncated SVD of  beta M + G_hat  ("sum", the
+     official code) or of  beta M + (1 - beta) G_hat  ("ema"). beta M + G_hat has rank <= 2r and
+     lives in span[U, G V] x span[V, G^T U], so the SVD reduces to a 2r x 2r problem (QR of the two
+     augmented bases, a small middle matrix, its SVD).
+  3. Step:  W <- W - lr * (eta1 * U' diag(d) V'^T + eta2 * (I - P_U) G (I - P_V)),
+     d_i = min(1 / S'_i, max_value) for S'_i > eps (else 0), or d_i = 1 (use_ones_for_nonzero_s: a
+     spectrally normalised U V^T step, i.e. a low-rank Muon).
+
+Implementation notes (why the code looks the way it does):
+  * G enters only through three thin sketches  GV = G V,  GtU = G^T U,  C = U^T G V  (no m x m or
+    n x n matrix is ever formed). `update_momentum_factors` is a pure function of the factors and
+    the sketches, so sketches accumulated elsewhere (e.g. in backward hooks) can be fed in later.
+  * Fast path: with W_u = G V - U C and W_v = G^T U - V C^T (the parts of the new directions that
+    are orthogonal to the current bases) and W_u = Q_w R_w, W_v = Q_v R_v,
+        beta M + G_hat = [U, Q_w] [[beta diag(S) + C, R_v^T], [R_w, 0]] [V, Q_v]^T,
+    and [U, Q_w], [V, Q_v] are orthonormal, so only m x r and n x r blocks need a QR. These are done
+    by Cholesky-QR2 (matmuls plus two r x r Cholesky factorisations), which is much cheaper than
+    Householder QR of the m x 2r blocks on CPU. Cholesky-QR is unreliable when W is rank-deficient
+    or badly conditioned (zero gradient, r >= min(m, n), m < 2r, low-rank gradients); that is
+    detected and the update falls back to the reference form (Householder QR of [U, G V] and
+    [V, G^T U], the form written in the paper and the official code).
+  * Factor maths runs in fp32 (fp64 for fp64 params) whatever the parameter dtype; the state U, S,
+    V is kept in that dtype and only the final update is cast to the parameter's dtype.
+
+Initialisation: the paper's algorithm starts from M_0 = 0, which is init="zero" here (S = 0 and
+U, V = the first r columns of the identity, deterministic and identical on every data-parallel
+rank; the first momentum is then the tangent projection of G at those bases). The official training
+harness instead seeds U, S, V with the top-r SVD of the weight at the first step; init="weight_svd"
+(the default) reproduces the official runs.
+
+nesterov=True reproduces the official code: the UMF update is applied a second time with the same
+G; the stored factors are those of the first update, the step uses those of the second.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = [
+    "MoFaSGD",
+    "tangent_projection",
+    "gradient_sketches",
+    "update_momentum_factors",
+    "spectral_scales",
+    "orthogonal_complement_term",
+]
+
+_INIT_CHOICES = ("weight_svd", "zero")
+_MOMENTUM_CHOICES = ("sum", "ema")
+_METHOD_CHOICES = ("auto", "cholesky", "householder")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure building blocks (each testable alone).
+# --------------------------------------------------------------------------------------------
+
+
+def gradient_sketches(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor):
+    """The only views of G that the factor update needs: (G V, G^T U, U^T G V).
+
+    These two products with the m x n gradient are the dominant cost (2 m n r flops each).
+    G^T U is computed as a transposed GEMM directly (measured faster on CPU than (U^T G)^T).
+    """
+    GV = G @ V  # m x r
+    GtU = G.mT @ U  # n x r
+    C = U.mT @ GV  # r x r, = U^T G V; thin, so computed from GV instead of touching G again
+    return GV, GtU, C
+
+
+def tangent_projection(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """G_hat = U U^T G + G V V^T - U U^T G V V^T (paper step 1), as a dense m x n matrix.
+
+    Thin products only: G_hat = U (U^T G - C V^T) + (G V) V^T with C = U^T G V.
+    """
+    UtG = U.mT @ G  # r x n
+    GV = G @ V  # m x r
+    C = UtG @ V  # r x r
+    return torch.matmul(U, UtG - C @ V.mT) + GV @ V.mT
+
+
+def _add_orthogonal_complement_(
+    target: torch.Tensor,
+    G: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    alpha: float,
+    sketches=None,
+) -> torch.Tensor:
+    """target += alpha * (I - P_U) G (I - P_V), in place, without any m x n temporary.
+
+    (I - P_U) G (I - P_V) = G - G_hat = G - U (U^T G - C V^T) - (G V) V^T. `sketches` may pass a
+    precomputed (G V, G^T U, U^T G V) for these U, V so G is not read again.
+    """
+    GV, GtU, C = gradient_sketches(G, U, V) if sketches is None else sketches
+    target.add_(G, alpha=alpha)
+    target.addmm_(U, GtU.mT - C @ V.mT, alpha=-alpha)
+    target.addmm_(GV, V.mT, alpha=-alpha)
+    return target
+
+
+def orthogonal_complement_term(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """(I - U U^T) G (I - V V^T) (the eta2 term of the step) via thin products."""
+    return _add_orthogonal_complement_(torch.zeros_like(G), G, U, V, 1.0)
+
+
+def spectral_scales(S: torch.Tensor, eps: float, max_value: float, use_ones: bool) -> torch.Tensor:
+    """Per-direction step scales d (paper step 3; official handling of small singular values).
+
+    d_i = min(1 / S_i, max_value) where |S_i| > eps, else 0; with use_ones, d_i = 1 where
+    |S_i| > eps (the spectrally normalised U V^T step).
+    """
+    nonzero = S.abs() > eps
+    if use_ones:
+        return nonzero.to(S.dtype)
+    # reciprocal of an exact 0 is inf, never NaN, and torch.where discards it.
+    return torch.where(nonzero, S.reciprocal().clamp(max=max_value), torch.zeros_like(S))
+
+
+def _cholesky_qr2(W: torch.Tensor, basis: torch.Tensor, tolerance: float):
+    """QR of (I - basis basis^T) W by Cholesky-QR2; returns (Q, R, reliable).
+
+    Pass 1: W = Q1 L1^T with L1 = chol(W^T W). Q1 is then projected off `basis` once more, which is
+    the second Gram-Schmidt pass against the old basis ("twice is enough"; the first is W = G V - U C)
+    and makes Q exactly orthogonal to it up to rounding whatever the conditioning of W. Because
+    (I - P) W = (I - P) Q1 L1^T exactly, pass 2 (Q1 = Q L2^T) gives (I - P) W = Q (L1 L2)^T.
+    `reliable` is a 0-d bool tensor: both Cholesky factorisations succeeded, W is not numerically
+    rank-deficient (min/max of diag(L1) > tolerance) and Q1 was close enough to orthonormal
+    (||Q1^T Q1 - I||_F < 1/2 bounds its condition number by sqrt(3)) for pass 2 to be accurate.
+    """
+    L1, info1 = torch.linalg.cholesky_ex(W.mT @ W)
+    Q1 = torch.linalg.solve_triangular(L1.mT, W, upper=True, left=False)
+    Q1 = Q1 - basis @ (basis.mT @ Q1)
+    gram2 = Q1.mT @ Q1
+    L2, info2 = torch.linalg.cholesky_ex(gram2)
+    Q = torch.linalg.solve_triangular(L2.mT, Q1, upper=True, left=False)
+    R = L2.mT @ L1.mT
+    diag1 = L1.diagonal(dim1=-2, dim2=-1)
+    gram2.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    reliable = (
+        (info1 == 0)
+        & (info2 == 0)
+        & (diag1.amin(-1) > tolerance * diag1.amax(-1))
+        & (torch.linalg.matrix_norm(gram2) < 0.5)
+    )
+    return Q, R, reliable.all()
+
+
+def _cholesky_tolerance(dtype: torch.dtype) -> float:
+    # Cholesky of W^T W squares the condition number: it is meaningful only for
+    # cond(W) below ~ eps^(-1/2) (about 3e3 in fp32, 7e7 in fp64).
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def _umf_fast(U, S, V, GV, GtU, C, beta):
+    """UMF via the new directions only (see module docstring). Returns (U', S', V', reliable)."""
+    r = U.shape[-1]
+    tolerance = _cholesky_tolerance(U.dtype)
+    # New directions: the parts of G V and G^T U outside span(U) and span(V).
+    W_u = torch.addmm(GV, U, C, alpha=-1.0)  # G V - U (U^T G V)
+    W_v = torch.addmm(GtU, V, C.mT, alpha=-1.0)  # G^T U - V (V^T G^T U)
+    Q_w, R_w, reliable_u = _cholesky_qr2(W_u, U, tolerance)
+    Q_v, R_v, reliable_v = _cholesky_qr2(W_v, V, tolerance)
+    # beta M + G_hat = [U, Q_w] Mid [V, Q_v]^T with the 2r x 2r middle block below.
+    mid = U.new_zeros(2 * r, 2 * r)
+    mid[:r, :r] = C
+    mid[:r, :r].diagonal().add_(S, alpha=beta)
+    mid[:r, r:] = R_v.mT
+    mid[r:, :r] = R_w
+    u, s, vh = torch.linalg.svd(mid)
+    # Rotate the augmented bases by the leading r singular vectors of Mid (top r = SVD_r).
+    U_new = torch.addmm(U @ u[:r, :r], Q_w, u[r:, :r])
+    V_new = torch.addmm(V @ vh[:r, :r].mT, Q_v, vh[:r, r:].mT)
+    return U_new, s[:r].clone(), V_new, reliable_u & reliable_v
+
+
+def _umf_householder(U, S, V, GV, GtU, C, beta):
+    """Reference UMF (paper / official code): Householder QR of the augmented bases.
+
+    [U, G V] = Q_U R_U, [V, G^T U] = Q_V R_V, B = [[beta diag(S) - C, I], [I, 0]],
+    beta M + G_hat = Q_U (R_U B R_V^T) Q_V^T. Reduced QR makes this valid for any rank of the
+    blocks and for m < 2r or n < 2r (Q_U is then m x m and the middle block is not square).
+    """
+    r = U.shape[-1]
+    Q_U, R_U = torch.linalg.qr(torch.cat([U, GV], dim=-1))
+    Q_V, R_V = torch.linalg.qr(torch.cat([V, GtU], dim=-1))
+    B = U.new_zeros(2 * r, 2 * r)
+    B[:r, :r] = -C
+    B[:r, :r].diagonal().add_(S, alpha=beta)
+    B[:r, r:].diagonal().fill_(1.0)
+    B[r:, :r].diagonal().fill_(1.0)
+    mid = R_U @ B @ R_V.mT
+    if not bool(torch.isfinite(mid).all()):
+        raise FloatingPointError("MoFaSGD: non-finite gradient or momentum factors (NaN/inf)")
+    u, s, vh = torch.linalg.svd(mid, full_matrices=False)
+    return Q_U @ u[:, :r], s[:r].clone(), Q_V @ vh[:r].mT
+
+
+def _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method):
+    """update_momentum_factors, also reporting whether the Cholesky fast path was used."""
+    if momentum not in _MOMENTUM_CHOICES:
+        raise ValueError(f"momentum must be one of {_MOMENTUM_CHOICES}, got {momentum!r}")
+    if method not in _METHOD_CHOICES:
+        raise ValueError(f"method must be one of {_METHOD_CHOICES}, got {method!r}")
+    if momentum == "ema":
+        # beta M + (1 - beta) G_hat: G_hat is linear in G, so scaling the sketches suffices.
+        scale = 1.0 - beta
+        GV, GtU, C = GV * scale, GtU * scale, C * scale
+    m, r = U.shape
+    n = V.shape[0]
+    # With m < 2r (or n < 2r) the new directions cannot all be independent of U (V): W is
+    # rank-deficient by construction, so Cholesky-QR would fail anyway.
+    fast_possible = m >= 2 * r and n >= 2 * r
+    if method == "cholesky" and not fast_possible:
+        raise RuntimeError(f"Cholesky-QR path needs m, n >= 2r; got m={m}, n={n}, r={r}")
+    if method != "householder" and fast_possible:
+        U_new, S_new, V_new, reliable = _umf_fast(U, S, V, GV, GtU, C, beta)
+        if bool(reliable):  # one host sync per matrix
+            return U_new, S_new, V_new, True
+        if method == "cholesky":
+            raise RuntimeError("Cholesky-QR path unreliable here (rank-deficient or ill-conditioned)")
+    return (*_umf_householder(U, S, V, GV, GtU, C, beta), False)
+
+
+def update_momentum_factors(U, S, V, GV, GtU, C, beta, momentum="sum", method="auto"):
+    """UMF: the rank-r truncated SVD of  beta M + G_hat  (momentum="sum", official) or of
+    beta M + (1 - beta) G_hat  (momentum="ema"), where M = U diag(S) V^T and G_hat is the tangent
+    projection of G, computed from the sketches GV = G V, GtU = G^T U, C = U^T G V only.
+
+    method: "auto" (Cholesky-QR2 fast path, Householder fallback when it is unreliable),
+    "cholesky" (fast path only; raises RuntimeError where it is unreliable) or "householder"
+    (the reference form). Returns (U', S', V') with S' sorted in decreasing order.
+    """
+    U_new, S_new, V_new, _ = _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method)
+    return U_new, S_new, V_new
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer.
+# --------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_real_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate_hyperparameters(group: dict) -> None:
+    lr, rank, beta = group["lr"], group["rank"], group["beta"]
+    if not (_is_real_number(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if not (_is_real_number(beta) and 0 <= beta < 1):
+        raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
+    for name in ("eta1", "eta2"):
+        if not _is_real_number(group[name]):
+            raise ValueError(f"{name} must be a finite number, got {group[name]!r}")
+    if not (_is_real_number(group["eps"]) and group["eps"] >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {group['eps']!r}")
+    if not (_is_real_number(group["max_value"]) and group["max_value"] > 0):
+        raise ValueError(f"max_value must be a number > 0, got {group['max_value']!r}")
+    if group["init"] not in _INIT_CHOICES:
+        raise ValueError(f"init must be one of {_INIT_CHOICES}, got {group['init']!r}")
+    if group["momentum"] not in _MOMENTUM_CHOICES:
+        raise ValueError(f"momentum must be one of {_MOMENTUM_CHOICES}, got {group['momentum']!r}")
+    for name in ("use_current_projection", "use_ones_for_nonzero_s", "nesterov"):
+        if not isinstance(group[name], bool):
+            raise ValueError(f"{name} must be a bool, got {group[name]!r}")
+
+
+class MoFaSGD(Optimizer):
+    """Momentum Factorized SGD for 2-D weights (see the module docstring for the algorithm).
+
+    Args (all are param-group defaults; lr and beta may be rewritten in the groups by schedules):
+        lr: learning rate (> 0).
+        rank: rank r of the momentum factorisation, clipped to min(m, n) per parameter.
+        beta: momentum decay in [0, 1).
+        eta1: scale of the rank-r momentum step U' diag(d) V'^T.
+        eta2: scale of the orthogonal-complement gradient term (I - P_U) G (I - P_V); 0 skips it.
+        use_current_projection: P_U, P_V of the eta2 term from the updated factors (True) or the
+            pre-update ones (False).
+        use_ones_for_nonzero_s: d_i = 1 instead of min(1 / S_i, max_value) for S_i > eps.
+        nesterov: apply the factor update twice per step (official semantics, see module doc).
+        eps: singular values <= eps get d_i = 0.
+        max_value: clip of the reciprocal singular values.
+        init: "weight_svd" (top-r SVD of the weight at the first step, official) or "zero".
+        momentum: "sum" (M <- beta M + G_hat, official) or "ema" (M <- beta M + (1-beta) G_hat).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        rank: int = 32,
+        beta: float = 0.95,
+        eta1: float = 1.0,
+        eta2: float = 0.0,
+        use_current_projection: bool = True,
+        use_ones_for_nonzero_s: bool = False,
+        nesterov: bool = False,
+        eps: float = 1e-10,
+        max_value: float = 1e4,
+        init: str = "weight_svd",
+        momentum: str = "sum",
+    ):
+        defaults = dict(
+            lr=lr,
+            rank=rank,
+            beta=beta,
+            eta1=eta1,
+            eta2=eta2,
+            use_current_projection=use_current_projection,
+            use_ones_for_nonzero_s=use_ones_for_nonzero_s,
+            nesterov=nesterov,
+            eps=eps,
+            max_value=max_value,
+            init=init,
+            momentum=momentum,
+        )
+        _validate_hyperparameters(defaults)
+        self._rank_warned_shapes: set = set()
+        # Diagnostic counters (plain ints, not state): how often each UMF path ran.
+        self.cholesky_updates = 0
+        self.householder_updates = 0
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_hyperparameters(group)
+        for p in group["params"]:
+            if p.dim() != 2:
+                raise ValueError(
+                    f"MoFaSGD only supports 2-D parameters; got a parameter of shape {tuple(p.shape)}"
+                )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        m, n = p.shape
+        rank = group["rank"]
+        if rank > min(m, n):
+            if (m, n) not in self._rank_warned_shapes:
+                self._rank_warned_shapes.add((m, n))
+                warnings.warn(
+                    f"MoFaSGD: rank {rank} > min(m, n) for a {m}x{n} parameter; using rank {min(m, n)}",
+                    stacklevel=3,
+                )
+            rank = min(m, n)
+        dtype = _compute_dtype(p.dtype)
+        state = self.state[p]
+        if group["init"] == "weight_svd":
+            U_full, S_full, Vh_full = torch.linalg.svd(p.detach().to(dtype), full_matrices=False)
+            state["U"] = U_full[:, :rank].clone()
+            state["S"] = S_full[:rank].clone()
+            state["V"] = Vh_full[:rank].mT.clone()
+        else:  # "zero": M_0 = 0 with a deterministic orthonormal basis
+            state["U"] = torch.eye(m, rank, dtype=dtype, device=p.device)
+            state["S"] = torch.zeros(rank, dtype=dtype, device=p.device)
+            state["V"] = torch.eye(n, rank, dtype=dtype, device=p.device)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        return state
+
+    def state_bytes(self) -> int:
+        """Bytes held by all state tensors (each distinct storage counted once)."""
+        seen = set()
+        total = 0
+        for state in self.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    storage = value.untyped_storage()
+                    key = (storage.data_ptr(), value.device)
+                    if key not in seen:
+                        seen.add(key)
+                        total += storage.nbytes()
+        return total
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch.optim casts floating state to each param's dtype (bf16 params would get bf16
+        # factors); the factors live in the compute dtype, so restore them from the saved values.
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            dtype = _compute_dtype(p.dtype)
+            for key in ("U", "S", "V"):
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
+
+    # -- step ----------------------------------------------------------------------------------
+
+    def _factor_update(self, U, S, V, G, beta, momentum):
+        sketches = gradient_sketches(G, U, V)
+        U_new, S_new, V_new, used_fast = _update_momentum_factors_impl(
+            U, S, V, *sketches, beta, momentum, "auto"
+        )
+        if used_fast:
+            self.cholesky_updates += 1
+        else:
+            self.householder_updates += 1
+        return U_new, S_new, V_new, sketches
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            lr, beta = group["lr"], group["beta"]
+            eta1, eta2 = group["eta1"], group["eta2"]
+            momentum = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MoFaSGD does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, group)
+                compute_dtype = _compute_dtype(p.dtype)
+                G = p.grad.to(compute_dtype)
+                U_old, S_old, V_old = state["U"], state["S"], state["V"]
+
+                # Paper steps 1-2 (tangent projection + UMF) on the sketches of G.
+                U_new, S_new, V_new, old_sketches = self._factor_update(
+                    U_old, S_old, V_old, G, beta, momentum
+                )
+                state["U"], state["S"], state["V"] = U_new, S_new, V_new
+                state["step"] += 1
+                if group["nesterov"]:
+                    # Official semantics: a second UMF with the same G; only the step uses it.
+                    U_new, S_new, V_new, _ = self._factor_update(U_new, S_new, V_new, G, beta, momentum)
+
+                # Paper step 3. fp32/fp64 params take the update in place; lower-precision
+                # params get it accumulated in the compute dtype and rounded once.
+                target = p if p.dtype == compute_dtype else torch.zeros_like(G)
+                if eta1 != 0:
+                    d = spectral_scales(S_new, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
+                    target.addmm_(U_new * d, V_new.mT, alpha=-lr * eta1)
+                if eta2 != 0:
+                    if group["use_current_projection"]:
+                        _add_orthogonal_complement_(target, G, U_new, V_new, -lr * eta2)
+                    else:
+                        _add_orthogonal_complement_(target, G, U_old, V_old, -lr * eta2, old_sketches)
+                if target is not p:
+                    p.add_(target)
+        return loss

@@ -1,0 +1,193 @@
+"""Optimizer-step benchmark: MoFaSGD vs torch.optim.AdamW on GPT-2-small hidden weight shapes.
+
+Times optimizer.step() alone (gradients are pre-generated outside the timed region) and counts the
+optimizer state by distinct storages actually held (untyped_storage().nbytes()). Prints Markdown.
+
+    python scripts/bench_optimizers.py                    # per-shape table, CPU
+    python scripts/bench_optimizers.py --whole-model      # also the 72-matrix GPT-2-small hidden set
+    python scripts/bench_optimizers.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from optimizers.mofasgd import MoFaSGD  # noqa: E402
+
+GPT2_SMALL_SHAPES = "768x768,768x2304,768x3072,3072x768"
+# 12 blocks x (q, k, v, attention out as 768x768; MLP up 768x3072; MLP down 3072x768).
+WHOLE_MODEL_SHAPES = [(768, 768)] * 4 + [(768, 3072), (3072, 768)]
+WHOLE_MODEL_BLOCKS = 12
+
+
+def parse_shapes(text: str):
+    shapes = []
+    for item in text.split(","):
+        m, n = item.lower().split("x")
+        shapes.append((int(m), int(n)))
+    return shapes
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of all state tensors, each distinct storage counted once."""
+    seen, total = set(), 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                storage = value.untyped_storage()
+                key = (storage.data_ptr(), str(value.device))
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+    return total
+
+
+def make_problem(shapes, device, dtype, seed, gradient_sets=2):
+    """Parameters plus a few pre-generated gradient sets (alternated between steps so the
+    momentum subspace keeps seeing new directions, as in training)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    params, gradients = [], [[] for _ in range(gradient_sets)]
+    for m, n in shapes:
+        w = torch.randn(m, n, generator=generator) * 0.02
+        params.append(torch.nn.Parameter(w.to(device=device, dtype=dtype)))
+        for g in gradients:
+            g.append((torch.randn(m, n, generator=generator) * 1e-3).to(device=device, dtype=dtype))
+    return params, gradients
+
+
+def time_optimizer(make_optimizer, params, gradients, steps, warmup, device):
+    """Median and all step times in ms, plus the optimizer (for its state)."""
+    optimizer = make_optimizer(params)
+    times = []
+    for i in range(warmup + steps):
+        for p, g in zip(params, gradients[i % len(gradients)]):
+            p.grad = g
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.step()
+        synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), optimizer
+
+
+def mofasgd_factory(rank):
+    # Official mfsgd.yaml hyperparameters that matter for cost (eta2 = 0, current projection).
+    return lambda params: MoFaSGD(params, lr=0.05, rank=rank, beta=0.95, eta1=0.25, eta2=0.0, max_value=5.0)
+
+
+def adamw_factory(variant):
+    kwargs = {"fused": True} if variant == "fused" else {"foreach": True}
+    return lambda params: torch.optim.AdamW(params, lr=2e-3, betas=(0.8, 0.95), weight_decay=0.0, **kwargs)
+
+
+def expected_mofasgd_bytes(shapes, rank, element_size):
+    """(m + n) r + r floats per matrix, plus one 4-byte step counter per matrix."""
+    total = 0
+    for m, n in shapes:
+        r = min(rank, m, n)
+        total += ((m + n) * r + r) * element_size + 4
+    return total
+
+
+def mib(nbytes):
+    return nbytes / 2**20
+
+
+def run_per_shape(args, device, dtype):
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    print("| shape | rank | MoFaSGD ms | AdamW foreach ms | AdamW fused ms | ratio vs foreach | ratio vs fused "
+          "| MoFaSGD state bytes | expected (m+n)r+r floats + step | AdamW state bytes | Householder fallbacks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for m, n in parse_shapes(args.shapes):
+        params, gradients = make_problem([(m, n)], device, dtype, args.seed)
+        adamw_ms = {}
+        for variant in ("foreach", "fused"):
+            adamw_ms[variant], adamw = time_optimizer(adamw_factory(variant), params, gradients, args.steps, args.warmup, device)
+            adamw_bytes = state_bytes(adamw)
+            del adamw
+        for rank in args.ranks:
+            params, gradients = make_problem([(m, n)], device, dtype, args.seed)
+            ms, opt = time_optimizer(mofasgd_factory(rank), params, gradients, args.steps, args.warmup, device)
+            held = state_bytes(opt)
+            assert held == opt.state_bytes()
+            print(f"| {m}x{n} | {rank} | {ms:.2f} | {adamw_ms['foreach']:.2f} | {adamw_ms['fused']:.2f} "
+                  f"| {ms / adamw_ms['foreach']:.2f} | {ms / adamw_ms['fused']:.2f} | {held:,} "
+                  f"| {expected_mofasgd_bytes([(m, n)], rank, element_size):,} | {adamw_bytes:,} "
+                  f"| {opt.householder_updates}/{opt.householder_updates + opt.cholesky_updates} |", flush=True)
+
+
+def run_whole_model(args, device, dtype):
+    shapes = WHOLE_MODEL_SHAPES * WHOLE_MODEL_BLOCKS
+    rank = args.whole_model_rank
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    numel = sum(m * n for m, n in shapes)
+    print(f"\nWhole GPT-2-small hidden set: {len(shapes)} matrices, {numel / 1e6:.1f} M params, "
+          f"one optimizer, rank {rank} for MoFaSGD\n")
+    print("| optimizer | ms/step (median) | ratio vs AdamW foreach | ratio vs AdamW fused | state MiB held | expected MiB |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for name, factory in (("AdamW foreach=True", adamw_factory("foreach")),
+                          ("AdamW fused=True", adamw_factory("fused")),
+                          (f"MoFaSGD r={rank}", mofasgd_factory(rank))):
+        params, gradients = make_problem(shapes, device, dtype, args.seed)
+        ms, opt = time_optimizer(factory, params, gradients, args.whole_model_steps, args.warmup, device)
+        extra = ""
+        if isinstance(opt, MoFaSGD):
+            expected = mib(expected_mofasgd_bytes(shapes, rank, element_size))
+            extra = f" (Householder fallbacks {opt.householder_updates}/{opt.householder_updates + opt.cholesky_updates})"
+        else:
+            expected = mib(2 * numel * element_size + 4 * len(shapes))
+        rows.append((name + extra, ms, mib(state_bytes(opt)), expected))
+        del opt, params, gradients
+    foreach_ms, fused_ms = rows[0][1], rows[1][1]
+    for name, ms, held, expected in rows:
+        print(f"| {name} | {ms:.1f} | {ms / foreach_ms:.2f} | {ms / fused_ms:.2f} | {held:.1f} | {expected:.1f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--ranks", default="8,16,32,64,128", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--shapes", default=GPT2_SMALL_SHAPES, help="comma-separated MxN list")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (includes the SVD init)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--whole-model", action="store_true", help="also time the 72-matrix hidden set")
+    parser.add_argument("--whole-model-only", action="store_true", help="skip the per-shape table")
+    parser.add_argument("--whole-model-rank", type=int, default=32)
+    parser.add_argument("--whole-model-steps", type=int, default=10)
+    args = parser.parse_args()
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    print(f"torch {torch.__version__}, device {args.device} ({machine}), threads {torch.get_num_threads()}, "
+          f"{args.dtype}, median of {args.steps} steps after {args.warmup} warmup\n")
+    if not args.whole_model_only:
+        run_per_shape(args, device, dtype)
+    if args.whole_model or args.whole_model_only:
+        run_whole_model(args, device, dtype)
+
+
+if __name__ == "__main__":
+    main()

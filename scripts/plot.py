@@ -1,0 +1,122 @@
+"""Loss curves and memory bars of one or more runs or sweeps, as PNG files.
+
+    python scripts/plot.py results/demo --out results/demo
+    python scripts/plot.py results/cpu-ranks/mfsgd-rank16 results/cpu-ranks/adamw --out figs
+
+Writes into --out:
+    loss.png    val loss vs step, vs tokens and vs wall-clock; smoothed train loss vs step
+    ranks.png   final val loss vs rank per optimizer, peak and optimizer-state memory vs rank
+                (only when at least one run has a rank)
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+from results import Run, find_runs
+
+
+def ema_smooth(values: list[float], alpha: float = 0.9) -> list[float]:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else alpha * avg + (1 - alpha) * v
+        out.append(avg)
+    return out
+
+
+def plot_losses(runs: list[Run], path: str) -> str:
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    panels = [
+        (axes[0, 0], "val_loss", "step", "validation loss vs step"),
+        (axes[0, 1], "val_loss", "tokens", "validation loss vs tokens"),
+        (axes[1, 0], "val_loss", "elapsed_s", "validation loss vs training time (s)"),
+        (axes[1, 1], "train_loss", "step", "training loss (EMA 0.9) vs step"),
+    ]
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        for ax, y, x, _ in panels:
+            xs, ys = run.series(y, x)
+            if y == "train_loss":
+                ys = ema_smooth(ys)
+            ax.plot(xs, ys, color=color, label=run.label, marker="o" if y == "val_loss" and len(xs) < 30 else None,
+                    markersize=3)
+    for ax, _, x, title in panels:
+        ax.set_title(title)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    # start the y axis near the interesting part: the first evaluation dwarfs the rest
+    finals = [r.series("val_loss")[1][-1] for r in runs if r.series("val_loss")[1]]
+    if finals:
+        for ax, y, _, _ in panels:
+            ax.set_ylim(min(finals) - 0.3, max(finals) + 2.0)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ranks(runs: list[Run], path: str) -> str | None:
+    """Final val loss, peak memory and optimizer-state memory vs rank, one series per optimizer;
+    optimizers without a rank (AdamW, Muon, ...) are drawn as horizontal reference lines."""
+    if not any(r.rank is not None for r in runs):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fields = [("final_val_loss", "final val loss"), ("peak_mem_bytes", "peak memory (MiB)"),
+              ("opt_state_bytes_hidden", "hidden-matrix optimizer state (MiB)")]
+    by_opt: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.summary:
+            by_opt.setdefault(run.optimizer, []).append(run)
+    for i, (opt, group) in enumerate(sorted(by_opt.items())):
+        color = f"C{i % 10}"
+        for ax, (key, title) in zip(axes, fields):
+            scale = 1 if key == "final_val_loss" else 2**20
+            ranked = sorted((r for r in group if r.rank is not None and r.summary.get(key) is not None), key=lambda r: r.rank)
+            if ranked:
+                ax.plot([r.rank for r in ranked], [r.summary[key] / scale for r in ranked], "o-", color=color, label=opt)
+            else:
+                vals = [r.summary[key] / scale for r in group if r.summary.get(key) is not None]
+                if vals:
+                    ax.axhline(min(vals), color=color, linestyle="--", label=opt)
+    for ax, (_, title) in zip(axes, fields):
+        ax.set_title(title)
+        ax.set_xlabel("rank")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", help="run folders or folders of runs (a sweep)")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    args = p.parse_args(argv)
+    try:
+        runs = find_runs(args.paths)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"error: no runs found under {', '.join(args.paths)}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    written = [plot_losses(runs, os.path.join(args.out, "loss.png")), plot_ranks(runs, os.path.join(args.out, "ranks.png"))]
+    for path in filter(None, written):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Shared test fixtures: a tiny synthetic corpus and a tiny model, so runs take seconds."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_VOCAB = 256
+
+
+def write_tiny_corpus(directory, train_tokens=40_000, val_tokens=6_000, seed=0, vocab=TINY_VOCAB):
+    """Random-walk tokens (a learnable pattern) in small train/val shards; returns the data config."""
+    from data.shards import write_shard
+
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(-3, 4, size=train_tokens + val_tokens)
+    tokens = np.cumsum(steps) % vocab
+    os.makedirs(directory, exist_ok=True)
+    write_shard(os.path.join(directory, "train_000000.bin"), tokens[:train_tokens])
+    write_shard(os.path.join(directory, "val_000000.bin"), tokens[train_tokens:])
+    return {"train_files": os.path.join(directory, "train_*.bin"), "val_files": os.path.join(directory, "val_*.bin"),
+            "seq_len": 32, "val_tokens": 2048}
+
+
+def tiny_overrides(data_cfg, steps=4, batch_size=8, micro_batch_size=8, **optimizer_keys):
+    return {
+        "model": {"preset": None, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": TINY_VOCAB},
+        "data": data_cfg,
+        "train": {"steps": steps, "batch_size": batch_size, "micro_batch_size": micro_batch_size, "val_every": 2,
+                  "val_batch_size": 16},
+        "logging": {"progress": False},
+        **optimizer_keys,
+    }
+
+
+def launch(args, results_dir, timeout=300):
+    """Runs `python run.py ARGS --results-dir RESULTS_DIR`; returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args, "--results-dir", str(results_dir)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,93 @@
+"""Config layering, flat optimizer keys, validation, and launcher errors (one line, exit 2)."""
+
+import json
+
+import pytest
+
+from configs import ConfigError, deep_merge, resolve_config, split_overrides
+from helpers import launch, tiny_overrides, write_tiny_corpus
+
+
+def test_flat_keys_are_optimizer_keys_and_sections_merge():
+    cfg = resolve_config("mfsgd", {"lr": 0.0009, "rank": 16, "train": {"steps": 7}})
+    assert cfg.optimizer.lr == 0.0009 and cfg.optimizer.rank == 16
+    assert cfg.optimizer.eta1 == 0.25 and cfg.optimizer.max_value == 5.0  # from mfsgd.yaml
+    assert cfg.train.steps == 7 and cfg.train.batch_size == 8  # from base.yaml
+
+
+def test_paper_readme_command_config_is_accepted():
+    paper = {"lr": 0.0009, "rank": 16, "beta": 0.95, "eta1": 0.25, "eta2": 0, "use_current_projection": True,
+             "use_ones_for_nonzero_s": False, "nesterov": False, "eps": 1e-6, "max_value": 1000,
+             "warmup_steps": 300, "beta_start": 0.75, "beta_end": 0.95, "cooldown_frac": 0.4}
+    cfg = resolve_config("mfsgd", paper)
+    assert cfg.optimizer.eps == 1e-6 and cfg.optimizer.max_value == 1000.0 and cfg.optimizer.beta_start == 0.75
+
+
+def test_deep_merge_and_split():
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+    assert split_overrides({"lr": 1, "train": {"steps": 2}}) == {"optimizer": {"lr": 1}, "train": {"steps": 2}}
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"lrr": 0.1}, "unknown config key 'optimizer.lrr'"),
+        ({"train": {"stepz": 3}}, "unknown config key 'train.stepz'; valid keys: steps"),
+        ({"train": {"steps": "ten"}}, "train.steps must be an integer"),
+        ({"train": {"steps": 0}}, "train.steps must be > 0"),
+        ({"lr": -1}, "optimizer.lr must be > 0"),
+        ({"rank": 0}, "optimizer.rank must be >= 1"),
+        ({"rank": 2.5}, "optimizer.rank must be an integer"),
+        ({"beta": 1.0}, "optimizer.beta must be in [0, 1)"),
+        ({"nesterov": "yes"}, "optimizer.nesterov must be true or false"),
+        ({"model": {"preset": "gpt5"}}, "model.preset 'gpt5' is unknown"),
+        ({"data": {"seq_len": 4096}}, "exceeds the model's context"),
+        ({"train": {"batch_size": 10, "micro_batch_size": 4}}, "must be a multiple of train.micro_batch_size"),
+        ({"init": "random"}, "optimizer.init must be weight_svd or zero"),
+    ],
+)
+def test_bad_config_values(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        resolve_config("mfsgd", overrides)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_optimizer():
+    with pytest.raises(ConfigError, match="unknown optimizer 'sgdd'; choose one of"):
+        resolve_config("sgdd", {})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--optimizer", "mfsgd", "--config", "{bad json"], "--config is not valid JSON"),
+        (["--optimizer", "nope"], "unknown optimizer 'nope'"),
+        (["--optimizer", "adamw", "--num-gpus", "2"], "this machine has none"),
+        (["--optimizer", "adamw", "--preset", "nope"], "unknown preset 'nope'"),
+        (["--optimizer", "adamw", "--config", '{"data": {"train_files": "/nonexistent/x_*.bin"}}'], "no shards match"),
+        (["--resume", "never-ran"], "cannot resume 'never-ran'"),
+        (["--optimizer", "adamw", "--name", "a/b"], "run name 'a/b' may hold only"),
+    ],
+)
+def test_launcher_errors_are_one_line(tmp_path, corpus, args, needle):
+    if "--config" not in args and "--resume" not in args:
+        args = args + ["--config", json.dumps(tiny_overrides(corpus))]
+    r = launch(args, tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_dry_run_prints_config_and_command(tmp_path, corpus):
+    r = launch(["--optimizer", "mfsgd", "--dry-run", "--nproc", "2", "--config",
+                json.dumps(tiny_overrides(corpus, micro_batch_size=4, rank=8))], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "torch.distributed.run" in r.stdout and "--nproc-per-node=2" in r.stdout
+    assert '"rank": 8' in r.stdout
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,70 @@
+"""End-to-end runs through run.py and torchrun on a tiny model and corpus (gloo, CPU)."""
+
+import json
+import os
+
+import pytest
+
+from helpers import launch, read_metrics, tiny_overrides, write_tiny_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.mark.parametrize("optimizer,extra", [("adamw", {}), ("mfsgd", {"rank": 4, "lr": 0.02})])
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, corpus, optimizer, extra):
+    """A 2-rank run (1 micro step each) and a 1-rank run with 2 accumulation steps see the same
+    sequences and average the same gradients: same losses to float tolerance."""
+    cfg = tiny_overrides(corpus, steps=4, batch_size=8, micro_batch_size=4, **extra)
+    one = launch(["--optimizer", optimizer, "--name", "one", "--nproc", "1", "--config", json.dumps(cfg)], tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = launch(["--optimizer", optimizer, "--name", "two", "--nproc", "2", "--config", json.dumps(cfg)], tmp_path)
+    assert two.returncode == 0, two.stderr
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [0, 1, 2, 3, 4]
+    for a, b in zip(m1, m2):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5, (key, a["step"], a[key], b[key])
+    # the runs really differ in how they computed: accumulation vs data parallelism
+    c1 = json.loads((tmp_path / "one" / "config.json").read_text())
+    c2 = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert (c1["launch"]["world_size"], c2["launch"]["world_size"]) == (1, 2)
+
+
+def test_outputs_and_refusal_to_overwrite(tmp_path, corpus):
+    cfg = tiny_overrides(corpus, steps=3)
+    args = ["--optimizer", "adamw", "--name", "run", "--config", json.dumps(cfg)]
+    r = launch(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "run"
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    step = metrics[1]
+    for key in ("train_loss", "lr", "tokens", "elapsed_s", "tokens_per_s", "peak_mem_bytes", "param_bytes",
+                "grad_bytes", "opt_state_bytes_hidden", "opt_state_bytes_other"):
+        assert key in step, key
+    assert step["tokens"] == 8 * 32
+    assert "val_loss" in metrics[2] and "val_loss" in metrics[3] and "val_loss" not in metrics[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["final_val_loss"] == metrics[-1]["val_loss"]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["torch"] and env["world_size"] == 1
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["optimizer"]["lr"] == 0.002 and config["optimizer"]["betas"] == [0.8, 0.95]
+    # AdamW holds two moments per hidden weight: 2 * 4 bytes per element (+ step counters)
+    hidden_numel = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32)
+    assert 8 * hidden_numel <= step["opt_state_bytes_hidden"] <= 8 * hidden_numel + 64 * 8
+
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    again = launch(args, tmp_path)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr and "--overwrite" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+    replaced = launch(args + ["--overwrite"], tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert [m["step"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]

@@ -1,0 +1,418 @@
+"""The training worker: one process per rank, started by torchrun through run.py.
+
+    torchrun --nproc-per-node N train_gpt.py --run-dir results/RUN [--resume]
+
+Reads results/RUN/config.json (written by run.py), trains, and writes into results/RUN:
+metrics.jsonl (a line per step, appended and flushed as it happens), summary.json, env.json and
+checkpoints/. Only rank 0 writes files and logs; every rank computes.
+
+Sections: distributed setup / schedules / evaluation / memory accounting / checkpoints / loop.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configs import ROOT, RunConfig, resolve_path
+from data.loader import TokenLoader, val_sequences
+from data.shards import find_shards
+from model import GPT, GPTConfig
+from optimizers import OPTIMIZERS, build_optimizers, split_parameters, state_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+def setup_distributed(cfg: RunConfig):
+    """Initialises the process group when launched by torchrun; returns (rank, world_size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if cfg.launch.device == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(backend=cfg.launch.backend, device_id=device if device.type == "cuda" else None)
+    if world_size != cfg.launch.world_size:
+        raise SystemExit(f"error: launched with world size {world_size}, but config.json says {cfg.launch.world_size}")
+    return rank, world_size, device
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+
+
+def lr_multiplier(step: int, total: int, warmup: int, cooldown_frac: float) -> float:
+    """Optional linear warmup, flat, then linear decay to 0 over the last cooldown_frac of steps
+    (the paper harness's 'original' schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if cooldown_frac > 0 and step >= total * (1 - cooldown_frac):
+        return max(0.0, (total - step) / (total * cooldown_frac))
+    return 1.0
+
+
+def apply_group_schedules(optimizer, schedules: dict, step: int) -> dict:
+    """Writes scheduled hyperparameters (e.g. MoFaSGD's beta) into every param group."""
+    values = {key: fn(step) for key, fn in schedules.items()}
+    for group in optimizer.param_groups:
+        group.update(values)
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, cfg: RunConfig, rank: int, world_size: int, device, autocast) -> float:
+    """Mean cross-entropy over the first data.val_tokens tokens of the val shards, all ranks together."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of losses, number of tokens
+    files = find_shards(resolve_path(cfg.data.val_files))
+    for x, y in val_sequences(files, cfg.data.seq_len, cfg.data.val_tokens, rank, world_size, cfg.train.val_batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+    all_reduce_sum(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory accounting
+
+
+def peak_memory_bytes(device) -> int:
+    """CUDA allocator peak on GPU; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_parts(model, hidden_opt, adam_opt) -> dict:
+    """Exact bytes of parameters, gradients and optimizer state (hidden matrices vs the rest)."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    return {
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+        "opt_state_bytes_hidden": state_bytes(hidden_opt),
+        "opt_state_bytes_other": state_bytes(adam_opt),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, newest K kept, loaded with weights_only=True
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(checkpoint_dir(run_dir), "step_*.pt")))
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir, step, model, optimizers, schedulers, elapsed, keep, rank, world_size):
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [None] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if rank != 0:
+        return
+    os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
+    state = {
+        "step": step,
+        "elapsed_s": elapsed,
+        "model": model.state_dict(),
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "schedulers": [s.state_dict() for s in schedulers],
+        "rng": rngs,
+    }
+    atomic_torch_save(state, os.path.join(checkpoint_dir(run_dir), f"step_{step:07d}.pt"))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        os.remove(old)
+
+
+def load_checkpoint(path: str, model, optimizers, schedulers, rank: int) -> tuple[int, float]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    for opt, s in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(s)
+    for sched, s in zip(schedulers, state["schedulers"]):
+        sched.load_state_dict(s)
+    rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"], state["elapsed_s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written (rank 0 only)."""
+
+    def __init__(self, path: str, enabled: bool, keep_until_step: int | None):
+        self.enabled = enabled
+        self.file = None
+        if not enabled:
+            return
+        if keep_until_step is not None and os.path.exists(path):
+            # resuming: drop lines past the checkpoint so no step is missing or duplicated
+            with open(path) as f:
+                lines = [l for l in f if l.strip() and json.loads(l)["step"] <= keep_until_step]
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(lines)
+            os.replace(tmp, path)
+        elif os.path.exists(path):
+            os.remove(path)
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def environment_info(device, world_size: int) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    import numpy
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "git_commit": commit,
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "world_size": world_size,
+        "cuda": torch.version.cuda,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train(run_dir: str, resume: bool = False) -> dict | None:
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    rank, world_size, device = setup_distributed(cfg)
+    is_main = rank == 0
+    torch.manual_seed(cfg.train.seed)
+
+    model = GPT(GPTConfig(**cfg.model.resolved())).to(device)
+    raw_model = model
+    hidden_opt, adam_opt = build_optimizers(model, cfg.optimizer_name, cfg.optimizer, cfg.adam, device.type)
+    optimizers = [hidden_opt, adam_opt]
+    total_steps = cfg.train.steps
+    lr_lambda = lambda step: lr_multiplier(step, total_steps, cfg.optimizer.lr_warmup_steps, cfg.optimizer.cooldown_frac)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) for opt in optimizers]
+    group_schedules = OPTIMIZERS[cfg.optimizer_name].schedules(cfg.optimizer)
+
+    start_step, elapsed = 0, 0.0
+    checkpoints = list_checkpoints(run_dir) if resume else []
+    if checkpoints:
+        start_step, elapsed = load_checkpoint(checkpoints[-1], raw_model, optimizers, schedulers, rank)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_files = find_shards(resolve_path(cfg.data.train_files))
+    loader = TokenLoader(train_files, cfg.data.seq_len, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                         vocab_size=cfg.model.vocab_size)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.autocast == "bf16" else nullcontext()
+    grad_accum = cfg.grad_accum
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), is_main, start_step if resume else None)
+    if is_main:
+        write_json(os.path.join(run_dir, "env.json"), environment_info(device, world_size))
+    wandb_run = None
+    if is_main and cfg.logging.wandb != "off":
+        import wandb
+
+        wandb_run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=run_dir,
+                               mode=cfg.logging.wandb, config=cfg.to_dict(), resume="allow")
+
+    progress = None
+    if is_main and cfg.logging.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True)
+
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def log(record):
+        metrics.write(record)
+        if wandb_run is not None:
+            wandb_run.log(record, step=record["step"])
+
+    val_loss = None
+    if start_step == 0:
+        val_loss = evaluate(raw_model, cfg, rank, world_size, device, autocast)
+        log({"step": 0, "val_loss": val_loss, "tokens": 0, "elapsed_s": 0.0})
+    best_val = val_loss
+    losses = []
+    step = start_step
+    mem = {}
+    while step < total_steps:
+        step_start = time.perf_counter()
+        scheduled = apply_group_schedules(hidden_opt, group_schedules, step)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = loader.micro_batch(step, cfg.train.batch_size, micro, grad_accum, rank, world_size)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # DDP all-reduces gradients only on the last micro step
+            sync = micro == grad_accum - 1 or not isinstance(model, DDP)
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                _, loss = model(x, y)
+            (loss / grad_accum).backward()  # average the micro-batch gradients
+            loss_sum += loss.detach()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.train.grad_clip)
+        lr = hidden_opt.param_groups[0]["lr"]
+        mem = memory_parts(raw_model, hidden_opt, adam_opt) if step == start_step else mem
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        for sched in schedulers:
+            sched.step()
+        # one collective for the logged loss and the stop flag, so every rank stops at the same step
+        reduced = all_reduce_sum(torch.stack([loss_sum.float(), torch.tensor(float(bool(stop_signal)), device=device)]))
+        train_loss = (reduced[0] / (grad_accum * world_size)).item()
+        stop_now = reduced[1].item() > 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_time = time.perf_counter() - step_start
+        elapsed += step_time
+        step += 1
+        if step == start_step + 1:  # optimizer state exists after the first step
+            mem.update(opt_state_bytes_hidden=state_bytes(hidden_opt), opt_state_bytes_other=state_bytes(adam_opt))
+        if not math.isfinite(train_loss):
+            raise SystemExit(f"error: non-finite training loss {train_loss} at step {step}")
+        losses.append(train_loss)
+        record = {"step": step, "train_loss": train_loss, "lr": lr, **scheduled,
+                  "tokens": step * tokens_per_step, "elapsed_s": elapsed, "step_ms": step_time * 1000,
+                  "tokens_per_s": tokens_per_step / step_time, "peak_mem_bytes": peak_memory_bytes(device), **mem}
+        last = step == total_steps
+        if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
+            val_loss = evaluate(raw_model, cfg, rank, world_size, device, autocast)
+            record["val_loss"] = val_loss
+            best_val = val_loss if best_val is None else min(best_val, val_loss)
+        log(record)
+        if progress is not None:
+            progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.update(1)
+        if last or stop_now or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
+            save_checkpoint(run_dir, step, raw_model, optimizers, schedulers, elapsed, cfg.train.keep_checkpoints,
+                            rank, world_size)
+        if stop_now:
+            if is_main:
+                print(f"stopped by signal at step {step}; checkpoint written, resume with --resume", file=sys.stderr)
+            break
+    if progress is not None:
+        progress.close()
+    metrics.close()
+    summary = None
+    if is_main and step == total_steps:
+        summary = {
+            "name": cfg.name,
+            "optimizer": cfg.optimizer_name,
+            "rank": getattr(cfg.optimizer, "rank", None),
+            "steps": step,
+            "tokens": step * tokens_per_step,
+            "final_val_loss": val_loss,
+            "best_val_loss": best_val,
+            "final_train_loss": losses[-1] if losses else None,
+            "elapsed_s": elapsed,
+            "tokens_per_s": step * tokens_per_step / elapsed if elapsed else None,
+            "peak_mem_bytes": peak_memory_bytes(device),
+            **mem,
+            "world_size": world_size,
+            "device": str(device),
+        }
+        write_json(os.path.join(run_dir, "summary.json"), summary)
+    if wandb_run is not None:
+        wandb_run.finish()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description="mofa training worker (start it with run.py)")
+    parser.add_argument("--run-dir", required=True, help="results/RUN holding config.json")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    args = parser.parse_args()
+    train(args.run_dir, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
