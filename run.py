@@ -131,8 +131,14 @@ def prepare_run(args) -> tuple[list[str], str | None]:
             raise LaunchError("--resume continues a run with its saved config; drop --optimizer/--config/--preset")
         with open(config_path) as f:
             saved = json.load(f)
+        summary_path = os.path.join(run_dir, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                if json.load(f).get("status", "finished") == "finished":
+                    raise LaunchError(f"run {resume_name!r} already finished; --overwrite starts it again")
         if saved["launch"]["world_size"] != launch["world_size"]:
             raise LaunchError(f"{resume_name!r} ran on {saved['launch']['world_size']} workers; resume it with the same number")
+        check_newest_checkpoint(run_dir)
         saved["launch"] = launch
         cfg = RunConfig.from_dict(saved)
         check_data(cfg)
@@ -159,6 +165,24 @@ def prepare_run(args) -> tuple[list[str], str | None]:
         json.dump(cfg.to_dict(), f, indent=2)
     os.replace(tmp, os.path.join(run_dir, "config.json"))
     return torchrun_command(args, launch, run_dir, resume=False), run_dir
+
+
+def check_newest_checkpoint(run_dir: str) -> None:
+    """A corrupt newest checkpoint is a clear error that names an older one to fall back to."""
+    import glob
+
+    import torch
+
+    checkpoints = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))
+    if not checkpoints:
+        return
+    try:  # mmap: reads the archive's index, not the tensors, so this is cheap even for big models
+        torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # any unreadable file is reported the same way
+        older = f"; the older checkpoint {checkpoints[-2]} exists: delete the corrupt file to resume from it" \
+            if len(checkpoints) > 1 else "; no older checkpoint exists: --overwrite starts the run again"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LaunchError(f"checkpoint {checkpoints[-1]} is corrupt ({reason}){older}") from None
 
 
 def claim_run_dir(run_dir: str, overwrite: bool, node_rank: int) -> None:

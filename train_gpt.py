@@ -251,6 +251,27 @@ def environment_info(device, world_size: int) -> dict:
     return info
 
 
+def first_non_finite_parameter(model) -> str | None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
+
+
+def fail_non_finite(run_dir, cfg, model, step, reason, is_main):
+    """Stops the run: the reason goes to stderr (one line) and summary.json; checkpoints stay as they were."""
+    bad = first_non_finite_parameter(model)
+    if bad and "parameter" not in reason:
+        reason += f" (first non-finite parameter: {bad})"
+    if is_main:
+        write_json(os.path.join(run_dir, "summary.json"), {"name": cfg.name, "status": "failed", "reason": reason,
+                                                           "steps": step - 1, "optimizer": cfg.optimizer_name})
+        print(f"error: {reason}; the last good checkpoint is kept", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(3)
+
+
 # ---------------------------------------------------------------------------------------------
 # The training loop
 
@@ -287,7 +308,8 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     grad_accum = cfg.grad_accum
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
 
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), is_main, start_step if resume else None)
+    # resuming from step k keeps metrics lines up to k; starting from scratch starts a new file
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), is_main, start_step if start_step > 0 else None)
     if is_main:
         write_json(os.path.join(run_dir, "env.json"), environment_info(device, world_size))
     wandb_run = None
@@ -355,7 +377,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         if step == start_step + 1:  # optimizer state exists after the first step
             mem.update(opt_state_bytes_hidden=state_bytes(hidden_opt), opt_state_bytes_other=state_bytes(adam_opt))
         if not math.isfinite(train_loss):
-            raise SystemExit(f"error: non-finite training loss {train_loss} at step {step}")
+            fail_non_finite(run_dir, cfg, raw_model, step, f"non-finite training loss {train_loss} at step {step}", is_main)
         losses.append(train_loss)
         record = {"step": step, "train_loss": train_loss, "lr": lr, **scheduled,
                   "tokens": step * tokens_per_step, "elapsed_s": elapsed, "step_ms": step_time * 1000,
@@ -366,11 +388,16 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
             record["val_loss"] = val_loss
             best_val = val_loss if best_val is None else min(best_val, val_loss)
         log(record)
+        if cfg.train.debug_crash_at_step == step and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            raise RuntimeError(f"debug_crash_at_step: injected crash at step {step}")
         if progress is not None:
             progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
             progress.update(1)
         if last or stop_now or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
+            bad = first_non_finite_parameter(raw_model)
+            if bad:  # never replace a good checkpoint with a broken model
+                fail_non_finite(run_dir, cfg, raw_model, step, f"non-finite values in parameter {bad} after step {step}", is_main)
             save_checkpoint(run_dir, step, raw_model, optimizers, schedulers, elapsed, cfg.train.keep_checkpoints,
                             rank, world_size)
         if stop_now:
@@ -384,6 +411,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     if is_main and step == total_steps:
         summary = {
             "name": cfg.name,
+            "status": "finished",
             "optimizer": cfg.optimizer_name,
             "rank": getattr(cfg.optimizer, "rank", None),
             "steps": step,

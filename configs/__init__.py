@@ -102,6 +102,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # clip the global gradient norm to this value; 0: off
     ckpt_every: int = 0  # write a checkpoint every this many steps; 0: only at the end
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
+    debug_crash_at_step: int = 0  # testing aid: raise at this step in the first attempt (not after a restart)
 
     def validate(self):
         for key in ("steps", "batch_size", "micro_batch_size", "val_batch_size", "keep_checkpoints"):

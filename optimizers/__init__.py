@@ -8,7 +8,16 @@ Every optimizer the harness compares is trained on the same split of the model:
 `OPTIMIZERS` maps a name (`run.py --optimizer NAME`) to an `OptimizerSpec`: the dataclass of its
 config keys (the keys of configs/optimizers/NAME.yaml), a builder for the hidden matrices, and
 the per-step hyperparameter schedules it needs besides the learning rate (e.g. MoFaSGD's beta
-warmup). Heavy or optional dependencies (galore-torch, wandb) are imported only when used.
+warmup, Muon's momentum warmup). Heavy or optional dependencies (galore-torch, which pulls in
+transformers and bitsandbytes; wandb) are imported only when used.
+
+    name       hidden-matrix optimizer            state per m x n fp32 matrix, in floats
+    adamw      torch.optim.AdamW                  2 m n (+ step)
+    mfsgd      MoFaSGD (mofasgd.py)               (m + n) r + r (+ step)
+    galore     galore_torch.GaLoreAdamW (galore.py)  2 max(m, n) r' + min(m, n)^2, r' = min(r, m, n) (std)
+    muon       torch.optim.Muon                   m n (momentum buffer)
+    adafactor  torch.optim.Adafactor              m + n (+ step): factored second moment
+See docs/optimizers.md for the keys, defaults and formulas.
 """
 
 from dataclasses import dataclass, field
@@ -96,6 +105,98 @@ class MoFaSGDConfig(ScheduleConfig):
             raise ValueError(f"optimizer.momentum must be sum or ema, got {self.momentum!r}")
 
 
+GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+
+
+@dataclass
+class GaLoreGroupParams:
+    """The GaLore keys of the hidden-matrix param group (galore_torch reads them from the group)."""
+
+    rank: int = 32  # dimension of the gradient subspace (galore-torch uses min(rank, m, n))
+    update_proj_gap: int = 75  # steps between SVD refreshes of the projector
+    scale: float = 0.25  # the projected-back update is multiplied by this
+    proj_type: str = "std"  # std, reverse_std, right, left or full (galore_projector.py)
+
+    def validate(self, path="optimizer.group_params"):
+        for key in ("rank", "update_proj_gap"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{path}.{key} must be >= 1, got {getattr(self, key)}")
+        if self.scale <= 0:
+            raise ValueError(f"{path}.scale must be > 0, got {self.scale}")
+        if self.proj_type not in GALORE_PROJ_TYPES:
+            raise ValueError(f"{path}.proj_type must be one of {', '.join(GALORE_PROJ_TYPES)}; got {self.proj_type!r}")
+
+
+@dataclass
+class GaLoreConfig(ScheduleConfig):
+    lr: float = 0.008
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    group_params: GaLoreGroupParams = field(default_factory=GaLoreGroupParams)
+
+    @property
+    def rank(self) -> int:
+        """The subspace rank (for run summaries; the config key is group_params.rank)."""
+        return self.group_params.rank
+
+    def validate(self):
+        super().validate()
+        _check_betas("optimizer.betas", self.betas)
+        if self.eps < 0:
+            raise ValueError(f"optimizer.eps must be >= 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        self.group_params.validate()
+
+
+@dataclass
+class MuonConfig(ScheduleConfig):
+    lr: float = 0.05
+    momentum: float = 0.95  # momentum after the warmup (torch's Muon: B <- m B + (1 - m) G)
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations
+    weight_decay: float = 0.0  # torch.optim.Muon's own default is 0.1; the paper's harness used none
+    adjust_lr_fn: str = "original"  # original: lr * sqrt(max(1, m/n)) (Keller Jordan's); match_rms_adamw
+    momentum_warmup_steps: int = 300  # momentum goes linearly momentum_start -> momentum; 0: constant
+    momentum_start: float = 0.85
+
+    def validate(self):
+        super().validate()
+        for key in ("momentum", "momentum_start"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 1 <= self.ns_steps < 100:
+            raise ValueError(f"optimizer.ns_steps must be >= 1 (and < 100, torch.optim.Muon's limit), got {self.ns_steps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.adjust_lr_fn not in ("original", "match_rms_adamw"):
+            raise ValueError(f"optimizer.adjust_lr_fn must be original or match_rms_adamw, got {self.adjust_lr_fn!r}")
+        if self.momentum_warmup_steps < 0:
+            raise ValueError(f"optimizer.momentum_warmup_steps must be >= 0, got {self.momentum_warmup_steps}")
+
+
+@dataclass
+class AdafactorConfig(ScheduleConfig):
+    lr: float = 0.01  # torch's Adafactor: the maximum *relative* step size (see docs/optimizers.md)
+    beta2_decay: float = -0.8  # second-moment decay 1 - t^beta2_decay
+    eps: list[float | None] = field(default_factory=lambda: [None, 1e-3])  # [eps1 (None: dtype eps), eps2]
+    d: float = 1.0  # update clipping threshold (RMS of the update capped at d)
+    weight_decay: float = 0.0
+    maximize: bool = False
+
+    def validate(self):
+        super().validate()
+        if self.beta2_decay > 0:
+            raise ValueError(f"optimizer.beta2_decay must be <= 0, got {self.beta2_decay}")
+        if len(self.eps) != 2 or self.eps[1] is None or any(e is not None and e < 0 for e in self.eps):
+            raise ValueError(f"optimizer.eps must be [eps1 or null, eps2] with values >= 0, got {self.eps}")
+        if self.d < 1.0:
+            raise ValueError(f"optimizer.d must be >= 1, got {self.d}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+
+
 def _check_betas(key, betas):
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"{key} must be two numbers in [0, 1), got {betas}")
@@ -128,6 +229,28 @@ def _mofasgd_schedules(cfg: MoFaSGDConfig):
     return {"beta": linear_warmup(cfg.beta_start, cfg.beta_end, cfg.warmup_steps)}
 
 
+def _build_galore(params, cfg: GaLoreConfig, device: str):
+    from optimizers.galore import build_galore  # imports galore_torch (transformers, bitsandbytes)
+
+    return build_galore(params, cfg)
+
+
+def _build_muon(params, cfg: MuonConfig, device: str):
+    return torch.optim.Muon(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                            nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn)
+
+
+def _muon_schedules(cfg: MuonConfig):
+    if cfg.momentum_warmup_steps == 0:
+        return {}
+    return {"momentum": linear_warmup(cfg.momentum_start, cfg.momentum, cfg.momentum_warmup_steps)}
+
+
+def _build_adafactor(params, cfg: AdafactorConfig, device: str):
+    return torch.optim.Adafactor(params, lr=cfg.lr, beta2_decay=cfg.beta2_decay, eps=tuple(cfg.eps), d=cfg.d,
+                                 weight_decay=cfg.weight_decay, maximize=cfg.maximize)
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     config: type  # dataclass of the config keys
@@ -138,6 +261,9 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(AdamWConfig, _build_adamw),
     "mfsgd": OptimizerSpec(MoFaSGDConfig, _build_mofasgd, _mofasgd_schedules),
+    "galore": OptimizerSpec(GaLoreConfig, _build_galore),
+    "muon": OptimizerSpec(MuonConfig, _build_muon, _muon_schedules),
+    "adafactor": OptimizerSpec(AdafactorConfig, _build_adafactor),
 }
 
 

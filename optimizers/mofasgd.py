@@ -167,7 +167,10 @@ def _cholesky_tolerance(dtype: torch.dtype) -> float:
 
 
 def _umf_fast(U, S, V, GV, GtU, C, beta):
-    """UMF via the new directions only (see module docstring). Returns (U', S', V', reliable)."""
+    """UMF via the new directions only (see module docstring).
+
+    Returns (U', S', V'), or None where Cholesky-QR is unreliable (the caller falls back).
+    """
     r = U.shape[-1]
     tolerance = _cholesky_tolerance(U.dtype)
     # New directions: the parts of G V and G^T U outside span(U) and span(V).
@@ -175,6 +178,8 @@ def _umf_fast(U, S, V, GV, GtU, C, beta):
     W_v = torch.addmm(GtU, V, C.mT, alpha=-1.0)  # G^T U - V (V^T G^T U)
     Q_w, R_w, reliable_u = _cholesky_qr2(W_u, U, tolerance)
     Q_v, R_v, reliable_v = _cholesky_qr2(W_v, V, tolerance)
+    if not bool(reliable_u & reliable_v):  # the one host sync per matrix
+        return None
     # beta M + G_hat = [U, Q_w] Mid [V, Q_v]^T with the 2r x 2r middle block below.
     mid = U.new_zeros(2 * r, 2 * r)
     mid[:r, :r] = C
@@ -185,7 +190,7 @@ def _umf_fast(U, S, V, GV, GtU, C, beta):
     # Rotate the augmented bases by the leading r singular vectors of Mid (top r = SVD_r).
     U_new = torch.addmm(U @ u[:r, :r], Q_w, u[r:, :r])
     V_new = torch.addmm(V @ vh[:r, :r].mT, Q_v, vh[:r, r:].mT)
-    return U_new, s[:r].clone(), V_new, reliable_u & reliable_v
+    return U_new, s[:r].clone(), V_new
 
 
 def _umf_householder(U, S, V, GV, GtU, C, beta):
@@ -228,9 +233,9 @@ def _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method):
     if method == "cholesky" and not fast_possible:
         raise RuntimeError(f"Cholesky-QR path needs m, n >= 2r; got m={m}, n={n}, r={r}")
     if method != "householder" and fast_possible:
-        U_new, S_new, V_new, reliable = _umf_fast(U, S, V, GV, GtU, C, beta)
-        if bool(reliable):  # one host sync per matrix
-            return U_new, S_new, V_new, True
+        factors = _umf_fast(U, S, V, GV, GtU, C, beta)
+        if factors is not None:
+            return (*factors, True)
         if method == "cholesky":
             raise RuntimeError("Cholesky-QR path unreliable here (rank-deficient or ill-conditioned)")
     return (*_umf_householder(U, S, V, GV, GtU, C, beta), False)

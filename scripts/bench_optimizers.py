@@ -28,6 +28,13 @@ WHOLE_MODEL_SHAPES = [(768, 768)] * 4 + [(768, 3072), (3072, 768)]
 WHOLE_MODEL_BLOCKS = 12
 
 
+def load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
 def parse_shapes(text: str):
     shapes = []
     for item in text.split(","):
@@ -68,20 +75,30 @@ def make_problem(shapes, device, dtype, seed, gradient_sets=2):
     return params, gradients
 
 
-def time_optimizer(make_optimizer, params, gradients, steps, warmup, device):
-    """Median and all step times in ms, plus the optimizer (for its state)."""
-    optimizer = make_optimizer(params)
-    times = []
+def time_interleaved(factories, shapes, steps, warmup, device, dtype, seed):
+    """Median step time in ms for each optimizer, plus the optimizers (for their state).
+
+    Each optimizer gets its own copy of the parameters; all see the same gradients. The steps are
+    interleaved round-robin (rotating the order each round) so that background load on the
+    machine affects every optimizer alike instead of biasing whichever ran during a busy spell.
+    """
+    _, gradients = make_problem(shapes, device, dtype, seed)
+    runs = []
+    for factory in factories:
+        params, _ = make_problem(shapes, device, dtype, seed, gradient_sets=0)
+        runs.append((params, factory(params), []))
     for i in range(warmup + steps):
-        for p, g in zip(params, gradients[i % len(gradients)]):
-            p.grad = g
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer.step()
-        synchronize(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), optimizer
+        order = runs[i % len(runs):] + runs[: i % len(runs)]
+        for params, optimizer, times in order:
+            for p, g in zip(params, gradients[i % len(gradients)]):
+                p.grad = g
+            synchronize(device)
+            start = time.perf_counter()
+            optimizer.step()
+            synchronize(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    return [(statistics.median(times), optimizer) for _, optimizer, times in runs]
 
 
 def mofasgd_factory(rank):
@@ -107,27 +124,29 @@ def mib(nbytes):
     return nbytes / 2**20
 
 
+def fallback_note(optimizer):
+    return f"{optimizer.householder_updates}/{optimizer.householder_updates + optimizer.cholesky_updates}"
+
+
 def run_per_shape(args, device, dtype):
     element_size = torch.tensor([], dtype=dtype).element_size()
-    print("| shape | rank | MoFaSGD ms | AdamW foreach ms | AdamW fused ms | ratio vs foreach | ratio vs fused "
-          "| MoFaSGD state bytes | expected (m+n)r+r floats + step | AdamW state bytes | Householder fallbacks |")
+    print("| shape | rank | MoFaSGD ms | AdamW foreach ms | AdamW fused ms | MoFaSGD / AdamW foreach "
+          "| MoFaSGD / AdamW fused | MoFaSGD state bytes | (m+n)r+r floats + step | AdamW state bytes "
+          "| Householder fallbacks |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m, n in parse_shapes(args.shapes):
-        params, gradients = make_problem([(m, n)], device, dtype, args.seed)
-        adamw_ms = {}
-        for variant in ("foreach", "fused"):
-            adamw_ms[variant], adamw = time_optimizer(adamw_factory(variant), params, gradients, args.steps, args.warmup, device)
-            adamw_bytes = state_bytes(adamw)
-            del adamw
-        for rank in args.ranks:
-            params, gradients = make_problem([(m, n)], device, dtype, args.seed)
-            ms, opt = time_optimizer(mofasgd_factory(rank), params, gradients, args.steps, args.warmup, device)
+        factories = [adamw_factory("foreach"), adamw_factory("fused")] + [mofasgd_factory(r) for r in args.ranks]
+        results = time_interleaved(factories, [(m, n)], args.steps, args.warmup, device, dtype, args.seed)
+        (foreach_ms, _), (fused_ms, fused) = results[:2]
+        adamw_bytes = state_bytes(fused)
+        for rank, (ms, opt) in zip(args.ranks, results[2:]):
             held = state_bytes(opt)
             assert held == opt.state_bytes()
-            print(f"| {m}x{n} | {rank} | {ms:.2f} | {adamw_ms['foreach']:.2f} | {adamw_ms['fused']:.2f} "
-                  f"| {ms / adamw_ms['foreach']:.2f} | {ms / adamw_ms['fused']:.2f} | {held:,} "
+            print(f"| {m}x{n} | {rank} | {ms:.2f} | {foreach_ms:.2f} | {fused_ms:.2f} "
+                  f"| {ms / foreach_ms:.2f} | {ms / fused_ms:.2f} | {held:,} "
                   f"| {expected_mofasgd_bytes([(m, n)], rank, element_size):,} | {adamw_bytes:,} "
-                  f"| {opt.householder_updates}/{opt.householder_updates + opt.cholesky_updates} |", flush=True)
+                  f"| {fallback_note(opt)} |", flush=True)
+        del results
 
 
 def run_whole_model(args, device, dtype):
@@ -136,26 +155,20 @@ def run_whole_model(args, device, dtype):
     element_size = torch.tensor([], dtype=dtype).element_size()
     numel = sum(m * n for m, n in shapes)
     print(f"\nWhole GPT-2-small hidden set: {len(shapes)} matrices, {numel / 1e6:.1f} M params, "
-          f"one optimizer, rank {rank} for MoFaSGD\n")
-    print("| optimizer | ms/step (median) | ratio vs AdamW foreach | ratio vs AdamW fused | state MiB held | expected MiB |")
+          f"one optimizer each, MoFaSGD rank {rank}\n")
+    print("| optimizer | ms/step (median) | / AdamW foreach | / AdamW fused | state MiB held | expected MiB |")
     print("|---|---|---|---|---|---|")
-    rows = []
-    for name, factory in (("AdamW foreach=True", adamw_factory("foreach")),
-                          ("AdamW fused=True", adamw_factory("fused")),
-                          (f"MoFaSGD r={rank}", mofasgd_factory(rank))):
-        params, gradients = make_problem(shapes, device, dtype, args.seed)
-        ms, opt = time_optimizer(factory, params, gradients, args.whole_model_steps, args.warmup, device)
-        extra = ""
+    names = ["AdamW foreach=True", "AdamW fused=True", f"MoFaSGD r={rank}"]
+    factories = [adamw_factory("foreach"), adamw_factory("fused"), mofasgd_factory(rank)]
+    results = time_interleaved(factories, shapes, args.whole_model_steps, args.warmup, device, dtype, args.seed)
+    foreach_ms, fused_ms = results[0][0], results[1][0]
+    for name, (ms, opt) in zip(names, results):
         if isinstance(opt, MoFaSGD):
             expected = mib(expected_mofasgd_bytes(shapes, rank, element_size))
-            extra = f" (Householder fallbacks {opt.householder_updates}/{opt.householder_updates + opt.cholesky_updates})"
+            name += f" (Householder fallbacks {fallback_note(opt)})"
         else:
             expected = mib(2 * numel * element_size + 4 * len(shapes))
-        rows.append((name + extra, ms, mib(state_bytes(opt)), expected))
-        del opt, params, gradients
-    foreach_ms, fused_ms = rows[0][1], rows[1][1]
-    for name, ms, held, expected in rows:
-        print(f"| {name} | {ms:.1f} | {ms / foreach_ms:.2f} | {ms / fused_ms:.2f} | {held:.1f} | {expected:.1f} |")
+        print(f"| {name} | {ms:.1f} | {ms / foreach_ms:.2f} | {ms / fused_ms:.2f} | {mib(state_bytes(opt)):.1f} | {expected:.1f} |")
 
 
 def main():
@@ -183,10 +196,13 @@ def main():
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"torch {torch.__version__}, device {args.device} ({machine}), threads {torch.get_num_threads()}, "
           f"{args.dtype}, median of {args.steps} steps after {args.warmup} warmup\n")
+    load_before = load_average()
     if not args.whole_model_only:
         run_per_shape(args, device, dtype)
     if args.whole_model or args.whole_model_only:
         run_whole_model(args, device, dtype)
+    print(f"\n1-minute load average before / after: {load_before} / {load_average()} "
+          "(values near or above the thread count mean other processes competed for the CPU)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.summary is not None and self.summary.get("steps") == self.config.get("train", {}).get("steps")
+        return (self.summary is not None and self.summary.get("status", "finished") == "finished"
+                and self.summary.get("steps") == self.config.get("train", {}).get("steps"))
 
 
 def read_jsonl(path: str) -> list[dict]:

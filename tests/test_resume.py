@@ -1,0 +1,136 @@
+"""Checkpoints and resume: a run killed with SIGKILL and resumed gives bit-identical losses and a
+metrics file with every step exactly once; a crashed worker restarts and resumes by itself."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, launch, read_metrics, tiny_overrides, write_tiny_corpus
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+def config(corpus, **optimizer_keys):
+    cfg = tiny_overrides(corpus, steps=STEPS, batch_size=8, micro_batch_size=4, **optimizer_keys)
+    cfg["train"].update(val_every=10, ckpt_every=3, keep_checkpoints=2)
+    return cfg
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants, from /proc (Linux)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def kill_after_step(args, results_dir, run_dir, step, timeout=120):
+    """Starts run.py and SIGKILLs its whole process tree once metrics.jsonl has reached `step`."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args, "--results-dir", str(results_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and sum(1 for _ in open(path)) > step:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    for pid in process_tree(proc.pid):  # torchrun starts workers in sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    time.sleep(0.2)  # let the kernel reap the workers before the resume starts
+    return sum(1 for _ in open(path)) - 1  # last step written
+
+
+@pytest.mark.parametrize("optimizer,nproc,extra", [("adamw", 1, {}), ("mfsgd", 1, {"rank": 4}), ("mfsgd", 2, {"rank": 4})])
+def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, extra):
+    cfg = json.dumps(config(corpus, **extra))
+    common = ["--optimizer", optimizer, "--nproc", str(nproc), "--config", cfg]
+    ref = launch(common + ["--name", "ref"], tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    killed_at = kill_after_step(common + ["--name", "cut"], tmp_path, tmp_path / "cut", step=5)
+    assert killed_at < STEPS
+    resumed = launch(["--resume", "cut", "--nproc", str(nproc)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in b] == list(range(STEPS + 1))  # no step missing or duplicated
+    for ma, mb in zip(a, b):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert ma.get(key) == mb.get(key), (ma["step"], key)  # bit for bit
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["final_val_loss"] == a[-1]["val_loss"]
+    assert len(os.listdir(tmp_path / "cut" / "checkpoints")) == 2  # keep_checkpoints
+    again = launch(["--resume", "cut", "--nproc", str(nproc)], tmp_path)
+    assert again.returncode == 2 and "already finished" in again.stderr
+
+
+def test_crashed_worker_restarts_and_resumes(tmp_path, corpus):
+    cfg = config(corpus, rank=4)
+    ref = launch(["--optimizer", "mfsgd", "--name", "ref", "--config", json.dumps(cfg)], tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    cfg["train"]["debug_crash_at_step"] = 7
+    crash = launch(["--optimizer", "mfsgd", "--name", "crash", "--max-restarts", "1", "--config", json.dumps(cfg)],
+                   tmp_path)
+    assert crash.returncode == 0, crash.stderr
+    assert "injected crash at step 7" in crash.stderr
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "crash")
+    assert [m["step"] for m in b] == list(range(STEPS + 1))
+    assert [m.get("train_loss") for m in a] == [m.get("train_loss") for m in b]
+
+
+def test_non_finite_loss_stops_with_reason(tmp_path, corpus):
+    cfg = config(corpus)
+    cfg["lr"] = 1e30  # AdamW on the hidden matrices blows up at once
+    cfg["train"]["ckpt_every"] = 1
+    r = launch(["--optimizer", "adamw", "--name", "nan", "--config", json.dumps(cfg)], tmp_path)
+    assert r.returncode != 0
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite" in summary["reason"]
+    assert "error: non-finite" in r.stderr
+    # every checkpoint kept holds finite weights
+    import torch
+
+    for name in os.listdir(tmp_path / "nan" / "checkpoints"):
+        state = torch.load(tmp_path / "nan" / "checkpoints" / name, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, corpus):
+    cfg = config(corpus)
+    cfg["train"]["steps"] = 6
+    r = launch(["--optimizer", "adamw", "--name", "c", "--config", json.dumps(cfg)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    ckpts = sorted(os.listdir(tmp_path / "c" / "checkpoints"))
+    assert ckpts == ["step_0000003.pt", "step_0000006.pt"]
+    os.remove(tmp_path / "c" / "summary.json")  # pretend it was interrupted
+    newest = tmp_path / "c" / "checkpoints" / ckpts[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    r = launch(["--resume", "c"], tmp_path)
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert "\n" not in line and "is corrupt" in line and "step_0000003.pt exists" in line

@@ -1,0 +1,123 @@
+"""Sweep expansion, naming and resume decisions; plot and summary scripts on a synthetic results dir."""
+
+import csv
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+
+import plot  # noqa: E402
+import summarize  # noqa: E402
+import sweep  # noqa: E402
+
+
+def test_sweep_expansion_and_names():
+    spec = {
+        "name": "s",
+        "config": {"train": {"steps": 10}},
+        "runs": [
+            {"optimizer": "adamw"},
+            {"optimizer": "mfsgd", "config": {"eta1": 0.5}, "grid": {"rank": [8, 16], "train.seed": [0, 1]}},
+            {"optimizer": "galore", "grid": {"group_params.rank": [4]}},
+        ],
+    }
+    runs = sweep.expand(spec)
+    names = [r["name"] for r in runs]
+    assert names == ["adamw", "mfsgd-rank8-seed0", "mfsgd-rank8-seed1", "mfsgd-rank16-seed0", "mfsgd-rank16-seed1",
+                     "galore-rank4"]
+    r = runs[3]
+    assert r["config"] == {"train": {"steps": 10, "seed": 0}, "eta1": 0.5, "rank": 16}
+    assert runs[0]["config"] == {"train": {"steps": 10}}  # grids do not leak between entries
+    assert runs[-1]["config"]["group_params"] == {"rank": 4}
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"name": "s", "runs": []}, "non-empty list 'runs'"),
+    ({"name": "s", "runs": [{"rank": 3}]}, "needs an 'optimizer'"),
+    ({"name": "s", "runs": [{"optimizer": "a", "grid": {"rank": 3}}]}, "must be a non-empty list"),
+    ({"name": "s", "runs": [{"optimizer": "a"}, {"optimizer": "a"}]}, "two runs of the sweep would be named 'a'"),
+])
+def test_sweep_errors(spec, needle):
+    with pytest.raises(sweep.SweepError, match=needle):
+        sweep.expand(spec)
+
+
+def make_run(root, name, optimizer, rank, steps=4, finished=True, checkpoint=False, loss0=5.0):
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    opt = {"lr": 0.1} if rank is None else {"lr": 0.1, "rank": rank}
+    (run_dir / "config.json").write_text(json.dumps({"name": name, "optimizer_name": optimizer, "optimizer": opt,
+                                                     "train": {"steps": steps}}))
+    rows = [{"step": 0, "val_loss": loss0 + 1, "tokens": 0, "elapsed_s": 0.0}]
+    for s in range(1, steps + 1):
+        row = {"step": s, "train_loss": loss0 - 0.1 * s, "tokens": 100 * s, "elapsed_s": 0.5 * s, "step_ms": 500.0 + s}
+        if s % 2 == 0:
+            row["val_loss"] = loss0 - 0.1 * s + 0.05
+        rows.append(row)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        (run_dir / "summary.json").write_text(json.dumps({
+            "steps": steps, "final_val_loss": rows[-1]["val_loss"], "best_val_loss": rows[-1]["val_loss"],
+            "tokens_per_s": 200.0, "peak_mem_bytes": 3 * 2**20, "opt_state_bytes_hidden": (rank or 64) * 2**10,
+            "opt_state_bytes_other": 2**20}))
+    if checkpoint:
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / "step_0000002.pt").write_bytes(b"x")
+    return run_dir
+
+
+def test_sweep_resume_decisions(tmp_path):
+    root = tmp_path / "s"
+    make_run(root, "done", "adamw", None)
+    make_run(root, "half", "mfsgd", 8, finished=False, checkpoint=True)
+    make_run(root, "broken", "mfsgd", 16, finished=False)
+    assert sweep.run_state(str(root / "done")) == "finished"
+    assert sweep.run_state(str(root / "half")) == "resumable"
+    assert sweep.run_state(str(root / "broken")) == "broken"
+    assert sweep.run_state(str(root / "new")) == "new"
+    spec = {"name": "s", "launch": ["--nproc", 2]}
+    run = {"name": "half", "optimizer": "mfsgd", "config": {"rank": 8}, "preset": None}
+    cmd = sweep.run_command(spec, run, str(root), "resumable", overwrite=False)
+    assert cmd[-2:] == ["--resume", "half"] and "--nproc" in cmd and "2" in cmd
+    cmd = sweep.run_command(spec, dict(run, name="broken"), str(root), "broken", overwrite=False)
+    assert "--overwrite" in cmd and "--optimizer" in cmd and json.loads(cmd[cmd.index("--config") + 1]) == {"rank": 8}
+
+
+def test_sweep_skips_finished_runs(tmp_path, capsys):
+    (tmp_path / "sw.yaml").write_text("name: s\nruns:\n  - optimizer: adamw\n")
+    make_run(tmp_path / "results" / "s", "adamw", "adamw", None)
+    assert sweep.main([str(tmp_path / "sw.yaml"), "--results-dir", str(tmp_path / "results")]) == 0
+    assert "finished, skipped" in capsys.readouterr().err
+
+
+def test_plot_and_summary_on_synthetic_runs(tmp_path):
+    root = tmp_path / "sweep"
+    make_run(root, "adamw", "adamw", None, loss0=4.0)
+    make_run(root, "mfsgd-rank8", "mfsgd", 8)
+    make_run(root, "mfsgd-rank16", "mfsgd", 16, loss0=4.5)
+    out = tmp_path / "figs"
+    assert plot.main([str(root), "--out", str(out)]) == 0
+    for name in ("loss.png", "ranks.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    assert summarize.main([str(root), "--csv", str(tmp_path / "t.csv"), "--md", str(tmp_path / "t.md")]) == 0
+    rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "t.csv"))}
+    assert set(rows) == {"adamw", "mfsgd-rank8", "mfsgd-rank16"}
+    metrics = [json.loads(l) for l in open(root / "mfsgd-rank16" / "metrics.jsonl")]
+    final = metrics[-1]["val_loss"]
+    assert float(rows["mfsgd-rank16"]["final_val_loss"]) == pytest.approx(final)
+    assert float(rows["mfsgd-rank16"]["final_val_ppl"]) == pytest.approx(math.exp(final))
+    assert float(rows["mfsgd-rank16"]["ms_per_step"]) == pytest.approx(502.5)  # median of 501..504
+    assert float(rows["mfsgd-rank16"]["opt_state_mib_hidden"]) == pytest.approx(16 * 2**10 / 2**20)
+    md = (tmp_path / "t.md").read_text()
+    assert md.startswith("| run | optimizer | rank |") and "mfsgd-rank8" in md
+
+
+def test_plot_errors_on_missing_folder(tmp_path, capsys):
+    assert plot.main([str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "no such results folder" in capsys.readouterr().err
