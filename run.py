@@ -19,7 +19,7 @@ import sys
 import time
 
 from configs import ConfigError, RunConfig, resolve_config, resolve_path
-from data.shards import ShardError, find_shards, read_header
+from data.shards import ShardError, find_shards, open_shard, read_header
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
@@ -96,6 +96,11 @@ def check_data(cfg: RunConfig) -> None:
         need = cfg.data.seq_len + 1
         if key == "train_files" and tokens < need:
             raise ShardError(f"train shards {pattern} hold {tokens} tokens, fewer than one sequence of data.seq_len+1={need}")
+        for f in files:  # one pass over the memory-mapped tokens: ~0.1 s per 100M-token shard
+            tokens = open_shard(f)
+            top = int(tokens.max()) if len(tokens) else 0
+            if top >= cfg.model.vocab_size:
+                raise ShardError(f"{f} holds token id {top}, not below model.vocab_size={cfg.model.vocab_size}")
 
 
 def torchrun_command(args, launch: dict, run_dir: str, resume: bool) -> list[str]:
@@ -153,6 +158,8 @@ def prepare_run(args) -> tuple[list[str], str | None]:
     if not RUN_NAME.match(name):
         raise LaunchError(f"run name {name!r} may hold only letters, digits and . _ = , + -")
     cfg = resolve_config(args.optimizer, overrides, preset=args.preset, name=name, launch=launch)
+    for warning in cfg.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     check_data(cfg)
     run_dir = os.path.join(args.results_dir, name)
     if args.dry_run:

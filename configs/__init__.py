@@ -206,6 +206,11 @@ class RunConfig:
             block_size = self.model.resolved()["block_size"]
             if self.data.seq_len > block_size:
                 raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's context model.block_size ({block_size})")
+            rank = getattr(self.optimizer, "rank", None) or getattr(getattr(self.optimizer, "group_params", None), "rank", None)
+            largest = 4 * self.model.resolved()["n_embd"]  # GPT-2's largest hidden matrix: the MLP's n_embd x 4 n_embd
+            if rank is not None and rank > largest:
+                raise ValueError(f"optimizer rank {rank} exceeds every side of every hidden matrix (at most 4 x model.n_embd "
+                                 f"= {largest}); ranks above min(m, n) are clipped per matrix, so use at most {largest // 4}")
             per_step = self.launch.world_size * self.train.micro_batch_size
             if self.train.batch_size % per_step:
                 raise ValueError(
@@ -214,6 +219,15 @@ class RunConfig:
                 )
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def warnings(self) -> list[str]:
+        """Legal but probably unintended settings, reported by the launcher."""
+        out = []
+        rank = getattr(self.optimizer, "rank", None) or getattr(getattr(self.optimizer, "group_params", None), "rank", None)
+        width = self.model.resolved()["n_embd"]
+        if rank is not None and rank > width:
+            out.append(f"optimizer rank {rank} > min(m, n) = {width} of every hidden matrix: clipped to {width} per matrix")
+        return out
 
     @property
     def grad_accum(self) -> int:
