@@ -34,20 +34,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt2"  # model family (model.py)
+    arch: str = "gpt2"  # model family (model.py): gpt2, or speedrun (modded-nanogpt's, the paper's NanoGPT)
     preset: str | None = "cpu-small"  # a size from model.PRESETS; the fields below override it
     n_layer: int | None = None
     n_head: int | None = None
     n_embd: int | None = None
     block_size: int | None = None  # maximum context length
     vocab_size: int = 50304
-    dropout: float = 0.0
+    dropout: float = 0.0  # gpt2 only (the speedrun model has no dropout)
+    num_value_embeds: int | None = None  # speedrun only: value-embedding tables, each used by one early and one late layer (null: 3)
+    logit_softcap: float | None = None  # speedrun only: logits = c * tanh(logits / c) (null: 15)
+
+    SPEEDRUN_ONLY = ("num_value_embeds", "logit_softcap")
 
     def validate(self):
-        from model import PRESETS
+        from model import ARCHS, PRESETS
 
-        if self.arch != "gpt2":
-            raise ValueError(f"model.arch must be 'gpt2', got {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
         if self.preset is None and None in (self.n_layer, self.n_head, self.n_embd, self.block_size):
@@ -59,17 +63,41 @@ class ModelConfig:
             raise ValueError(f"model.n_embd ({resolved['n_embd']}) must be divisible by model.n_head ({resolved['n_head']})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.arch == "gpt2":
+            for key in self.SPEEDRUN_ONLY:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"model.{key} applies only to model.arch speedrun (arch is gpt2); remove it or set arch: speedrun")
+            return
+        # speedrun
+        if self.dropout:
+            raise ValueError(f"model.dropout must be 0 for model.arch speedrun (the speedrun model has no dropout), got {self.dropout}")
+        head_dim = resolved["n_embd"] // resolved["n_head"]
+        if head_dim % 2:
+            raise ValueError(f"model.arch speedrun needs an even head dimension for its rotary embeddings: "
+                             f"n_embd / n_head = {resolved['n_embd']} / {resolved['n_head']} = {head_dim}")
+        n_layer, nve = resolved["n_layer"], resolved["num_value_embeds"]
+        if not 0 <= nve <= n_layer // 2:
+            raise ValueError(f"model.num_value_embeds ({nve}) must be between 0 and n_layer // 2 = {n_layer // 2} (each table "
+                             f"feeds one of the first and one of the last layers); set it, or use preset speedrun-tiny or speedrun")
+        if resolved["logit_softcap"] <= 0:
+            raise ValueError(f"model.logit_softcap must be > 0, got {resolved['logit_softcap']}")
 
     def resolved(self) -> dict:
-        """The GPTConfig fields this section describes (preset values, then explicit overrides)."""
-        from model import PRESETS
+        """The model config fields (GPTConfig or SpeedrunConfig) this section describes: preset values,
+        then explicit overrides, then the architecture's defaults for fields left null."""
+        from model import PRESETS, SpeedrunConfig
 
         fields = dict(PRESETS[self.preset]) if self.preset else {}
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, key) is not None:
                 fields[key] = getattr(self, key)
         fields["vocab_size"] = self.vocab_size
-        fields["dropout"] = self.dropout
+        if self.arch == "speedrun":
+            for key in self.SPEEDRUN_ONLY:
+                value = getattr(self, key)
+                fields[key] = getattr(SpeedrunConfig, key) if value is None else value
+        else:
+            fields["dropout"] = self.dropout
         return fields
 
 
@@ -372,7 +400,9 @@ def resolve_config(optimizer: str, overrides: dict | None = None, preset: str | 
     if preset:
         preset_path = os.path.join(CONFIG_DIR, "presets", f"{preset}.yaml")
         if not os.path.isfile(preset_path):
-            available = sorted(p[:-5] for p in os.listdir(os.path.join(CONFIG_DIR, "presets")) if p.endswith(".yaml"))
+            presets_dir = os.path.join(CONFIG_DIR, "presets")
+            names = os.listdir(presets_dir) if os.path.isdir(presets_dir) else []
+            available = sorted(p[:-5] for p in names if p.endswith(".yaml"))
             raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(available) or 'none'}")
         data = deep_merge(data, split_overrides(load_yaml(preset_path)))
     data = deep_merge(data, split_overrides(overrides or {}))
