@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configs import ROOT, RunConfig, resolve_path
 from data.loader import TokenLoader, val_sequences
 from data.shards import find_shards
-from model import GPT, GPTConfig
+from model import create_model
 from optimizers import OPTIMIZERS, build_optimizers, split_parameters, state_bytes
 
 
@@ -283,7 +283,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     is_main = rank == 0
     torch.manual_seed(cfg.train.seed)
 
-    model = GPT(GPTConfig(**cfg.model.resolved())).to(device)
+    model = create_model(cfg.model.arch, **cfg.model.resolved()).to(device)
     raw_model = model
     hidden_opt, adam_opt = build_optimizers(model, cfg.optimizer_name, cfg.optimizer, cfg.adam, device.type)
     optimizers = [hidden_opt, adam_opt]
