@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -226,7 +227,14 @@ def main(argv=None) -> int:
         return 0
     print(f"run dir: {run_dir}", file=sys.stderr)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    return subprocess.run(cmd, env=env).returncode
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):  # a stop sent to the launcher alone reaches the workers too
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return child.wait()
 
 
 if __name__ == "__main__":

@@ -134,3 +134,30 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, corpus):
     assert r.returncode == 2
     line = r.stderr.strip()
     assert "\n" not in line and "is corrupt" in line and "step_0000003.pt exists" in line
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_resumes(tmp_path, corpus):
+    """Preemption: SIGTERM to run.py reaches the workers, which finish the step, write a checkpoint
+    and stop; the resumed run then equals the uninterrupted one."""
+    cfg = config(corpus, rank=4)
+    cfg["train"]["ckpt_every"] = 0  # only the signal writes a checkpoint before the end
+    common = ["--optimizer", "mfsgd", "--config", json.dumps(cfg)]
+    ref = launch(common + ["--name", "ref"], tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *common, "--name", "term",
+                             "--results-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    path = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (path.exists() and sum(1 for _ in open(path)) > 3):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "stopped by signal at step" in err.decode()
+    ckpts = os.listdir(tmp_path / "term" / "checkpoints")
+    assert len(ckpts) == 1 and ckpts[0] != f"step_{STEPS:07d}.pt"
+    resumed = launch(["--resume", "term"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "term")
+    assert [m["step"] for m in b] == list(range(STEPS + 1))
+    assert [m.get("train_loss") for m in a] == [m.get("train_loss") for m in b]

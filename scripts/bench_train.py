@@ -1,0 +1,89 @@
+"""Harness overhead: tokens/s of the full training loop vs a bare forward/backward/step loop.
+
+    python scripts/bench_train.py [--optimizer adamw] [--steps 40] [--repeats 3] [--config JSON]
+
+Both run in this process on the same model, optimizers, batch shape and seeds. The harness number
+is train_gpt.train() (data loading, schedules, metrics.jsonl, memory accounting, progress bar;
+validation excluded, as in its elapsed_s); the bare loop reuses one batch and does nothing else.
+Repeats alternate the two so machine noise hits both alike; the medians are compared.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from configs import deep_merge, parse_overrides, resolve_config, resolve_path  # noqa: E402
+from data.loader import TokenLoader  # noqa: E402
+from data.shards import find_shards  # noqa: E402
+from model import create_model  # noqa: E402
+from optimizers import build_optimizers  # noqa: E402
+from train_gpt import train  # noqa: E402
+
+
+def harness_tokens_per_s(cfg, workdir: str, repeat: int) -> float:
+    run_dir = os.path.join(workdir, f"harness{repeat}")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f)
+    summary = train(run_dir)
+    return summary["tokens_per_s"]
+
+
+def bare_tokens_per_s(cfg, warmup: int = 2) -> float:
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(cfg.model.arch, **cfg.model.resolved())
+    hidden_opt, adam_opt = build_optimizers(model, cfg.optimizer_name, cfg.optimizer, cfg.adam)
+    loader = TokenLoader(find_shards(resolve_path(cfg.data.train_files)), cfg.data.seq_len, seed=cfg.train.seed)
+    x, y = loader.micro_batch(0, cfg.train.batch_size, 0, 1, 0, 1)
+    elapsed = 0.0
+    for step in range(cfg.train.steps + warmup):
+        t0 = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        hidden_opt.step()
+        adam_opt.step()
+        hidden_opt.zero_grad(set_to_none=True)
+        adam_opt.zero_grad(set_to_none=True)
+        loss.item()  # the harness reads the loss every step too
+        if step >= warmup:
+            elapsed += time.perf_counter() - t0
+    return cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len / elapsed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--config", help="JSON overrides (as run.py)")
+    args = p.parse_args(argv)
+    overrides = deep_merge({"train": {"steps": args.steps, "val_every": 0, "micro_batch_size": 8, "batch_size": 8},
+                            "data": {"val_tokens": 1024}, "logging": {"progress": False}},
+                           parse_overrides(args.config))
+    cfg = resolve_config(args.optimizer, overrides, name="bench-train")
+    harness, bare = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        for repeat in range(args.repeats):
+            bare.append(bare_tokens_per_s(cfg))
+            harness.append(harness_tokens_per_s(cfg, workdir, repeat))
+    h, b = statistics.median(harness), statistics.median(bare)
+    print(f"model {cfg.model.preset} ({cfg.model.arch}), optimizer {args.optimizer}, {cfg.train.batch_size} x "
+          f"{cfg.data.seq_len} tokens/step, {args.steps} steps, {args.repeats} repeats, torch threads {torch.get_num_threads()}")
+    print("| loop | tokens/s (median) | all repeats |")
+    print("|---|---|---|")
+    print(f"| bare fwd/bwd/step | {b:,.0f} | {', '.join(f'{v:,.0f}' for v in bare)} |")
+    print(f"| harness (train_gpt.train) | {h:,.0f} | {', '.join(f'{v:,.0f}' for v in harness)} |")
+    print(f"\nharness overhead: {100 * (b - h) / b:+.1f}% (goal: <= 3%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
