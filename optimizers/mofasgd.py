@@ -5,7 +5,8 @@ Every hidden m x n weight keeps its momentum only as a rank-r SVD,
     M ~= U diag(S) V^T,   U: m x r, V: n x r (orthonormal columns), S: (r,),
 
 so the optimizer state is (m + n) r + r floats per matrix instead of m n. Each step, for gradient G
-(the paper's Algorithm 1 with its UMF, "update momentum factor", routine):
+(the paper's MoFaSGD algorithm and its UMF, "update momentum factor", routine; the comments in the
+code refer to the numbered steps below):
 
   1. Tangent projection of G onto the tangent space of the rank-r manifold at M:
          G_hat = U U^T G + G V V^T - U U^T G V V^T.
@@ -25,11 +26,13 @@ Implementation notes (why the code looks the way it does):
     are orthogonal to the current bases) and W_u = Q_w R_w, W_v = Q_v R_v,
         beta M + G_hat = [U, Q_w] [[beta diag(S) + C, R_v^T], [R_w, 0]] [V, Q_v]^T,
     and [U, Q_w], [V, Q_v] are orthonormal, so only m x r and n x r blocks need a QR. These are done
-    by Cholesky-QR2 (matmuls plus two r x r Cholesky factorisations), which is much cheaper than
-    Householder QR of the m x 2r blocks on CPU. Cholesky-QR is unreliable when W is rank-deficient
+    by Cholesky-QR2 (matmuls plus two r x r Cholesky factorisations), several times cheaper on CPU
+    than Householder QR of the m x 2r blocks. Cholesky-QR is unreliable when W is rank-deficient
     or badly conditioned (zero gradient, r >= min(m, n), m < 2r, low-rank gradients); that is
-    detected and the update falls back to the reference form (Householder QR of [U, G V] and
-    [V, G^T U], the form written in the paper and the official code).
+    detected per matrix and the update falls back to the reference form (Householder QR of
+    [U, G V] and [V, G^T U], the form written in the paper and the official code).
+  * Parameters of the same shape are updated as one batch: the dozens of small QR/SVD-sized
+    operations per matrix become a few batched calls (the products with G stay per matrix).
   * Factor maths runs in fp32 (fp64 for fp64 params) whatever the parameter dtype; the state U, S,
     V is kept in that dtype and only the final update is cast to the parameter's dtype.
 
@@ -63,6 +66,9 @@ __all__ = [
 _INIT_CHOICES = ("weight_svd", "zero")
 _MOMENTUM_CHOICES = ("sum", "ema")
 _METHOD_CHOICES = ("auto", "cholesky", "householder")
+# Largest batch of same-shape matrices updated together, in elements of (m + n) r per matrix:
+# bounds the transient (B, m, r) / (B, n, r) work arrays at a few times 16 M elements.
+_MAX_BATCH_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,8 +79,9 @@ _METHOD_CHOICES = ("auto", "cholesky", "householder")
 def gradient_sketches(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor):
     """The only views of G that the factor update needs: (G V, G^T U, U^T G V).
 
-    These two products with the m x n gradient are the dominant cost (2 m n r flops each).
-    G^T U is computed as a transposed GEMM directly (measured faster on CPU than (U^T G)^T).
+    The two products with the m x n gradient are the dominant cost (2 m n r flops each); the
+    optimizer computes them per matrix in `_batched_sketches`, which also picks the faster GEMM
+    orientation on CPU. This is the plain reference form.
     """
     GV = G @ V  # m x r
     GtU = G.mT @ U  # n x r
@@ -132,32 +139,38 @@ def spectral_scales(S: torch.Tensor, eps: float, max_value: float, use_ones: boo
 
 
 def _cholesky_qr2(W: torch.Tensor, basis: torch.Tensor, tolerance: float):
-    """QR of (I - basis basis^T) W by Cholesky-QR2; returns (Q, R, reliable).
+    """QR of (I - basis basis^T) W by Cholesky-QR2 for a batch W (B, m, r), basis (B, m, r);
+    returns (Q, R, reliable) with `reliable` a (B,) bool tensor.
 
     Pass 1: W = Q1 L1^T with L1 = chol(W^T W). Q1 is then projected off `basis` once more, which is
     the second Gram-Schmidt pass against the old basis ("twice is enough"; the first is W = G V - U C)
-    and makes Q exactly orthogonal to it up to rounding whatever the conditioning of W. Because
+    and makes Q orthogonal to it to rounding level whatever the conditioning of W. Because
     (I - P) W = (I - P) Q1 L1^T exactly, pass 2 (Q1 = Q L2^T) gives (I - P) W = Q (L1 L2)^T.
-    `reliable` is a 0-d bool tensor: both Cholesky factorisations succeeded, W is not numerically
-    rank-deficient (min/max of diag(L1) > tolerance) and Q1 was close enough to orthonormal
-    (||Q1^T Q1 - I||_F < 1/2 bounds its condition number by sqrt(3)) for pass 2 to be accurate.
+    `reliable`: both Cholesky factorisations succeeded, W is not numerically rank-deficient
+    (min/max of diag(L1) > tolerance) and Q1 was close enough to orthonormal (||Q1^T Q1 - I||_F < 1/2
+    bounds its condition number by sqrt(3)) for pass 2 to be accurate.
     """
+    eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
     L1, info1 = torch.linalg.cholesky_ex(W.mT @ W)
-    Q1 = torch.linalg.solve_triangular(L1.mT, W, upper=True, left=False)
-    Q1 = Q1 - basis @ (basis.mT @ Q1)
+    # Both passes multiply by the explicit inverse of the r x r factor instead of solving with the
+    # tall matrix: 10-13% of the whole optimizer step faster on CPU (batched tall triangular
+    # solves are slow there). The price is a residual ||Q1 L1^T - W|| of O(eps cond(W) ||W||)
+    # instead of O(eps ||W||); the checks below keep eps cond(W)^2 below ~1/2, so that is at most
+    # ~sqrt(eps) ||W||, and an fp32 test at cond(W) = 3e3 still matches an fp64 reference to 1e-5.
+    Q1 = W @ torch.linalg.solve_triangular(L1, eye, upper=False).mT
+    Q1.baddbmm_(basis, basis.mT @ Q1, alpha=-1.0)  # in place: Q1 is a fresh (B, m, r) array
     gram2 = Q1.mT @ Q1
     L2, info2 = torch.linalg.cholesky_ex(gram2)
-    Q = torch.linalg.solve_triangular(L2.mT, Q1, upper=True, left=False)
-    R = L2.mT @ L1.mT
+    Q = Q1 @ torch.linalg.solve_triangular(L2, eye, upper=False).mT
+    R = (L1 @ L2).mT
     diag1 = L1.diagonal(dim1=-2, dim2=-1)
-    gram2.diagonal(dim1=-2, dim2=-1).sub_(1.0)
     reliable = (
         (info1 == 0)
         & (info2 == 0)
         & (diag1.amin(-1) > tolerance * diag1.amax(-1))
-        & (torch.linalg.matrix_norm(gram2) < 0.5)
+        & (torch.linalg.matrix_norm(gram2 - eye) < 0.5)
     )
-    return Q, R, reliable.all()
+    return Q, R, reliable
 
 
 def _cholesky_tolerance(dtype: torch.dtype) -> float:
@@ -167,34 +180,37 @@ def _cholesky_tolerance(dtype: torch.dtype) -> float:
 
 
 def _umf_fast(U, S, V, GV, GtU, C, beta):
-    """UMF via the new directions only (see module docstring).
+    """UMF via the new directions only (module docstring), batched over the leading dim.
 
-    Returns (U', S', V'), or None where Cholesky-QR is unreliable (the caller falls back).
+    Inputs are (B, m, r), (B, r), (B, n, r), (B, m, r), (B, n, r), (B, r, r). Returns
+    (U', S', V', reliable); entries where `reliable` is False are meaningless (the caller redoes
+    them with the Householder form).
     """
     r = U.shape[-1]
     tolerance = _cholesky_tolerance(U.dtype)
     # New directions: the parts of G V and G^T U outside span(U) and span(V).
-    W_u = torch.addmm(GV, U, C, alpha=-1.0)  # G V - U (U^T G V)
-    W_v = torch.addmm(GtU, V, C.mT, alpha=-1.0)  # G^T U - V (V^T G^T U)
+    W_u = torch.baddbmm(GV, U, C, alpha=-1.0)  # G V - U (U^T G V)
+    W_v = torch.baddbmm(GtU, V, C.mT, alpha=-1.0)  # G^T U - V (V^T G^T U)
     Q_w, R_w, reliable_u = _cholesky_qr2(W_u, U, tolerance)
     Q_v, R_v, reliable_v = _cholesky_qr2(W_v, V, tolerance)
-    if not bool(reliable_u & reliable_v):  # the one host sync per matrix
-        return None
+    reliable = reliable_u & reliable_v
     # beta M + G_hat = [U, Q_w] Mid [V, Q_v]^T with the 2r x 2r middle block below.
-    mid = U.new_zeros(2 * r, 2 * r)
-    mid[:r, :r] = C
-    mid[:r, :r].diagonal().add_(S, alpha=beta)
-    mid[:r, r:] = R_v.mT
-    mid[r:, :r] = R_w
+    mid = U.new_zeros(U.shape[0], 2 * r, 2 * r)
+    mid[:, :r, :r] = C
+    mid[:, :r, :r].diagonal(dim1=-2, dim2=-1).add_(S, alpha=beta)
+    mid[:, :r, r:] = R_v.mT
+    mid[:, r:, :r] = R_w
+    # Unreliable entries may hold NaN, which LAPACK's SVD refuses; blank them (redone later).
+    mid = torch.where(reliable[:, None, None], mid, 0.0)
     u, s, vh = torch.linalg.svd(mid)
     # Rotate the augmented bases by the leading r singular vectors of Mid (top r = SVD_r).
-    U_new = torch.addmm(U @ u[:r, :r], Q_w, u[r:, :r])
-    V_new = torch.addmm(V @ vh[:r, :r].mT, Q_v, vh[:r, r:].mT)
-    return U_new, s[:r].clone(), V_new
+    U_new = torch.bmm(U, u[:, :r, :r]).baddbmm_(Q_w, u[:, r:, :r])
+    V_new = torch.bmm(V, vh[:, :r, :r].mT).baddbmm_(Q_v, vh[:, :r, r:].mT)
+    return U_new, s[:, :r], V_new, reliable
 
 
 def _umf_householder(U, S, V, GV, GtU, C, beta):
-    """Reference UMF (paper / official code): Householder QR of the augmented bases.
+    """Reference UMF (paper / official code) for one matrix: Householder QR of the augmented bases.
 
     [U, G V] = Q_U R_U, [V, G^T U] = Q_V R_V, B = [[beta diag(S) - C, I], [I, 0]],
     beta M + G_hat = Q_U (R_U B R_V^T) Q_V^T. Reduced QR makes this valid for any rank of the
@@ -212,11 +228,12 @@ def _umf_householder(U, S, V, GV, GtU, C, beta):
     if not bool(torch.isfinite(mid).all()):
         raise FloatingPointError("MoFaSGD: non-finite gradient or momentum factors (NaN/inf)")
     u, s, vh = torch.linalg.svd(mid, full_matrices=False)
-    return Q_U @ u[:, :r], s[:r].clone(), Q_V @ vh[:r].mT
+    return Q_U @ u[:, :r], s[:r], Q_V @ vh[:r].mT
 
 
 def _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method):
-    """update_momentum_factors, also reporting whether the Cholesky fast path was used."""
+    """update_momentum_factors on a batch (B, m, r) ...; also returns a (B,) bool tensor telling
+    which entries took the Cholesky fast path."""
     if momentum not in _MOMENTUM_CHOICES:
         raise ValueError(f"momentum must be one of {_MOMENTUM_CHOICES}, got {momentum!r}")
     if method not in _METHOD_CHOICES:
@@ -225,20 +242,25 @@ def _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method):
         # beta M + (1 - beta) G_hat: G_hat is linear in G, so scaling the sketches suffices.
         scale = 1.0 - beta
         GV, GtU, C = GV * scale, GtU * scale, C * scale
-    m, r = U.shape
-    n = V.shape[0]
+    batch, m, r = U.shape
+    n = V.shape[-2]
     # With m < 2r (or n < 2r) the new directions cannot all be independent of U (V): W is
     # rank-deficient by construction, so Cholesky-QR would fail anyway.
     fast_possible = m >= 2 * r and n >= 2 * r
     if method == "cholesky" and not fast_possible:
         raise RuntimeError(f"Cholesky-QR path needs m, n >= 2r; got m={m}, n={n}, r={r}")
     if method != "householder" and fast_possible:
-        factors = _umf_fast(U, S, V, GV, GtU, C, beta)
-        if factors is not None:
-            return (*factors, True)
-        if method == "cholesky":
+        U_new, S_new, V_new, fast = _umf_fast(U, S, V, GV, GtU, C, beta)
+        redo = (~fast).nonzero().flatten().tolist()  # the one host sync per batch
+        if redo and method == "cholesky":
             raise RuntimeError("Cholesky-QR path unreliable here (rank-deficient or ill-conditioned)")
-    return (*_umf_householder(U, S, V, GV, GtU, C, beta), False)
+    else:
+        U_new, S_new, V_new = torch.empty_like(U), torch.empty_like(S), torch.empty_like(V)
+        fast = torch.zeros(batch, dtype=torch.bool, device=U.device)
+        redo = range(batch)
+    for i in redo:
+        U_new[i], S_new[i], V_new[i] = _umf_householder(U[i], S[i], V[i], GV[i], GtU[i], C[i], beta)
+    return U_new, S_new, V_new, fast
 
 
 def update_momentum_factors(U, S, V, GV, GtU, C, beta, momentum="sum", method="auto"):
@@ -246,11 +268,18 @@ def update_momentum_factors(U, S, V, GV, GtU, C, beta, momentum="sum", method="a
     beta M + (1 - beta) G_hat  (momentum="ema"), where M = U diag(S) V^T and G_hat is the tangent
     projection of G, computed from the sketches GV = G V, GtU = G^T U, C = U^T G V only.
 
-    method: "auto" (Cholesky-QR2 fast path, Householder fallback when it is unreliable),
-    "cholesky" (fast path only; raises RuntimeError where it is unreliable) or "householder"
-    (the reference form). Returns (U', S', V') with S' sorted in decreasing order.
+    Shapes: U (m, r), S (r,), V (n, r), GV (m, r), GtU (n, r), C (r, r), or all of them with one
+    leading batch dim (matrices of the same shape are updated together, which saves per-call
+    overhead). method: "auto" (Cholesky-QR2 fast path, Householder fallback where it is
+    unreliable), "cholesky" (fast path only; raises RuntimeError where it is unreliable) or
+    "householder" (the reference form). Returns (U', S', V'), S' in decreasing order.
     """
+    batched = U.dim() == 3
+    if not batched:
+        U, S, V, GV, GtU, C = (t.unsqueeze(0) for t in (U, S, V, GV, GtU, C))
     U_new, S_new, V_new, _ = _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method)
+    if not batched:
+        return U_new[0], S_new[0], V_new[0]
     return U_new, S_new, V_new
 
 
@@ -415,16 +444,59 @@ class MoFaSGD(Optimizer):
 
     # -- step ----------------------------------------------------------------------------------
 
-    def _factor_update(self, U, S, V, G, beta, momentum):
-        sketches = gradient_sketches(G, U, V)
-        U_new, S_new, V_new, used_fast = _update_momentum_factors_impl(
-            U, S, V, *sketches, beta, momentum, "auto"
-        )
-        if used_fast:
-            self.cholesky_updates += 1
-        else:
-            self.householder_updates += 1
+    def _factor_update(self, U, S, V, gradients, beta, momentum):
+        """Sketch each gradient against its factors and run the batched UMF (steps 1-2)."""
+        sketches = _batched_sketches(gradients, U, V)
+        U_new, S_new, V_new, fast = _update_momentum_factors_impl(U, S, V, *sketches, beta, momentum, "auto")
+        fast_count = int(fast.sum())
+        self.cholesky_updates += fast_count
+        self.householder_updates += len(gradients) - fast_count
         return U_new, S_new, V_new, sketches
+
+    def _step_bucket(self, params, group):
+        """One step for parameters of identical shape, dtype, device and rank."""
+        lr, beta, eta1, eta2 = group["lr"], group["beta"], group["eta1"], group["eta2"]
+        momentum = group["momentum"]
+        states = [self.state[p] for p in params]
+        compute_dtype = states[0]["U"].dtype
+        # Raw gradients; each is cast to the compute dtype only where used (no-op for fp32/fp64),
+        # so bf16 models never hold the whole bucket's gradients in fp32 at once.
+        gradients = [p.grad for p in params]
+        U_old = torch.stack([st["U"] for st in states])
+        S_old = torch.stack([st["S"] for st in states])
+        V_old = torch.stack([st["V"] for st in states])
+
+        # Steps 1-2 (tangent projection + UMF) from the sketches of G.
+        U_new, S_new, V_new, old_sketches = self._factor_update(U_old, S_old, V_old, gradients, beta, momentum)
+        for i, st in enumerate(states):
+            # Clones, so each parameter owns its state (no storage shared across parameters).
+            st["U"], st["S"], st["V"] = U_new[i].clone(), S_new[i].clone(), V_new[i].clone()
+            st["step"] += 1
+        if group["nesterov"]:
+            # Official semantics: a second UMF with the same G; only the step uses it.
+            U_new, S_new, V_new, _ = self._factor_update(U_new, S_new, V_new, gradients, beta, momentum)
+
+        # Step 3. fp32/fp64 params take the update in place; lower-precision params get it
+        # accumulated in the compute dtype and rounded once.
+        if eta1 != 0:
+            d = spectral_scales(S_new, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
+            # U diag(d) V^T: scale whichever factor is smaller.
+            scale_left = U_new.shape[-2] <= V_new.shape[-2]
+            left = U_new * d.unsqueeze(-2) if scale_left else U_new
+            right = V_new if scale_left else V_new * d.unsqueeze(-2)
+        for i, p in enumerate(params):
+            target = p if p.dtype == compute_dtype else torch.zeros_like(p, dtype=compute_dtype)
+            if eta1 != 0:
+                target.addmm_(left[i], right[i].mT, alpha=-lr * eta1)
+            if eta2 != 0:
+                G = gradients[i].to(compute_dtype)
+                if group["use_current_projection"]:
+                    _add_orthogonal_complement_(target, G, U_new[i], V_new[i], -lr * eta2)
+                else:
+                    sketches = tuple(t[i] for t in old_sketches)
+                    _add_orthogonal_complement_(target, G, U_old[i], V_old[i], -lr * eta2, sketches)
+            if target is not p:
+                p.add_(target)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -434,9 +506,9 @@ class MoFaSGD(Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            lr, beta = group["lr"], group["beta"]
-            eta1, eta2 = group["eta1"], group["eta2"]
-            momentum = group["momentum"]
+            # Same-shape parameters are updated as one batch: the small QR/SVD work of the UMF is
+            # then a few batched calls instead of dozens of calls per matrix.
+            buckets = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -445,31 +517,42 @@ class MoFaSGD(Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, group)
-                compute_dtype = _compute_dtype(p.dtype)
-                G = p.grad.to(compute_dtype)
-                U_old, S_old, V_old = state["U"], state["S"], state["V"]
-
-                # Paper steps 1-2 (tangent projection + UMF) on the sketches of G.
-                U_new, S_new, V_new, old_sketches = self._factor_update(
-                    U_old, S_old, V_old, G, beta, momentum
-                )
-                state["U"], state["S"], state["V"] = U_new, S_new, V_new
-                state["step"] += 1
-                if group["nesterov"]:
-                    # Official semantics: a second UMF with the same G; only the step uses it.
-                    U_new, S_new, V_new, _ = self._factor_update(U_new, S_new, V_new, G, beta, momentum)
-
-                # Paper step 3. fp32/fp64 params take the update in place; lower-precision
-                # params get it accumulated in the compute dtype and rounded once.
-                target = p if p.dtype == compute_dtype else torch.zeros_like(G)
-                if eta1 != 0:
-                    d = spectral_scales(S_new, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
-                    target.addmm_(U_new * d, V_new.mT, alpha=-lr * eta1)
-                if eta2 != 0:
-                    if group["use_current_projection"]:
-                        _add_orthogonal_complement_(target, G, U_new, V_new, -lr * eta2)
-                    else:
-                        _add_orthogonal_complement_(target, G, U_old, V_old, -lr * eta2, old_sketches)
-                if target is not p:
-                    p.add_(target)
+                key = (tuple(p.shape), p.dtype, p.device, state["U"].shape[1])
+                buckets.setdefault(key, []).append(p)
+            for (shape, _, _, rank), params in buckets.items():
+                # Bound the batch so the transient (B, m + n, r) work arrays stay small.
+                per_matrix = (shape[0] + shape[1]) * rank
+                chunk = max(1, _MAX_BATCH_ELEMENTS // per_matrix)
+                for start in range(0, len(params), chunk):
+                    self._step_bucket(params[start : start + chunk], group)
         return loss
+
+
+def _batched_sketches(gradients, U, V):
+    """gradient_sketches for a list of same-shape gradients against stacked U (B, m, r), V (B, n, r).
+
+    The two big products run per gradient (the gradients are separate tensors) and write straight
+    into the batch buffers; C = U^T (G V) is one batched product. On CPU the product's orientation
+    is chosen by shape (a fixed rule, so results are reproducible): MKL's kernels for an output
+    only r < 16 columns wide are several times slower than for the transposed r-row output, and for
+    a wide G (m < n) U^T G beats G^T U (measured on the 2-core benchmark VM, docs/benchmarks.md).
+    """
+    batch, m, r = U.shape
+    n = V.shape[-2]
+    on_cpu = U.device.type == "cpu"
+    gv_transposed = on_cpu and r < 16
+    gtu_transposed = on_cpu and (r < 16 or m < n)
+    # A transposed product fills an (r, m) / (r, n) buffer; its .mT is the (m, r) / (n, r) view.
+    GV = U.new_empty(batch, r, m).mT if gv_transposed else U.new_empty(batch, m, r)
+    GtU = V.new_empty(batch, r, n).mT if gtu_transposed else V.new_empty(batch, n, r)
+    for i, G in enumerate(gradients):
+        G = G.to(U.dtype)
+        if gv_transposed:
+            torch.mm(V[i].mT, G.mT, out=GV[i].mT)
+        else:
+            torch.mm(G, V[i], out=GV[i])
+        if gtu_transposed:
+            torch.mm(U[i].mT, G, out=GtU[i].mT)
+        else:
+            torch.mm(G.mT, U[i], out=GtU[i])
+    return GV, GtU, U.mT @ GV

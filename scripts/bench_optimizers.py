@@ -28,11 +28,46 @@ WHOLE_MODEL_SHAPES = [(768, 768)] * 4 + [(768, 3072), (3072, 768)]
 WHOLE_MODEL_BLOCKS = 12
 
 
-def load_average() -> str:
+class OtherLoad:
+    """Average number of cores used by *other* processes while the block ran (Linux /proc/stat
+    busy time minus this process's CPU time). Timings taken while it is well above 0 are suspect."""
+
+    def __enter__(self):
+        self.start = (self._busy_seconds(), self._own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        self.end = (self._busy_seconds(), self._own_seconds(), time.perf_counter())
+
+    @staticmethod
+    def _busy_seconds():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return float("nan")
+        idle = fields[3] + fields[4]  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_seconds():
+        t = os.times()
+        return t.user + t.system
+
+    def cores(self) -> str:
+        busy = self.end[0] - self.start[0]
+        own = self.end[1] - self.start[1]
+        wall = self.end[2] - self.start[2]
+        return f"{max(busy - own, 0.0) / wall:.2f}"
+
+
+def cpu_name() -> str:
     try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} CPUs"
 
 
 def parse_shapes(text: str):
@@ -168,13 +203,17 @@ def run_whole_model(args, device, dtype):
             name += f" (Householder fallbacks {fallback_note(opt)})"
         else:
             expected = mib(2 * numel * element_size + 4 * len(shapes))
-        print(f"| {name} | {ms:.1f} | {ms / foreach_ms:.2f} | {ms / fused_ms:.2f} | {mib(state_bytes(opt)):.1f} | {expected:.1f} |")
+        print(f"| {name} | {ms:.1f} | {ms / foreach_ms:.2f} | {ms / fused_ms:.2f} "
+              f"| {mib(state_bytes(opt)):.1f} | {expected:.1f} |")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--ranks", default="8,16,32,64,128", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--ranks", default="8,16,32,64,128", type=lambda s: [int(x) for x in s.split(",")],
+                        help="comma-separated MoFaSGD ranks for the per-shape table")
     parser.add_argument("--shapes", default=GPT2_SMALL_SHAPES, help="comma-separated MxN list")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (includes the SVD init)")
@@ -193,16 +232,18 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"torch {torch.__version__}, device {args.device} ({machine}), threads {torch.get_num_threads()}, "
-          f"{args.dtype}, median of {args.steps} steps after {args.warmup} warmup\n")
-    load_before = load_average()
+          f"{args.dtype}; per-shape: median of {args.steps} steps, whole model: median of "
+          f"{args.whole_model_steps} steps; {args.warmup} warmup steps first (they include the SVD init)\n")
     if not args.whole_model_only:
-        run_per_shape(args, device, dtype)
+        with OtherLoad() as load:
+            run_per_shape(args, device, dtype)
+        print(f"\nOther processes used {load.cores()} cores on average during this table.")
     if args.whole_model or args.whole_model_only:
-        run_whole_model(args, device, dtype)
-    print(f"\n1-minute load average before / after: {load_before} / {load_average()} "
-          "(values near or above the thread count mean other processes competed for the CPU)")
+        with OtherLoad() as load:
+            run_whole_model(args, device, dtype)
+        print(f"\nOther processes used {load.cores()} cores on average during this table.")
 
 
 if __name__ == "__main__":
