@@ -117,7 +117,9 @@ def memory_parts(model, hidden_opt, adam_opt) -> dict:
     params = list({id(p): p for p in model.parameters()}.values())
     return {
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
-        "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+        # gradients still held, plus the pending sketches that stand in for them in sketch mode
+        "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        + (hidden_opt.sketch_bytes() if hasattr(hidden_opt, "sketch_bytes") else 0),
         "opt_state_bytes_hidden": state_bytes(hidden_opt),
         "opt_state_bytes_other": state_bytes(adam_opt),
     }
@@ -298,8 +300,16 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         start_step, elapsed = load_checkpoint(checkpoints[-1], raw_model, optimizers, schedulers, rank)
     if cfg.train.compile:
         model = torch.compile(model)
+    routing = split_parameters(raw_model)
+    comm_sketch = getattr(cfg.optimizer, "comm", "full") == "sketch"
     if world_size > 1:
+        if comm_sketch:
+            # MoFaSGD's matrices leave DDP's reducer: their sketches are all-reduced instead
+            DDP._set_params_and_buffers_to_ignore_for_model(raw_model, [name for name, _ in routing["hidden"]])
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # bytes all-reduced per step by DDP (gradients in the parameter dtype), by parameter kind
+    kind_bytes = {kind: sum(p.numel() * p.element_size() for _, p in ps) for kind, ps in routing.items()}
+    comm_other = (sum(kind_bytes.values()) - kind_bytes["hidden"]) if world_size > 1 else 0
 
     train_files = find_shards(resolve_path(cfg.data.train_files))
     loader = TokenLoader(train_files, cfg.data.seq_len, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
@@ -355,6 +365,10 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
                 _, loss = model(x, y)
             (loss / grad_accum).backward()  # average the micro-batch gradients
             loss_sum += loss.detach()
+        comm_hidden = kind_bytes["hidden"] if world_size > 1 else 0
+        if comm_sketch:
+            hidden_opt.sketch_gradients_()
+            comm_hidden = hidden_opt.all_reduce_sketches() if world_size > 1 else 0
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.train.grad_clip)
         lr = hidden_opt.param_groups[0]["lr"]
@@ -381,7 +395,8 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         losses.append(train_loss)
         record = {"step": step, "train_loss": train_loss, "lr": lr, **scheduled,
                   "tokens": step * tokens_per_step, "elapsed_s": elapsed, "step_ms": step_time * 1000,
-                  "tokens_per_s": tokens_per_step / step_time, "peak_mem_bytes": peak_memory_bytes(device), **mem}
+                  "tokens_per_s": tokens_per_step / step_time, "peak_mem_bytes": peak_memory_bytes(device), **mem,
+                  "comm_bytes_hidden": comm_hidden, "comm_bytes_other": comm_other, "comm_bytes": comm_hidden + comm_other}
         last = step == total_steps
         if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
             val_loss = evaluate(raw_model, cfg, rank, world_size, device, autocast)

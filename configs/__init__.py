@@ -239,6 +239,14 @@ class RunConfig:
             if rank is not None and rank > largest:
                 raise ValueError(f"optimizer rank {rank} exceeds every side of every hidden matrix (at most 4 x model.n_embd "
                                  f"= {largest}); ranks above min(m, n) are clipped per matrix, so use at most {largest // 4}")
+            sketched = [k for k in ("memory_mode", "comm") if getattr(self.optimizer, k, "full") == "sketch"]
+            if sketched and self.train.grad_clip > 0:
+                raise ValueError(f"train.grad_clip must be 0 with optimizer.{sketched[0]} sketch: the global gradient "
+                                 "norm needs the full (averaged) gradients, which sketch mode never holds")
+            if getattr(self.optimizer, "memory_mode", "full") == "sketch" and self.launch.world_size > 1 \
+                    and self.optimizer.comm != "sketch":
+                raise ValueError("optimizer.memory_mode sketch on several ranks needs optimizer.comm sketch: "
+                                 "the gradients are sketched before DDP could average them")
             per_step = self.launch.world_size * self.train.micro_batch_size
             if self.train.batch_size % per_step:
                 raise ValueError(

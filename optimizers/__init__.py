@@ -87,6 +87,8 @@ class MoFaSGDConfig(ScheduleConfig):
     nesterov: bool = False
     init: str = "weight_svd"
     momentum: str = "sum"
+    memory_mode: str = "full"  # full, or sketch: no m x n gradient of a hidden matrix survives backward
+    comm: str = "full"  # full (DDP all-reduces the gradients), or sketch: all-reduce (m + n) r + r^2 sketch numbers per matrix
 
     def validate(self):
         super().validate()
@@ -103,6 +105,12 @@ class MoFaSGDConfig(ScheduleConfig):
             raise ValueError(f"optimizer.init must be weight_svd or zero, got {self.init!r}")
         if self.momentum not in ("sum", "ema"):
             raise ValueError(f"optimizer.momentum must be sum or ema, got {self.momentum!r}")
+        for key in ("memory_mode", "comm"):
+            if getattr(self, key) not in ("full", "sketch"):
+                raise ValueError(f"optimizer.{key} must be full or sketch, got {getattr(self, key)!r}")
+            if getattr(self, key) == "sketch" and (self.eta2 != 0 or self.nesterov):
+                raise ValueError(f"optimizer.eta2 must be 0 and optimizer.nesterov false with {key} sketch: "
+                                 f"both need the full gradient, which sketch mode never holds")
 
 
 GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -220,7 +228,7 @@ def _build_mofasgd(params, cfg: MoFaSGDConfig, device: str):
     return MoFaSGD(params, lr=cfg.lr, rank=cfg.rank, beta=cfg.beta, eta1=cfg.eta1, eta2=cfg.eta2,
                    use_current_projection=cfg.use_current_projection,
                    use_ones_for_nonzero_s=cfg.use_ones_for_nonzero_s, nesterov=cfg.nesterov, eps=cfg.eps,
-                   max_value=cfg.max_value, init=cfg.init, momentum=cfg.momentum)
+                   max_value=cfg.max_value, init=cfg.init, momentum=cfg.momentum, memory_mode=cfg.memory_mode)
 
 
 def _mofasgd_schedules(cfg: MoFaSGDConfig):

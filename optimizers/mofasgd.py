@@ -66,6 +66,7 @@ __all__ = [
 _INIT_CHOICES = ("weight_svd", "zero")
 _MOMENTUM_CHOICES = ("sum", "ema")
 _METHOD_CHOICES = ("auto", "cholesky", "householder")
+_MEMORY_MODES = ("full", "sketch")
 # Largest batch of same-shape matrices updated together, in elements of (m + n) r per matrix:
 # bounds the transient (B, m, r) / (B, n, r) work arrays at a few times 16 M elements.
 _MAX_BATCH_ELEMENTS = 1 << 22
@@ -337,6 +338,10 @@ class MoFaSGD(Optimizer):
         max_value: clip of the reciprocal singular values.
         init: "weight_svd" (top-r SVD of the weight at the first step, official) or "zero".
         momentum: "sum" (M <- beta M + G_hat, official) or "ema" (M <- beta M + (1-beta) G_hat).
+        memory_mode: "full" (step() reads p.grad) or "sketch": a post-accumulate-grad hook folds
+            each gradient into G V, G^T U and U^T G V as soon as backward produces it and frees
+            it, so no m x n gradient survives backward; the step is the same (needs eta2 == 0 and
+            nesterov=False, which use the full gradient).
     """
 
     def __init__(
@@ -354,7 +359,15 @@ class MoFaSGD(Optimizer):
         max_value: float = 1e4,
         init: str = "weight_svd",
         momentum: str = "sum",
+        memory_mode: str = "full",
     ):
+        if memory_mode not in _MEMORY_MODES:
+            raise ValueError(f"memory_mode must be one of {_MEMORY_MODES}, got {memory_mode!r}")
+        self.memory_mode = memory_mode
+        # Gradient sketches (G V, G^T U, U^T G V) summed over micro-batches, per parameter, until
+        # step() consumes them; filled by the backward hooks (memory_mode="sketch") or by
+        # sketch_gradients_(). Not part of the state: they never outlive a step.
+        self._sketches: dict = {}
         defaults = dict(
             lr=lr,
             rank=rank,
@@ -375,11 +388,22 @@ class MoFaSGD(Optimizer):
         self.cholesky_updates = 0
         self.householder_updates = 0
         super().__init__(params, defaults)
+        if memory_mode == "sketch":
+            # No m x n gradient survives backward: each one is folded into its three thin
+            # sketches as soon as it is accumulated, then dropped (see _fold_gradient_into_sketch).
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.register_post_accumulate_grad_hook(self._fold_gradient_into_sketch)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate_hyperparameters(group)
+        if getattr(self, "memory_mode", "full") == "sketch" and (group["eta2"] != 0 or group["nesterov"]):
+            raise ValueError(
+                "memory_mode='sketch' needs eta2 == 0 and nesterov=False: both use the full gradient "
+                "(the complement term, and a second factor update against the new factors)"
+            )
         for p in group["params"]:
             if p.dim() != 2:
                 raise ValueError(
@@ -442,11 +466,82 @@ class MoFaSGD(Optimizer):
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
 
+    # -- gradient sketches (memory_mode="sketch" and low-rank communication) ----------------
+
+    def _group_of(self, p):
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter not managed by this optimizer")
+
+    @torch.no_grad()
+    def _add_sketch(self, p: torch.Tensor, G: torch.Tensor) -> None:
+        """Adds the sketches of G against p's current factors to p's accumulators. The sketches
+        are linear in G, so summing them over micro-batches gives the sketches of the summed
+        (averaged) gradient."""
+        state = self.state[p]
+        if len(state) == 0:
+            self._init_state(p, self._group_of(p))
+        U, V = state["U"], state["V"]
+        sketches = gradient_sketches(G.to(U.dtype), U, V)
+        acc = self._sketches.get(p)
+        if acc is None:
+            self._sketches[p] = list(sketches)
+        else:
+            for total, part in zip(acc, sketches):
+                total.add_(part)
+
+    def _fold_gradient_into_sketch(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of memory_mode="sketch": sketch, then free the gradient."""
+        self._add_sketch(p, p.grad)
+        p.grad = None
+
+    def sketch_gradients_(self) -> None:
+        """Folds the full gradients still held by this optimizer's parameters into sketches and
+        frees them (for low-rank communication without the backward hooks)."""
+        for group in self.param_groups:
+            if group["eta2"] != 0 or group["nesterov"]:
+                raise ValueError("sketched gradients need eta2 == 0 and nesterov=False")
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._add_sketch(p, p.grad)
+                    p.grad = None
+
+    def sketch_bytes(self) -> int:
+        """Bytes of all pending sketches: (m + n) r + r^2 numbers per matrix."""
+        return sum(t.numel() * t.element_size() for acc in self._sketches.values() for t in acc)
+
+    @torch.no_grad()
+    def all_reduce_sketches(self, group=None) -> int:
+        """Averages the pending sketches over the data-parallel ranks in one flat all-reduce;
+        returns the bytes this rank contributed. Because the sketches are linear in G, this gives
+        exactly the sketches of the all-reduced (averaged) gradient."""
+        import torch.distributed as dist
+
+        params = [p for g in self.param_groups for p in g["params"] if p in self._sketches]
+        if not params:
+            return 0
+        flat = torch.cat([t.reshape(-1) for p in params for t in self._sketches[p]])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat.div_(dist.get_world_size(group))
+        offset = 0
+        for p in params:
+            for t in self._sketches[p]:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+        return flat.numel() * flat.element_size()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._sketches.clear()
+
     # -- step ----------------------------------------------------------------------------------
 
-    def _factor_update(self, U, S, V, gradients, beta, momentum):
-        """Sketch each gradient against its factors and run the batched UMF (steps 1-2)."""
-        sketches = _batched_sketches(gradients, U, V)
+    def _factor_update(self, U, S, V, gradients, beta, momentum, sketches=None):
+        """Sketch each gradient against its factors (unless the sketches are given) and run the
+        batched UMF (steps 1-2)."""
+        if sketches is None:
+            sketches = _batched_sketches(gradients, U, V)
         U_new, S_new, V_new, fast = _update_momentum_factors_impl(U, S, V, *sketches, beta, momentum, "auto")
         fast_count = int(fast.sum())
         self.cholesky_updates += fast_count
@@ -465,9 +560,13 @@ class MoFaSGD(Optimizer):
         U_old = torch.stack([st["U"] for st in states])
         S_old = torch.stack([st["S"] for st in states])
         V_old = torch.stack([st["V"] for st in states])
+        given = None
+        if params[0] in self._sketches:  # sketched gradients (memory_mode="sketch" or all-reduced)
+            accs = [self._sketches.pop(p) for p in params]
+            given = tuple(torch.stack([acc[k] for acc in accs]) for k in range(3))
 
         # Steps 1-2 (tangent projection + UMF) from the sketches of G.
-        U_new, S_new, V_new, old_sketches = self._factor_update(U_old, S_old, V_old, gradients, beta, momentum)
+        U_new, S_new, V_new, old_sketches = self._factor_update(U_old, S_old, V_old, gradients, beta, momentum, given)
         for i, st in enumerate(states):
             # Clones, so each parameter owns its state (no storage shared across parameters).
             st["U"], st["S"], st["V"] = U_new[i].clone(), S_new[i].clone(), V_new[i].clone()
@@ -510,9 +609,9 @@ class MoFaSGD(Optimizer):
             # then a few batched calls instead of dozens of calls per matrix.
             buckets = {}
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None and p not in self._sketches:
                     continue
-                if p.grad.is_sparse:
+                if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("MoFaSGD does not support sparse gradients")
                 state = self.state[p]
                 if len(state) == 0:

@@ -67,7 +67,10 @@ def kill_after_step(args, results_dir, run_dir, step, timeout=120):
     return sum(1 for _ in open(path)) - 1  # last step written
 
 
-@pytest.mark.parametrize("optimizer,nproc,extra", [("adamw", 1, {}), ("mfsgd", 1, {"rank": 4}), ("mfsgd", 2, {"rank": 4})])
+@pytest.mark.parametrize("optimizer,nproc,extra", [
+    ("adamw", 1, {}), ("mfsgd", 1, {"rank": 4}), ("mfsgd", 2, {"rank": 4}),
+    ("mfsgd", 2, {"rank": 4, "memory_mode": "sketch", "comm": "sketch"}),
+])
 def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, extra):
     cfg = json.dumps(config(corpus, **extra))
     common = ["--optimizer", optimizer, "--nproc", str(nproc), "--config", cfg]
