@@ -20,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from optimizers import OPTIMIZERS, state_bytes  # noqa: E402
 from optimizers.mofasgd import MoFaSGD  # noqa: E402
 
 GPT2_SMALL_SHAPES = "768x768,768x2304,768x3072,3072x768"
@@ -81,20 +82,6 @@ def parse_shapes(text: str):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of all state tensors, each distinct storage counted once."""
-    seen, total = set(), 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                storage = value.untyped_storage()
-                key = (storage.data_ptr(), str(value.device))
-                if key not in seen:
-                    seen.add(key)
-                    total += storage.nbytes()
-    return total
 
 
 def make_problem(shapes, device, dtype, seed, gradient_sets=2):
@@ -184,6 +171,66 @@ def run_per_shape(args, device, dtype):
         del results
 
 
+def registry_factory(name, **keys):
+    """An optimizer exactly as the harness builds it from configs/optimizers/NAME.yaml's defaults."""
+    spec = OPTIMIZERS[name]
+    cfg = spec.config()
+    for key, value in keys.items():
+        if key == "rank" and hasattr(cfg, "group_params"):
+            cfg.group_params.rank = value
+        else:
+            setattr(cfg, key, value)
+    return lambda params: spec.build(params, cfg, "cpu")
+
+
+def run_baselines(args, device, dtype):
+    """Every optimizer of the harness at one rank, per shape, ratios against both AdamWs.
+
+    GaLore recomputes its projector (an SVD of the gradient) every update_proj_gap steps; its
+    first step does that, so 'GaLore refresh' is the first step's time, 'GaLore plain' the median
+    of the others, and 'GaLore amortised' = (refresh + (gap - 1) * plain) / gap.
+    """
+    rank, gap = args.baseline_rank, args.galore_gap
+    names = ["AdamW foreach", "AdamW fused", f"MoFaSGD r={rank}", "GaLore plain", "GaLore refresh",
+             f"GaLore amortised (gap {gap})", "Muon", "Adafactor"]
+    print(f"\nAll optimizers, rank {rank}: step ms (state MiB held); ratio = ms / AdamW foreach, ms / AdamW fused\n")
+    print("| shape | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for m, n in parse_shapes(args.shapes):
+        factories = [adamw_factory("foreach"), adamw_factory("fused"), mofasgd_factory(rank),
+                     registry_factory("muon"), registry_factory("adafactor")]
+        results = time_interleaved(factories, [(m, n)], args.steps, args.warmup, device, dtype, args.seed)
+        galore_plain, galore_first, galore = time_galore([(m, n)], rank, gap, args.steps, device, dtype, args.seed)
+        cells = {}
+        for name, (ms, opt) in zip(["AdamW foreach", "AdamW fused", f"MoFaSGD r={rank}", "Muon", "Adafactor"], results):
+            cells[name] = (ms, state_bytes(opt))
+        held = state_bytes(galore)
+        cells["GaLore plain"] = (galore_plain, held)
+        cells["GaLore refresh"] = (galore_first, held)
+        cells[f"GaLore amortised (gap {gap})"] = ((galore_first + (gap - 1) * galore_plain) / gap, held)
+        foreach_ms, fused_ms = cells["AdamW foreach"][0], cells["AdamW fused"][0]
+        row = [f"{ms:.2f} ({mib(b):.2f} MiB; {ms / foreach_ms:.2f}, {ms / fused_ms:.2f})" for ms, b in
+               (cells[name] for name in names)]
+        print(f"| {m}x{n} | " + " | ".join(row) + " |", flush=True)
+
+
+def time_galore(shapes, rank, gap, steps, device, dtype, seed):
+    """(plain step ms, first step ms incl. the projector SVD, optimizer) for GaLore."""
+    params, gradients = make_problem(shapes, device, dtype, seed)
+    optimizer = registry_factory("galore", rank=rank)(params)
+    optimizer.param_groups[0]["update_proj_gap"] = gap + steps + 1  # only the first step refreshes
+    times = []
+    for i in range(steps + 1):
+        for p, g in zip(params, gradients[i % len(gradients)]):
+            p.grad = g
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.step()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:]), times[0], optimizer
+
+
 def run_whole_model(args, device, dtype):
     shapes = WHOLE_MODEL_SHAPES * WHOLE_MODEL_BLOCKS
     rank = args.whole_model_rank
@@ -224,6 +271,11 @@ def main():
     parser.add_argument("--whole-model-only", action="store_true", help="skip the per-shape table")
     parser.add_argument("--whole-model-rank", type=int, default=32)
     parser.add_argument("--whole-model-steps", type=int, default=10)
+    parser.add_argument("--baselines", action="store_true",
+                        help="also time GaLore (plain, refresh, amortised), Muon and Adafactor per shape")
+    parser.add_argument("--baselines-only", action="store_true", help="only the all-optimizer table")
+    parser.add_argument("--baseline-rank", type=int, default=32)
+    parser.add_argument("--galore-gap", type=int, default=75, help="GaLore update_proj_gap for the amortised column")
     args = parser.parse_args()
 
     if args.threads is not None:
@@ -236,6 +288,12 @@ def main():
     print(f"torch {torch.__version__}, device {args.device} ({machine}), threads {torch.get_num_threads()}, "
           f"{args.dtype}; per-shape: median of {args.steps} steps, whole model: median of "
           f"{args.whole_model_steps} steps; {args.warmup} warmup steps first (they include the SVD init)\n")
+    if args.baselines or args.baselines_only:
+        with OtherLoad() as load:
+            run_baselines(args, device, dtype)
+        print(f"\nOther processes used {load.cores()} cores on average during this table.")
+        if args.baselines_only:
+            return
     if not args.whole_model_only:
         with OtherLoad() as load:
             run_per_shape(args, device, dtype)
