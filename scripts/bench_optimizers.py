@@ -97,6 +97,17 @@ def make_problem(shapes, device, dtype, seed, gradient_sets=2):
     return params, gradients
 
 
+def timed_step(optimizer, params, gradients, device) -> float:
+    """Milliseconds of one optimizer.step() with the given gradients (set outside the timing)."""
+    for p, g in zip(params, gradients):
+        p.grad = g
+    synchronize(device)
+    start = time.perf_counter()
+    optimizer.step()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def time_interleaved(factories, shapes, steps, warmup, device, dtype, seed):
     """Median step time in ms for each optimizer, plus the optimizers (for their state).
 
@@ -112,14 +123,9 @@ def time_interleaved(factories, shapes, steps, warmup, device, dtype, seed):
     for i in range(warmup + steps):
         order = runs[i % len(runs):] + runs[: i % len(runs)]
         for params, optimizer, times in order:
-            for p, g in zip(params, gradients[i % len(gradients)]):
-                p.grad = g
-            synchronize(device)
-            start = time.perf_counter()
-            optimizer.step()
-            synchronize(device)
+            ms = timed_step(optimizer, params, gradients[i % len(gradients)], device)
             if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
+                times.append(ms)
     return [(statistics.median(times), optimizer) for _, optimizer, times in runs]
 
 
@@ -221,13 +227,7 @@ def time_galore(shapes, rank, gap, steps, device, dtype, seed):
     optimizer.param_groups[0]["update_proj_gap"] = gap + steps + 1  # only the first step refreshes
     times = []
     for i in range(steps + 1):
-        for p, g in zip(params, gradients[i % len(gradients)]):
-            p.grad = g
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer.step()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(timed_step(optimizer, params, gradients[i % len(gradients)], device))
     return statistics.median(times[1:]), times[0], optimizer
 
 

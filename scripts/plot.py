@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from results import Run, find_runs
+from results import Run, find_runs_or_report
 
 
 def ema_smooth(values: list[float], alpha: float = 0.9) -> list[float]:
@@ -103,13 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("paths", nargs="+", help="run folders or folders of runs (a sweep)")
     p.add_argument("--out", required=True, help="folder for the PNG files")
     args = p.parse_args(argv)
-    try:
-        runs = find_runs(args.paths)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not runs:
-        print(f"error: no runs found under {', '.join(args.paths)}", file=sys.stderr)
+    runs = find_runs_or_report(args.paths)
+    if runs is None:
         return 2
     os.makedirs(args.out, exist_ok=True)
     written = [plot_losses(runs, os.path.join(args.out, "loss.png")), plot_ranks(runs, os.path.join(args.out, "ranks.png"))]

@@ -86,3 +86,18 @@ def find_runs(paths: list[str]) -> list[Run]:
         else:
             raise FileNotFoundError(f"no such results folder: {path}")
     return runs
+
+
+def find_runs_or_report(paths: list[str]) -> list[Run] | None:
+    """find_runs for a command line: None (after a one-line error on stderr) when nothing is found."""
+    import sys
+
+    try:
+        runs = find_runs(paths)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if not runs:
+        print(f"error: no runs found under {', '.join(paths)}", file=sys.stderr)
+        return None
+    return runs

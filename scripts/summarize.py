@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results import Run, find_runs
+from results import Run, find_runs_or_report
 
 COLUMNS = ["run", "optimizer", "rank", "steps", "final_val_loss", "best_val_loss", "final_val_ppl", "tokens_per_s",
            "ms_per_step", "peak_mem_mib", "opt_state_mib_hidden", "opt_state_mib_other", "comm_bytes_per_step"]
@@ -66,10 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--csv", help="also write the table as CSV here")
     p.add_argument("--md", help="write the Markdown table here instead of stdout")
     args = p.parse_args(argv)
-    try:
-        runs = find_runs(args.paths)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    runs = find_runs_or_report(args.paths)
+    if runs is None:
         return 2
     rows = [summarize_run(r) for r in runs]
     rows.sort(key=lambda r: (r["optimizer"], r["rank"] or 0, r["run"]))
