@@ -167,7 +167,8 @@ def save_checkpoint(run_dir, step, model, optimizers, schedulers, elapsed, keep,
         "rng": rngs,
     }
     atomic_torch_save(state, os.path.join(checkpoint_dir(run_dir), f"step_{step:07d}.pt"))
-    for old in list_checkpoints(run_dir)[:-keep]:
+    # older checkpoints past `keep`, and temp files left by a run killed mid-write
+    for old in list_checkpoints(run_dir)[:-keep] + glob.glob(os.path.join(checkpoint_dir(run_dir), "*.tmp.*")):
         os.remove(old)
 
 
