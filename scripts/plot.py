@@ -39,13 +39,15 @@ def plot_losses(runs: list[Run], path: str) -> str:
         (axes[1, 0], "val_loss", "elapsed_s", "validation loss vs training time (s)"),
         (axes[1, 1], "train_loss", "step", "training loss (EMA 0.9) vs step"),
     ]
+    labels = [run.label for run in runs]
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
+        label = run.label if labels.count(run.label) == 1 else run.name  # tell same-optimizer runs apart
         for ax, y, x, _ in panels:
             xs, ys = run.series(y, x)
             if y == "train_loss":
                 ys = ema_smooth(ys)
-            ax.plot(xs, ys, color=color, label=run.label, marker="o" if y == "val_loss" and len(xs) < 30 else None,
+            ax.plot(xs, ys, color=color, label=label, marker="o" if y == "val_loss" and len(xs) < 30 else None,
                     markersize=3)
     for ax, _, x, title in panels:
         ax.set_title(title)
