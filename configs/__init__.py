@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from optimizers import OPTIMIZERS, optimizer_config_class
+from optimizers import OPTIMIZERS, check_betas, optimizer_config_class
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(CONFIG_DIR)
@@ -162,7 +162,7 @@ class AdamConfig:
     def validate(self):
         for key in ("embed_lr", "head_lr", "scalar_lr"):
             _positive(f"adam.{key}", getattr(self, key))
-        _betas("adam.betas", self.betas)
+        check_betas("adam.betas", self.betas)
 
 
 @dataclass
@@ -234,7 +234,7 @@ class RunConfig:
             block_size = self.model.resolved()["block_size"]
             if self.data.seq_len > block_size:
                 raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's context model.block_size ({block_size})")
-            rank = getattr(self.optimizer, "rank", None) or getattr(getattr(self.optimizer, "group_params", None), "rank", None)
+            rank = getattr(self.optimizer, "rank", None)  # GaLore's config exposes group_params.rank as .rank
             largest = 4 * self.model.resolved()["n_embd"]  # GPT-2's largest hidden matrix: the MLP's n_embd x 4 n_embd
             if rank is not None and rank > largest:
                 raise ValueError(f"optimizer rank {rank} exceeds every side of every hidden matrix (at most 4 x model.n_embd "
@@ -259,7 +259,7 @@ class RunConfig:
     def warnings(self) -> list[str]:
         """Legal but probably unintended settings, reported by the launcher."""
         out = []
-        rank = getattr(self.optimizer, "rank", None) or getattr(getattr(self.optimizer, "group_params", None), "rank", None)
+        rank = getattr(self.optimizer, "rank", None)  # GaLore's config exposes group_params.rank as .rank
         width = self.model.resolved()["n_embd"]
         if rank is not None and rank > width:
             out.append(f"optimizer rank {rank} > min(m, n) = {width} of every hidden matrix: clipped to {width} per matrix")
@@ -332,11 +332,6 @@ def _positive(key, value, allow_none=False):
 def _choice(key, value, choices):
     if value not in choices:
         raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _betas(key, betas):
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{key} must be two numbers in [0, 1), got {betas}")
 
 
 # ---------------------------------------------------------------------------------------------

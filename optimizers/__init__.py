@@ -65,7 +65,7 @@ class AdamWConfig(ScheduleConfig):
 
     def validate(self):
         super().validate()
-        _check_betas("optimizer.betas", self.betas)
+        check_betas("optimizer.betas", self.betas)
         if self.weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
 
@@ -150,7 +150,7 @@ class GaLoreConfig(ScheduleConfig):
 
     def validate(self):
         super().validate()
-        _check_betas("optimizer.betas", self.betas)
+        check_betas("optimizer.betas", self.betas)
         if self.eps < 0:
             raise ValueError(f"optimizer.eps must be >= 0, got {self.eps}")
         if self.weight_decay < 0:
@@ -205,7 +205,7 @@ class AdafactorConfig(ScheduleConfig):
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
 
 
-def _check_betas(key, betas):
+def check_betas(key, betas):
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"{key} must be two numbers in [0, 1), got {betas}")
 
