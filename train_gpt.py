@@ -53,6 +53,15 @@ def setup_distributed(cfg: RunConfig):
     return rank, world_size, device
 
 
+def shutdown_distributed() -> None:
+    """Leaves the process group together: without the barrier a rank that finishes early (rank 0
+    still writing the last checkpoint) can tear gloo's connections down under a peer, which then
+    aborts ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -155,6 +164,9 @@ def save_checkpoint(run_dir, step, model, optimizers, schedulers, elapsed, keep,
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
+    # a sharded optimizer's state is spread over the ranks: gather it (a collective) first
+    optimizer_states = [opt.consolidated_state_dict() if hasattr(opt, "consolidated_state_dict") else opt.state_dict()
+                        for opt in optimizers]
     if rank != 0:
         return
     os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
@@ -162,7 +174,7 @@ def save_checkpoint(run_dir, step, model, optimizers, schedulers, elapsed, keep,
         "step": step,
         "elapsed_s": elapsed,
         "model": model.state_dict(),
-        "optimizers": [opt.state_dict() for opt in optimizers],
+        "optimizers": optimizer_states,
         "schedulers": [s.state_dict() for s in schedulers],
         "rng": rngs,
     }
@@ -270,8 +282,7 @@ def fail_non_finite(run_dir, cfg, model, step, reason, is_main):
         write_json(os.path.join(run_dir, "summary.json"), {"name": cfg.name, "status": "failed", "reason": reason,
                                                            "steps": step - 1, "optimizer": cfg.optimizer_name})
         print(f"error: {reason}; the last good checkpoint is kept", file=sys.stderr, flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     sys.exit(3)
 
 
@@ -376,6 +387,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         mem = memory_parts(raw_model, hidden_opt, adam_opt) if step == start_step else mem
         for opt in optimizers:
             opt.step()
+        comm_hidden += getattr(hidden_opt, "exchanged_bytes", 0)  # shard: the all-gathered step factors
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         for sched in schedulers:
@@ -445,8 +457,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         write_json(os.path.join(run_dir, "summary.json"), summary)
     if wandb_run is not None:
         wandb_run.finish()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     return summary
 
 

@@ -89,6 +89,7 @@ class MoFaSGDConfig(ScheduleConfig):
     momentum: str = "sum"
     memory_mode: str = "full"  # full, or sketch: no m x n gradient of a hidden matrix survives backward
     comm: str = "full"  # full (DDP all-reduces the gradients), or sketch: all-reduce (m + n) r + r^2 sketch numbers per matrix
+    shard: bool = False  # each data-parallel rank updates only the matrices it owns; step factors are all-gathered
 
     def validate(self):
         super().validate()
@@ -228,7 +229,8 @@ def _build_mofasgd(params, cfg: MoFaSGDConfig, device: str):
     return MoFaSGD(params, lr=cfg.lr, rank=cfg.rank, beta=cfg.beta, eta1=cfg.eta1, eta2=cfg.eta2,
                    use_current_projection=cfg.use_current_projection,
                    use_ones_for_nonzero_s=cfg.use_ones_for_nonzero_s, nesterov=cfg.nesterov, eps=cfg.eps,
-                   max_value=cfg.max_value, init=cfg.init, momentum=cfg.momentum, memory_mode=cfg.memory_mode)
+                   max_value=cfg.max_value, init=cfg.init, momentum=cfg.momentum, memory_mode=cfg.memory_mode,
+                   shard=cfg.shard)
 
 
 def _mofasgd_schedules(cfg: MoFaSGDConfig):

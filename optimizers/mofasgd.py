@@ -61,6 +61,7 @@ __all__ = [
     "update_momentum_factors",
     "spectral_scales",
     "orthogonal_complement_term",
+    "assign_owners",
 ]
 
 _INIT_CHOICES = ("weight_svd", "zero")
@@ -137,6 +138,19 @@ def spectral_scales(S: torch.Tensor, eps: float, max_value: float, use_ones: boo
         return nonzero.to(S.dtype)
     # reciprocal of an exact 0 is inf, never NaN, and torch.where discards it.
     return torch.where(nonzero, S.reciprocal().clamp(max=max_value), torch.zeros_like(S))
+
+
+def assign_owners(sizes: list[int], world_size: int) -> list[int]:
+    """Owner rank of each matrix for sharded optimizer work: largest first, each onto the rank with
+    the least total size so far (ties: lower rank). Deterministic, so every rank derives the same
+    assignment, and no rank's load exceeds the mean by more than the largest matrix."""
+    loads = [0] * world_size
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owner = min(range(world_size), key=lambda k: (loads[k], k))
+        owners[i] = owner
+        loads[owner] += sizes[i]
+    return owners
 
 
 def _cholesky_qr2(W: torch.Tensor, basis: torch.Tensor, tolerance: float):
@@ -342,6 +356,14 @@ class MoFaSGD(Optimizer):
             each gradient into G V, G^T U and U^T G V as soon as backward produces it and frees
             it, so no m x n gradient survives backward; the step is the same (needs eta2 == 0 and
             nesterov=False, which use the full gradient).
+        shard: under data parallelism, each rank runs the factor update only for the matrices it
+            owns (`assign_owners`: size-balanced, deterministic) and keeps their factors; the step
+            factors (U, S, V of the step, (m + n) r + r numbers per matrix) are then all-gathered
+            and every rank applies every matrix's update with the same operations, so the
+            replicas stay identical. Factor compute and memory per rank fall by the world size
+            (ranks that sketch gradients keep replicas of U, S, V: sketching needs them). A no-op
+            without an initialised process group. Every rank must call step() (a collective).
+        process_group: the data-parallel group for shard (default: the world).
     """
 
     def __init__(
@@ -360,10 +382,20 @@ class MoFaSGD(Optimizer):
         init: str = "weight_svd",
         momentum: str = "sum",
         memory_mode: str = "full",
+        shard: bool = False,
+        process_group=None,
     ):
         if memory_mode not in _MEMORY_MODES:
             raise ValueError(f"memory_mode must be one of {_MEMORY_MODES}, got {memory_mode!r}")
+        if not isinstance(shard, bool):
+            raise ValueError(f"shard must be a bool, got {shard!r}")
         self.memory_mode = memory_mode
+        self.shard = shard
+        self._process_group = process_group
+        # Owner rank of each parameter (shard=True under an initialised process group), else None.
+        self._owner_of: dict | None = None
+        self._shard_rank = 0
+        self.exchanged_bytes = 0  # bytes of step factors this rank contributed at the last step
         # Gradient sketches (G V, G^T U, U^T G V) summed over micro-batches, per parameter, until
         # step() consumes them; filled by the backward hooks (memory_mode="sketch") or by
         # sketch_gradients_(). Not part of the state: they never outlive a step.
@@ -409,6 +441,48 @@ class MoFaSGD(Optimizer):
                 raise ValueError(
                     f"MoFaSGD only supports 2-D parameters; got a parameter of shape {tuple(p.shape)}"
                 )
+        if getattr(self, "shard", False):
+            self._owner_of = self._assign_owners()
+
+    # -- sharded optimizer work ----------------------------------------------------------------
+
+    def _world(self):
+        """(this rank, world size) of the sharding group, or None when not sharding."""
+        import torch.distributed as dist
+
+        if not (self.shard and dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.get_rank(self._process_group), dist.get_world_size(self._process_group)
+
+    def _assign_owners(self):
+        world = self._world()
+        if world is None:
+            return None
+        self._shard_rank = world[0]
+        params = [p for g in self.param_groups for p in g["params"]]
+        owners = assign_owners([p.numel() for p in params], world[1])
+        return {p: owner for p, owner in zip(params, owners)}
+
+    def _owns(self, p) -> bool:
+        return self._owner_of is None or self._owner_of[p] == self._shard_rank
+
+    def consolidated_state_dict(self) -> dict:
+        """state_dict() holding every parameter's state. With shard=True each rank holds only its
+        own matrices' factors, so this is a collective (every rank must call it; all get the
+        result); otherwise it is state_dict()."""
+        import torch.distributed as dist
+
+        full = self.state_dict()
+        if self._owner_of is None:
+            return full
+        params = [p for g in self.param_groups for p in g["params"]]
+        mine = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in full["state"][i].items()}
+                for i, p in enumerate(params) if self._owns(p) and i in full["state"]}
+        parts = [None] * self._world()[1]
+        dist.all_gather_object(parts, mine, group=self._process_group)
+        full["state"] = {i: part[i] for part in parts for i in sorted(part)}
+        full["state"] = dict(sorted(full["state"].items()))
+        return full
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -548,12 +622,12 @@ class MoFaSGD(Optimizer):
         self.householder_updates += len(gradients) - fast_count
         return U_new, S_new, V_new, sketches
 
-    def _step_bucket(self, params, group):
-        """One step for parameters of identical shape, dtype, device and rank."""
-        lr, beta, eta1, eta2 = group["lr"], group["beta"], group["eta1"], group["eta2"]
-        momentum = group["momentum"]
+    def _update_bucket_factors(self, params, group):
+        """Steps 1-2 for parameters of identical shape, dtype, device and rank, updating their
+        state; returns, per parameter, what its step needs: (U, S, V) of the step and, when the
+        eta2 term projects with the pre-update factors, those factors and their sketches."""
+        beta, momentum = group["beta"], group["momentum"]
         states = [self.state[p] for p in params]
-        compute_dtype = states[0]["U"].dtype
         # Raw gradients; each is cast to the compute dtype only where used (no-op for fp32/fp64),
         # so bf16 models never hold the whole bucket's gradients in fp32 at once.
         gradients = [p.grad for p in params]
@@ -565,7 +639,6 @@ class MoFaSGD(Optimizer):
             accs = [self._sketches.pop(p) for p in params]
             given = tuple(torch.stack([acc[k] for acc in accs]) for k in range(3))
 
-        # Steps 1-2 (tangent projection + UMF) from the sketches of G.
         U_new, S_new, V_new, old_sketches = self._factor_update(U_old, S_old, V_old, gradients, beta, momentum, given)
         for i, st in enumerate(states):
             # Clones, so each parameter owns its state (no storage shared across parameters).
@@ -574,28 +647,38 @@ class MoFaSGD(Optimizer):
         if group["nesterov"]:
             # Official semantics: a second UMF with the same G; only the step uses it.
             U_new, S_new, V_new, _ = self._factor_update(U_new, S_new, V_new, gradients, beta, momentum)
+        old_projection = group["eta2"] != 0 and not group["use_current_projection"]
+        return [
+            (U_new[i], S_new[i], V_new[i])
+            + ((U_old[i], V_old[i], tuple(t[i] for t in old_sketches)) if old_projection else ())
+            for i in range(len(params))
+        ]
 
-        # Step 3. fp32/fp64 params take the update in place; lower-precision params get it
-        # accumulated in the compute dtype and rounded once.
+    @staticmethod
+    def _apply_step(p, group, update) -> None:
+        """Step 3 for one parameter from its step factors (and, for the eta2 term with the
+        pre-update projection, the old factors). fp32/fp64 params take the update in place;
+        lower-precision params get it accumulated in the compute dtype and rounded once."""
+        U, S, V = update[:3]
+        lr, eta1, eta2 = group["lr"], group["eta1"], group["eta2"]
+        target = p if p.dtype == U.dtype else torch.zeros_like(p, dtype=U.dtype)
         if eta1 != 0:
-            d = spectral_scales(S_new, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
+            d = spectral_scales(S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
             # U diag(d) V^T: scale whichever factor is smaller.
-            scale_left = U_new.shape[-2] <= V_new.shape[-2]
-            left = U_new * d.unsqueeze(-2) if scale_left else U_new
-            right = V_new if scale_left else V_new * d.unsqueeze(-2)
-        for i, p in enumerate(params):
-            target = p if p.dtype == compute_dtype else torch.zeros_like(p, dtype=compute_dtype)
-            if eta1 != 0:
-                target.addmm_(left[i], right[i].mT, alpha=-lr * eta1)
-            if eta2 != 0:
-                G = gradients[i].to(compute_dtype)
-                if group["use_current_projection"]:
-                    _add_orthogonal_complement_(target, G, U_new[i], V_new[i], -lr * eta2)
-                else:
-                    sketches = tuple(t[i] for t in old_sketches)
-                    _add_orthogonal_complement_(target, G, U_old[i], V_old[i], -lr * eta2, sketches)
-            if target is not p:
-                p.add_(target)
+            if U.shape[0] <= V.shape[0]:
+                target.addmm_(U * d, V.mT, alpha=-lr * eta1)
+            else:
+                target.addmm_(U, (V * d).mT, alpha=-lr * eta1)
+        if eta2 != 0:
+            G = p.grad.to(U.dtype)
+            if group["use_current_projection"]:
+                _add_orthogonal_complement_(target, G, U, V, -lr * eta2)
+            else:
+                U_old, V_old = update[3:5]
+                sketches = update[5] if len(update) > 5 else None  # sharded steps recompute them
+                _add_orthogonal_complement_(target, G, U_old, V_old, -lr * eta2, sketches)
+        if target is not p:
+            p.add_(target)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -604,12 +687,13 @@ class MoFaSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        updates = {}  # sharded only: parameter -> its step factors, applied after the exchange
         for group in self.param_groups:
             # Same-shape parameters are updated as one batch: the small QR/SVD work of the UMF is
             # then a few batched calls instead of dozens of calls per matrix.
             buckets = {}
             for p in group["params"]:
-                if p.grad is None and p not in self._sketches:
+                if (p.grad is None and p not in self._sketches) or not self._owns(p):
                     continue
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("MoFaSGD does not support sparse gradients")
@@ -623,8 +707,84 @@ class MoFaSGD(Optimizer):
                 per_matrix = (shape[0] + shape[1]) * rank
                 chunk = max(1, _MAX_BATCH_ELEMENTS // per_matrix)
                 for start in range(0, len(params), chunk):
-                    self._step_bucket(params[start : start + chunk], group)
+                    part = params[start : start + chunk]
+                    for p, update in zip(part, self._update_bucket_factors(part, group)):
+                        if self._owner_of is None:
+                            self._apply_step(p, group, update)
+                        else:
+                            updates[p] = update
+        if self._owner_of is not None:
+            self._exchange_step_factors(updates)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p in updates:
+                        self._apply_step(p, group, updates[p])
         return loss
+
+    def _exchange_step_factors(self, updates: dict) -> int:
+        """shard=True: all-gathers every owner's step factors so each rank holds `updates` for all
+        parameters with a gradient; returns the bytes this rank contributed.
+
+        Each parameter contributes U (m r), S (r), V (n r), plus the pre-update U, V when the eta2
+        term needs them, in one flat buffer per rank (padded to the longest: all_gather needs equal
+        sizes). Which parameters take part is known to every rank (the same ones hold gradients or
+        sketches under data parallelism), so the layout needs no extra message. The old sketches
+        are dropped so every rank applies the step with identical inputs and operations.
+        """
+        import torch.distributed as dist
+
+        me, world = self._world()
+        layout = [[] for _ in range(world)]  # per owner: (param, group, shapes)
+        for group in self.param_groups:
+            old_projection = group["eta2"] != 0 and not group["use_current_projection"]
+            for p in group["params"]:
+                if p.grad is None and p not in self._sketches and p not in updates:
+                    continue
+                m, n = p.shape
+                r = min(group["rank"], m, n)
+                shapes = [(m, r), (r,), (n, r)] + ([(m, r), (n, r)] if old_projection else [])
+                layout[self._owner_of[p]].append((p, shapes))
+        sizes = [sum(math.prod(sh) for _, shapes in entries for sh in shapes) for entries in layout]
+        if max(sizes) == 0:
+            return 0
+        dtypes = {_compute_dtype(p.dtype) for entries in layout for p, _ in entries}
+        if len(dtypes) != 1:
+            raise RuntimeError("MoFaSGD(shard=True) needs all parameters in one compute dtype (fp32 or fp64)")
+        dtype = dtypes.pop()
+        device = layout[me][0][0].device if layout[me] else next(p for e in layout for p, _ in e).device
+        send = torch.zeros(max(sizes), dtype=dtype, device=device)
+        offset = 0
+        for p, shapes in layout[me]:
+            for t in updates[p][: len(shapes)]:
+                send[offset : offset + t.numel()].copy_(t.reshape(-1))
+                offset += t.numel()
+        received = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(received, send, group=self._process_group)
+        for owner, entries in enumerate(layout):
+            if owner == me:
+                for p, shapes in entries:  # drop the old sketches: non-owners cannot have them
+                    updates[p] = updates[p][: len(shapes)]
+                continue
+            offset = 0
+            for p, shapes in entries:
+                parts = []
+                for sh in shapes:
+                    size = math.prod(sh)
+                    parts.append(received[owner][offset : offset + size].view(sh))
+                    offset += size
+                updates[p] = tuple(parts)
+                state = self.state.get(p)
+                if state:
+                    if p in self._sketches:
+                        # this rank sketches p's gradients, which needs the current factors
+                        # (non-nesterov here: the stored factors are those of the step)
+                        self._sketches.pop(p)
+                        state["U"], state["S"], state["V"] = (t.clone() for t in parts[:3])
+                        state["step"] += 1
+                    else:  # a replica left by load_state_dict that this rank never needs
+                        del self.state[p]
+        self.exchanged_bytes = send.numel() * send.element_size()
+        return self.exchanged_bytes
 
 
 def _batched_sketches(gradients, U, V):

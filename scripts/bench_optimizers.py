@@ -6,6 +6,7 @@ optimizer state by distinct storages actually held (untyped_storage().nbytes()).
     python scripts/bench_optimizers.py                    # per-shape table, CPU
     python scripts/bench_optimizers.py --whole-model      # also the 72-matrix GPT-2-small hidden set
     python scripts/bench_optimizers.py --device cuda
+    python scripts/bench_optimizers.py --shard 2          # hidden set, replicated vs sharded over 2 gloo ranks
 """
 
 from __future__ import annotations
@@ -254,6 +255,50 @@ def run_whole_model(args, device, dtype):
               f"| {mib(state_bytes(opt)):.1f} | {expected:.1f} |")
 
 
+def shard_bench_worker(rank, world, port, args):
+    """One rank of the sharded benchmark: AdamW, MoFaSGD replicated (what plain data parallelism
+    does: every rank updates every matrix) and MoFaSGD shard=True, timed interleaved."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, (args.threads or os.cpu_count()) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        shapes = WHOLE_MODEL_SHAPES * WHOLE_MODEL_BLOCKS
+        r = args.whole_model_rank
+        sharded = lambda params: MoFaSGD(params, lr=0.05, rank=r, beta=0.95, eta1=0.25, max_value=5.0, shard=True)
+        factories = [adamw_factory("foreach"), mofasgd_factory(r), sharded]
+        results = time_interleaved(factories, shapes, args.whole_model_steps, args.warmup, torch.device("cpu"),
+                                   torch.float32, args.seed)
+        mine = [(ms, state_bytes(opt), getattr(opt, "exchanged_bytes", 0)) for ms, opt in results]
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        if rank == 0:
+            names = ["AdamW foreach=True (replicated)", f"MoFaSGD r={r} (replicated)", f"MoFaSGD r={r} shard=True"]
+            print(f"\nWhole GPT-2-small hidden set on {world} gloo ranks, {torch.get_num_threads()} thread(s) each, "
+                  f"median of {args.whole_model_steps} steps; per rank: the slowest rank's time, the largest state\n")
+            print("| optimizer | ms/step (slowest rank) | / AdamW | state MiB per rank | step factors all-gathered, MiB per rank |")
+            print("|---|---|---|---|---|")
+            adamw_ms = max(per_rank[0][0] for per_rank in everyone)
+            for i, name in enumerate(names):
+                ms = max(per_rank[i][0] for per_rank in everyone)
+                state = max(per_rank[i][1] for per_rank in everyone)
+                sent = max(per_rank[i][2] for per_rank in everyone)
+                print(f"| {name} | {ms:.1f} | {ms / adamw_ms:.2f} | {mib(state):.1f} | {mib(sent):.2f} |")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_sharded(args):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(shard_bench_worker, args=(args.shard, port, args), nprocs=args.shard)
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -275,6 +320,8 @@ def main():
                         help="also time GaLore (plain, refresh, amortised), Muon and Adafactor per shape")
     parser.add_argument("--baselines-only", action="store_true", help="only the all-optimizer table")
     parser.add_argument("--baseline-rank", type=int, default=32)
+    parser.add_argument("--shard", type=int, default=0, metavar="N",
+                        help="only the hidden set on N gloo ranks (CPU): replicated vs shard=True MoFaSGD")
     parser.add_argument("--galore-gap", type=int, default=75, help="GaLore update_proj_gap for the amortised column")
     args = parser.parse_args()
 
@@ -288,6 +335,11 @@ def main():
     print(f"torch {torch.__version__}, device {args.device} ({machine}), threads {torch.get_num_threads()}, "
           f"{args.dtype}; per-shape: median of {args.steps} steps, whole model: median of "
           f"{args.whole_model_steps} steps; {args.warmup} warmup steps first (they include the SVD init)\n")
+    if args.shard:
+        if device.type != "cpu":
+            parser.error("--shard runs on CPU (gloo); on GPUs use run.py with optimizer.shard true")
+        run_sharded(args)  # (no OtherLoad line: the ranks themselves are other processes)
+        return
     if args.baselines or args.baselines_only:
         with OtherLoad() as load:
             run_baselines(args, device, dtype)

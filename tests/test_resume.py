@@ -70,6 +70,7 @@ def kill_after_step(args, results_dir, run_dir, step, timeout=120):
 @pytest.mark.parametrize("optimizer,nproc,extra", [
     ("adamw", 1, {}), ("mfsgd", 1, {"rank": 4}), ("mfsgd", 2, {"rank": 4}),
     ("mfsgd", 2, {"rank": 4, "memory_mode": "sketch", "comm": "sketch"}),
+    ("mfsgd", 2, {"rank": 4, "shard": True}),
 ])
 def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, extra):
     cfg = json.dumps(config(corpus, **extra))

@@ -1,0 +1,168 @@
+"""Sharded MoFaSGD (shard=True): each data-parallel rank runs the factor update only for the
+matrices it owns, the step factors are all-gathered, and the parameters equal the unsharded path's."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helpers import launch, read_metrics, tiny_overrides, write_tiny_corpus
+from model import GPT, GPTConfig
+from optimizers import MoFaSGD, split_parameters
+from optimizers.mofasgd import assign_owners
+
+STEPS = 6
+
+
+def test_assign_owners_is_balanced_and_deterministic():
+    sizes = [5, 9, 9, 1, 7, 3, 3, 8]
+    owners = assign_owners(sizes, 3)
+    assert owners == assign_owners(list(sizes), 3)
+    loads = [sum(s for s, o in zip(sizes, owners) if o == k) for k in range(3)]
+    assert sum(loads) == sum(sizes) and max(loads) - min(loads) <= max(sizes)
+    assert owners[1] == 0 and owners[2] == 1  # largest first, ties to the lower index and rank
+    assert assign_owners([4] * 8, 2).count(0) == 4  # equal shapes split evenly
+    assert assign_owners([4, 4], 4) == [0, 1]  # more ranks than matrices: some own nothing
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)).double()
+    for p in model.parameters():  # non-zero init everywhere, so every matrix has a real spectrum
+        p.data.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def train(opt_kwargs, shard, steps=STEPS, resume_at=None, all_reduce=False):
+    """MoFaSGD on the hidden matrices of a tiny fp64 GPT; every rank sees the same batches, so the
+    only difference between ranks and between sharded and unsharded runs is the optimizer's own
+    work split. With resume_at, the optimizer is rebuilt from a consolidated state dict mid-run."""
+    model = tiny_model()
+    hidden = [p for _, p in split_parameters(model)["hidden"]]
+    make = lambda: MoFaSGD(hidden, lr=0.05, rank=4, beta=0.9, eta1=0.25, max_value=5, shard=shard, **opt_kwargs)
+    opt = make()
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        if step == resume_at:
+            saved = opt.consolidated_state_dict()
+            opt = make()
+            opt.load_state_dict(saved)
+        x = torch.randint(0, 64, (4, 16), generator=gen)
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        if all_reduce:  # comm="sketch" in the worker: sketch, then average the sketches
+            opt.sketch_gradients_()
+            opt.all_reduce_sketches()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+CASES = {
+    "default": {},
+    "zero-init": {"init": "zero"},
+    "eta2-old-projection": {"eta2": 0.1, "use_current_projection": False},
+    "nesterov": {"nesterov": True},
+    "sketch-memory": {"memory_mode": "sketch"},
+}
+
+
+def shard_worker(rank, world, port, out_dir):
+    """Every case on one pair of processes (process start-up dominates the time of these runs)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {}
+        runs = {case: (kwargs, None) for case, kwargs in CASES.items()} | {"resumed": ({}, 3)}
+        for case, (kwargs, resume_at) in runs.items():
+            model, opt = train(kwargs, shard=True, resume_at=resume_at, all_reduce=case == "sketch-memory")
+            results[case] = {"params": [p.detach() for p in model.parameters()],
+                             "owned": [i for i, p in enumerate(opt.param_groups[0]["params"]) if opt.state.get(p)],
+                             "state_bytes": opt.state_bytes(), "exchanged_bytes": opt.exchanged_bytes,
+                             "consolidated": opt.consolidated_state_dict()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """Per rank of a 2-rank gloo group: the results of every case of CASES, and of "resumed"."""
+    out = tmp_path_factory.mktemp("shard")
+    world = 2
+    mp.spawn(shard_worker, args=(world, free_port(), str(out)), nprocs=world)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_equals_unsharded(sharded_runs, case):
+    ref_model, ref_opt = train(CASES[case], shard=False)
+    ranks = [runs[case] for runs in sharded_runs]
+    ref_params = [p.detach() for p in ref_model.parameters()]
+    for r, out in enumerate(ranks):
+        # every rank applies every step from the same all-gathered factors: replicas are identical
+        for a, b in zip(out["params"], ranks[0]["params"]):
+            assert torch.equal(a, b), f"rank {r} diverged from rank 0"
+        for a, b in zip(out["params"], ref_params):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # the consolidated checkpoint state equals the unsharded optimizer's state
+    ref_state = ref_opt.state_dict()["state"]
+    got_state = ranks[0]["consolidated"]["state"]
+    assert sorted(got_state) == sorted(ref_state)
+    for i in ref_state:
+        for key in ("U", "S", "V", "step"):
+            torch.testing.assert_close(got_state[i][key], ref_state[i][key], rtol=0, atol=1e-12)
+    owned = [set(out["owned"]) for out in ranks]
+    if case == "sketch-memory":  # sketching needs the factors on every rank
+        assert owned[0] == owned[1] == set(ref_state)
+    else:  # factor memory is split: each matrix on exactly one rank, about half the bytes each
+        assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(ref_state)
+        assert all(out["state_bytes"] <= 0.6 * ref_opt.state_bytes() for out in ranks)
+    assert all(out["exchanged_bytes"] > 0 for out in ranks)
+
+
+def test_sharded_resume_from_consolidated_state(sharded_runs):
+    ref_model, _ = train({}, shard=False)
+    for a, b in zip(sharded_runs[0]["resumed"]["params"], ref_model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-12)
+
+
+def test_shard_without_process_group_is_plain_mofasgd():
+    a, _ = train({}, shard=False, steps=3)
+    b, opt = train({}, shard=True, steps=3)
+    assert opt.exchanged_bytes == 0
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+def test_worker_shard_matches_unsharded_with_two_ranks(tmp_path, corpus):
+    """run.py with 2 gloo ranks: shard=true gives the unsharded run's losses and halves the
+    hidden optimizer state per rank; composes with comm sketch."""
+    runs = {}
+    for name, extra in (("plain", {}), ("shard", {"shard": True}), ("shard-sketch", {"shard": True, "comm": "sketch"})):
+        cfg = json.dumps(tiny_overrides(corpus, steps=4, micro_batch_size=4, rank=4, **extra))
+        proc = launch(["--optimizer", "mfsgd", "--nproc", "2", "--config", cfg, "--name", name], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [r for r in read_metrics(tmp_path / name) if "train_loss" in r]
+    plain, shard, sketch = runs["plain"], runs["shard"], runs["shard-sketch"]
+    for a, b, c in zip(plain, shard, sketch):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["train_loss"] == pytest.approx(c["train_loss"], rel=1e-5)
+    assert shard[0]["opt_state_bytes_hidden"] < 0.6 * plain[0]["opt_state_bytes_hidden"]
+    assert shard[0]["comm_bytes_hidden"] > plain[0]["comm_bytes_hidden"]  # gradients + step factors
+    assert sketch[0]["comm_bytes_hidden"] < plain[0]["comm_bytes_hidden"]
