@@ -100,11 +100,14 @@ def evaluate(model, cfg: RunConfig, rank: int, world_size: int, device, autocast
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of losses, number of tokens
     files = find_shards(resolve_path(cfg.data.val_files))
-    for x, y in val_sequences(files, cfg.data.seq_len, cfg.data.val_tokens, rank, world_size, cfg.train.val_batch_size):
+    for x, y in val_sequences(files, cfg.data.seq_len, cfg.data.val_tokens, rank, world_size, cfg.train.val_batch_size,
+                              pin=device.type == "cuda"):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             _, loss = model(x, y)
-        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+        # accumulated on the device: no host sync per batch
+        total[0] += loss.detach().double() * y.numel()
+        total[1] += y.numel()
     all_reduce_sum(total)
     model.train()
     return (total[0] / total[1]).item()
@@ -314,18 +317,24 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         model = torch.compile(model)
     routing = split_parameters(raw_model)
     comm_sketch = getattr(cfg.optimizer, "comm", "full") == "sketch"
+    # memory_mode sketch + comm sketch: each matrix's sketches are all-reduced while backward
+    # still runs, on a process group of their own (independent of the order of DDP's all-reduces)
+    sketch_group, overlap_sketches = None, False
     if world_size > 1:
         if comm_sketch:
             # MoFaSGD's matrices leave DDP's reducer: their sketches are all-reduced instead
             DDP._set_params_and_buffers_to_ignore_for_model(raw_model, [name for name, _ in routing["hidden"]])
+            sketch_group = dist.new_group()
+            overlap_sketches = cfg.optimizer.memory_mode == "sketch"
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     # bytes all-reduced per step by DDP (gradients in the parameter dtype), by parameter kind
     kind_bytes = {kind: sum(p.numel() * p.element_size() for _, p in ps) for kind, ps in routing.items()}
     comm_other = (sum(kind_bytes.values()) - kind_bytes["hidden"]) if world_size > 1 else 0
 
     train_files = find_shards(resolve_path(cfg.data.train_files))
+    # on GPU: pinned batches, so the non_blocking copies below overlap the previous step's kernels
     loader = TokenLoader(train_files, cfg.data.seq_len, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-                         vocab_size=cfg.model.vocab_size)
+                         vocab_size=cfg.model.vocab_size, pin=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.autocast == "bf16" else nullcontext()
     grad_accum = cfg.grad_accum
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -375,12 +384,14 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
             sync = micro == grad_accum - 1 or not isinstance(model, DDP)
             with (nullcontext() if sync else model.no_sync()), autocast:
                 _, loss = model(x, y)
+            if overlap_sketches and micro == grad_accum - 1:
+                hidden_opt.all_reduce_sketches_during_backward(sketch_group)
             (loss / grad_accum).backward()  # average the micro-batch gradients
             loss_sum += loss.detach()
         comm_hidden = kind_bytes["hidden"] if world_size > 1 else 0
         if comm_sketch:
             hidden_opt.sketch_gradients_()
-            comm_hidden = hidden_opt.all_reduce_sketches() if world_size > 1 else 0
+            comm_hidden = hidden_opt.all_reduce_sketches(sketch_group) if world_size > 1 else 0
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.train.grad_clip)
         lr = hidden_opt.param_groups[0]["lr"]

@@ -400,6 +400,8 @@ class MoFaSGD(Optimizer):
         # step() consumes them; filled by the backward hooks (memory_mode="sketch") or by
         # sketch_gradients_(). Not part of the state: they never outlive a step.
         self._sketches: dict = {}
+        # all_reduce_sketches_during_backward(): the launch order and the all-reduces in flight.
+        self._overlap: dict | None = None
         defaults = dict(
             lr=lr,
             rank=rank,
@@ -569,6 +571,56 @@ class MoFaSGD(Optimizer):
         """Post-accumulate-grad hook of memory_mode="sketch": sketch, then free the gradient."""
         self._add_sketch(p, p.grad)
         p.grad = None
+        if self._overlap is not None:
+            self._overlap["ready"].add(p)
+            self._launch_ready_all_reduces()
+
+    def all_reduce_sketches_during_backward(self, group=None) -> None:
+        """memory_mode="sketch": call before the last backward of a step (the last micro-batch).
+        Each matrix's summed sketches are then all-reduced asynchronously as soon as backward has
+        folded its gradient in, overlapping communication with the rest of backward;
+        all_reduce_sketches() waits for them. Launches follow one fixed order (the reverse of the
+        parameter order, backward's usual order: a matrix ready early waits for its predecessors),
+        so every rank issues the same sequence of collectives whatever order its hooks fire in.
+        Use a process group of its own (dist.new_group()) when DDP reduces other parameters."""
+        if self.memory_mode != "sketch":
+            raise RuntimeError("all_reduce_sketches_during_backward needs memory_mode='sketch'")
+        order = [p for g in self.param_groups for p in g["params"]][::-1]
+        self._overlap = {"group": group, "order": order, "next": 0, "ready": set(), "pending": []}
+
+    def _launch_all_reduce(self, p) -> None:
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in self._sketches[p]])
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._overlap["group"], async_op=True)
+        self._overlap["pending"].append((p, flat, work))
+
+    def _launch_ready_all_reduces(self) -> None:
+        overlap = self._overlap
+        order = overlap["order"]
+        while overlap["next"] < len(order) and order[overlap["next"]] in overlap["ready"]:
+            self._launch_all_reduce(order[overlap["next"]])
+            overlap["next"] += 1
+
+    def _finish_overlapped_all_reduces(self) -> int:
+        import torch.distributed as dist
+
+        overlap = self._overlap
+        for p in overlap["order"][overlap["next"] :]:  # not ready during backward: launch now, in order
+            if p in self._sketches:
+                self._launch_all_reduce(p)
+        world = dist.get_world_size(overlap["group"])
+        sent = 0
+        for p, flat, work in overlap["pending"]:
+            work.wait()
+            flat.div_(world)
+            offset = 0
+            for t in self._sketches[p]:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+            sent += flat.numel() * flat.element_size()
+        self._overlap = None
+        return sent
 
     def sketch_gradients_(self) -> None:
         """Folds the full gradients still held by this optimizer's parameters into sketches and
@@ -592,6 +644,8 @@ class MoFaSGD(Optimizer):
         exactly the sketches of the all-reduced (averaged) gradient."""
         import torch.distributed as dist
 
+        if self._overlap is not None:  # launched during backward: wait for them
+            return self._finish_overlapped_all_reduces()
         params = [p for g in self.param_groups for p in g["params"] if p in self._sketches]
         if not params:
             return 0
@@ -608,6 +662,7 @@ class MoFaSGD(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         self._sketches.clear()
+        self._overlap = None
 
     # -- step ----------------------------------------------------------------------------------
 

@@ -46,3 +46,17 @@ def launch(args, results_dir, timeout=300):
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def tiny_double_model():
+    """A 2-layer fp64 GPT with a 64-token vocabulary, non-zero everywhere (every matrix has a real
+    spectrum), for exact optimizer comparisons."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)).double()
+    for p in model.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    return model

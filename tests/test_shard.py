@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import launch, read_metrics, tiny_overrides, write_tiny_corpus
-from model import GPT, GPTConfig
+from helpers import launch, read_metrics, tiny_double_model, tiny_overrides, write_tiny_corpus
 from optimizers import MoFaSGD, split_parameters
 from optimizers.mofasgd import assign_owners
 
@@ -29,19 +28,11 @@ def test_assign_owners_is_balanced_and_deterministic():
     assert assign_owners([4, 4], 4) == [0, 1]  # more ranks than matrices: some own nothing
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)).double()
-    for p in model.parameters():  # non-zero init everywhere, so every matrix has a real spectrum
-        p.data.add_(0.01 * torch.randn_like(p))
-    return model
-
-
 def train(opt_kwargs, shard, steps=STEPS, resume_at=None, all_reduce=False):
     """MoFaSGD on the hidden matrices of a tiny fp64 GPT; every rank sees the same batches, so the
     only difference between ranks and between sharded and unsharded runs is the optimizer's own
     work split. With resume_at, the optimizer is rebuilt from a consolidated state dict mid-run."""
-    model = tiny_model()
+    model = tiny_double_model()
     hidden = [p for _, p in split_parameters(model)["hidden"]]
     make = lambda: MoFaSGD(hidden, lr=0.05, rank=4, beta=0.9, eta1=0.25, max_value=5, shard=shard, **opt_kwargs)
     opt = make()
@@ -60,6 +51,31 @@ def train(opt_kwargs, shard, steps=STEPS, resume_at=None, all_reduce=False):
         opt.step()
         opt.zero_grad()
     return model, opt
+
+
+def train_sketch_comm(rank, overlap, shard, steps=4, accum=2):
+    """memory_mode="sketch" with the sketches all-reduced over 2 ranks that see different data:
+    after backward in one flat buffer, or per matrix while backward runs (overlap)."""
+    model = tiny_double_model()
+    hidden = [p for _, p in split_parameters(model)["hidden"]]
+    opt = MoFaSGD(hidden, lr=0.05, rank=4, beta=0.9, eta1=0.25, max_value=5, memory_mode="sketch", shard=shard)
+    gen = torch.Generator().manual_seed(100 + rank)
+    launch_order = []
+    for _ in range(steps):
+        for micro in range(accum):
+            x = torch.randint(0, 64, (4, 16), generator=gen)
+            _, loss = model(x[:, :-1], x[:, 1:])
+            if overlap and micro == accum - 1:
+                opt.all_reduce_sketches_during_backward()
+            (loss / accum).backward()
+        if overlap:
+            index = {id(p): i for i, p in enumerate(hidden)}
+            launch_order.append([index[id(p)] for p, _, _ in opt._overlap["pending"]])
+        if dist.is_initialized():
+            opt.all_reduce_sketches()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in model.parameters()], launch_order
 
 
 CASES = {
@@ -83,6 +99,9 @@ def shard_worker(rank, world, port, out_dir):
                              "owned": [i for i, p in enumerate(opt.param_groups[0]["params"]) if opt.state.get(p)],
                              "state_bytes": opt.state_bytes(), "exchanged_bytes": opt.exchanged_bytes,
                              "consolidated": opt.consolidated_state_dict()}
+        for name, overlap, shard in (("flat", False, False), ("overlap", True, False), ("overlap-shard", True, True)):
+            params, order = train_sketch_comm(rank, overlap, shard)
+            results[name] = {"params": params, "launch_order": order}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -135,6 +154,23 @@ def test_sharded_resume_from_consolidated_state(sharded_runs):
     ref_model, _ = train({}, shard=False)
     for a, b in zip(sharded_runs[0]["resumed"]["params"], ref_model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-12)
+
+
+def test_sketch_all_reduce_during_backward_equals_after(sharded_runs):
+    """Sketch all-reduces launched from the backward hooks give the parameters of the one flat
+    all-reduce after backward (2 ranks with different data), also combined with shard=True."""
+    flat = sharded_runs[0]["flat"]["params"]
+    for name in ("overlap", "overlap-shard"):
+        for runs in sharded_runs:
+            for a, b in zip(runs[name]["params"], flat):
+                assert torch.equal(a, b), name
+    # launched during backward, in the fixed order (reverse parameter order) on every rank
+    orders = [runs["overlap"]["launch_order"] for runs in sharded_runs]
+    assert orders[0] == orders[1]
+    assert all(order == sorted(order, reverse=True) and len(order) == 8 for order in orders[0])
+    # the two ranks' data differ, so the all-reduce mattered: one rank alone ends elsewhere
+    alone = train_sketch_comm(0, overlap=False, shard=False)[0]
+    assert any(not torch.equal(a, b) for a, b in zip(flat, alone))
 
 
 def test_shard_without_process_group_is_plain_mofasgd():

@@ -5,17 +5,8 @@ import json
 import pytest
 import torch
 
-from helpers import launch, read_metrics, tiny_overrides, write_tiny_corpus
-from model import GPT, GPTConfig
+from helpers import launch, read_metrics, tiny_double_model, tiny_overrides, write_tiny_corpus
 from optimizers import MoFaSGD, split_parameters
-
-
-def tiny_double_model():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)).double()
-    for p in model.parameters():  # non-zero init everywhere, so every matrix has a real spectrum
-        p.data.add_(0.01 * torch.randn_like(p))
-    return model
 
 
 def train_hidden(memory_mode, steps=10, accum=2, **kw):
