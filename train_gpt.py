@@ -478,6 +478,12 @@ def main():
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
     args = parser.parse_args()
     train(args.run_dir, resume=args.resume)
+    # Every output is written and closed and the process group is left: skip the interpreter's
+    # and C++ static teardown, where a communication thread's destructor can abort a finished
+    # rank (SIGABRT, "terminate called without an active exception", seen rarely with gloo).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
