@@ -40,8 +40,10 @@ def plot_losses(runs: list[Run], path: str) -> str:
         (axes[1, 1], "train_loss", "step", "training loss (EMA 0.9) vs step"),
     ]
     labels = [run.label for run in runs]
+    # one distinct colour per run: the default cycle repeats after 10, tab20 after 20
+    palette = [f"C{i}" for i in range(10)] if len(runs) <= 10 else list(plt.get_cmap("tab20").colors)
     for i, run in enumerate(runs):
-        color = f"C{i % 10}"
+        color = palette[i % len(palette)]
         label = run.label if labels.count(run.label) == 1 else run.name  # tell same-optimizer runs apart
         for ax, y, x, _ in panels:
             xs, ys = run.series(y, x)
@@ -67,16 +69,23 @@ def plot_losses(runs: list[Run], path: str) -> str:
 
 def plot_ranks(runs: list[Run], path: str) -> str | None:
     """Final val loss, peak memory and optimizer-state memory vs rank, one series per optimizer;
-    optimizers without a rank (AdamW, Muon, ...) are drawn as horizontal reference lines."""
+    optimizers without a rank (AdamW, Muon, ...) are drawn as horizontal reference lines. Where a
+    sweep has several runs per optimizer and rank (a learning-rate grid), the one with the lowest
+    final val loss stands for them in every panel."""
     if not any(r.rank is not None for r in runs):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     fields = [("final_val_loss", "final val loss"), ("peak_mem_bytes", "peak memory (MiB)"),
               ("opt_state_bytes_hidden", "hidden-matrix optimizer state (MiB)")]
-    by_opt: dict[str, list[Run]] = {}
+    best: dict[tuple, Run] = {}
     for run in runs:
-        if run.summary:
-            by_opt.setdefault(run.optimizer, []).append(run)
+        if run.summary and run.summary.get("final_val_loss") is not None:
+            key = (run.optimizer, run.rank)
+            if key not in best or run.summary["final_val_loss"] < best[key].summary["final_val_loss"]:
+                best[key] = run
+    by_opt: dict[str, list[Run]] = {}
+    for (opt, _), run in best.items():
+        by_opt.setdefault(opt, []).append(run)
     for i, (opt, group) in enumerate(sorted(by_opt.items())):
         color = f"C{i % 10}"
         for ax, (key, title) in zip(axes, fields):
@@ -87,9 +96,10 @@ def plot_ranks(runs: list[Run], path: str) -> str | None:
             else:
                 vals = [r.summary[key] / scale for r in group if r.summary.get(key) is not None]
                 if vals:
-                    ax.axhline(min(vals), color=color, linestyle="--", label=opt)
+                    ax.axhline(vals[0], color=color, linestyle="--", label=opt)
+    several = len(best) < sum(1 for r in runs if r.summary)
     for ax, (_, title) in zip(axes, fields):
-        ax.set_title(title)
+        ax.set_title(title + (" (best lr per point)" if several else ""))
         ax.set_xlabel("rank")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
