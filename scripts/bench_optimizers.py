@@ -5,6 +5,7 @@ optimizer state by distinct storages actually held (untyped_storage().nbytes()).
 
     python scripts/bench_optimizers.py                    # per-shape table, CPU
     python scripts/bench_optimizers.py --whole-model      # also the 72-matrix GPT-2-small hidden set
+                                                          # (with the projector-forming reference row)
     python scripts/bench_optimizers.py --device cuda
     python scripts/bench_optimizers.py --shard 2          # hidden set, replicated vs sharded over 2 gloo ranks
 """
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from optimizers import OPTIMIZERS, state_bytes  # noqa: E402
-from optimizers.mofasgd import MoFaSGD  # noqa: E402
+from optimizers.mofasgd import MoFaSGD, _umf_householder, spectral_scales  # noqa: E402
 
 GPT2_SMALL_SHAPES = "768x768,768x2304,768x3072,3072x768"
 # 12 blocks x (q, k, v, attention out as 768x768; MLP up 768x3072; MLP down 3072x768).
@@ -135,6 +136,52 @@ def mofasgd_factory(rank):
     return lambda params: MoFaSGD(params, lr=0.05, rank=rank, beta=0.95, eta1=0.25, eta2=0.0, max_value=5.0)
 
 
+class ProjectorMoFaSGD(MoFaSGD):
+    """The same MoFaSGD math written the straightforward way, as the reference the fast step is
+    measured against: it forms the m x m and n x n projectors P_U = U U^T, P_V = V V^T, the dense
+    tangent projection G_hat = P_U G + (I - P_U) G P_V and the dense step, and updates the factors
+    one matrix at a time with Householder QR (the UMF of the paper, on the sketches of G_hat). Same state, init and hyperparameters as MoFaSGD
+    (nesterov and the sketch/shard modes are not part of it); tests/test_scripts.py checks that it
+    gives MoFaSGD's parameters in fp64.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group["nesterov"]:
+                raise ValueError("ProjectorMoFaSGD: nesterov is not supported")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p] if self.state[p] else self._init_state(p, group)
+                U, S, V = state["U"], state["S"], state["V"]
+                G = p.grad.to(U.dtype)
+                P_U, P_V = U @ U.mT, V @ V.mT  # m x m, n x n
+                P_U_G = P_U @ G
+                G_hat = P_U_G + (G - P_U_G) @ P_V  # = P_U G + G P_V - P_U G P_V, two dense products
+                if group["momentum"] == "ema":
+                    G_hat = G_hat * (1.0 - group["beta"])
+                G_hat_V = G_hat @ V
+                U_new, S_new, V_new = _umf_householder(
+                    U, S, V, G_hat_V, G_hat.mT @ U, U.mT @ G_hat_V, group["beta"])
+                d = spectral_scales(S_new, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
+                direction = group["eta1"] * (U_new * d) @ V_new.mT
+                if group["eta2"] != 0.0:
+                    if group["use_current_projection"]:
+                        P_U, P_V = U_new @ U_new.mT, V_new @ V_new.mT
+                    G_perp_U = G - P_U @ G  # (I - P_U) G (I - P_V)
+                    direction += group["eta2"] * (G_perp_U - G_perp_U @ P_V)
+                p.add_(direction.to(p.dtype), alpha=-group["lr"])
+                state["U"], state["S"], state["V"] = U_new, S_new, V_new
+                state["step"] += 1
+        return None
+
+
+def projector_factory(rank):
+    return lambda params: ProjectorMoFaSGD(params, lr=0.05, rank=rank, beta=0.95, eta1=0.25, eta2=0.0,
+                                           max_value=5.0)
+
+
 def adamw_factory(variant):
     kwargs = {"fused": True} if variant == "fused" else {"foreach": True}
     return lambda params: torch.optim.AdamW(params, lr=2e-3, betas=(0.8, 0.95), weight_decay=0.0, **kwargs)
@@ -239,19 +286,24 @@ def run_whole_model(args, device, dtype):
     numel = sum(m * n for m, n in shapes)
     print(f"\nWhole GPT-2-small hidden set: {len(shapes)} matrices, {numel / 1e6:.1f} M params, "
           f"one optimizer each, MoFaSGD rank {rank}\n")
-    print("| optimizer | ms/step (median) | / AdamW foreach | / AdamW fused | state MiB held | expected MiB |")
-    print("|---|---|---|---|---|---|")
     names = ["AdamW foreach=True", "AdamW fused=True", f"MoFaSGD r={rank}"]
     factories = [adamw_factory("foreach"), adamw_factory("fused"), mofasgd_factory(rank)]
+    if not args.no_projector_reference:
+        names.append(f"MoFaSGD r={rank}, projector-forming reference")
+        factories.append(projector_factory(rank))
+    print("| optimizer | ms/step (median) | / AdamW foreach | / AdamW fused | / MoFaSGD "
+          "| state MiB held | expected MiB |")
+    print("|---|---|---|---|---|---|---|")
     results = time_interleaved(factories, shapes, args.whole_model_steps, args.warmup, device, dtype, args.seed)
-    foreach_ms, fused_ms = results[0][0], results[1][0]
+    foreach_ms, fused_ms, mofasgd_ms = results[0][0], results[1][0], results[2][0]
     for name, (ms, opt) in zip(names, results):
         if isinstance(opt, MoFaSGD):
             expected = mib(expected_mofasgd_bytes(shapes, rank, element_size))
-            name += f" (Householder fallbacks {fallback_note(opt)})"
+            if not isinstance(opt, ProjectorMoFaSGD):
+                name += f" (Householder fallbacks {fallback_note(opt)})"
         else:
             expected = mib(2 * numel * element_size + 4 * len(shapes))
-        print(f"| {name} | {ms:.1f} | {ms / foreach_ms:.2f} | {ms / fused_ms:.2f} "
+        print(f"| {name} | {ms:.1f} | {ms / foreach_ms:.2f} | {ms / fused_ms:.2f} | {ms / mofasgd_ms:.2f} "
               f"| {mib(state_bytes(opt)):.1f} | {expected:.1f} |")
 
 
@@ -316,6 +368,8 @@ def main():
     parser.add_argument("--whole-model-only", action="store_true", help="skip the per-shape table")
     parser.add_argument("--whole-model-rank", type=int, default=32)
     parser.add_argument("--whole-model-steps", type=int, default=10)
+    parser.add_argument("--no-projector-reference", action="store_true",
+                        help="whole-model table without the (slow) projector-forming MoFaSGD row")
     parser.add_argument("--baselines", action="store_true",
                         help="also time GaLore (plain, refresh, amortised), Muon and Adafactor per shape")
     parser.add_argument("--baselines-only", action="store_true", help="only the all-optimizer table")

@@ -121,3 +121,33 @@ def test_plot_and_summary_on_synthetic_runs(tmp_path):
 def test_plot_errors_on_missing_folder(tmp_path, capsys):
     assert plot.main([str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "no such results folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("eta2, current_projection, momentum", [
+    (0.0, True, "sum"), (0.3, True, "sum"), (0.3, False, "ema"), (0.0, True, "ema")])
+def test_projector_forming_reference_gives_mofasgd_parameters(eta2, current_projection, momentum):
+    """bench_optimizers' projector-forming baseline is the same optimizer (fp64, 6 steps), so the
+    speed-up the benchmark reports is between two implementations of one update."""
+    import torch
+
+    import bench_optimizers
+    from optimizers.mofasgd import MoFaSGD
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(40, 72), (72, 40), (40, 72)]
+    weights = [torch.randn(m, n, generator=g, dtype=torch.float64) for m, n in shapes]
+    grads = [[torch.randn(m, n, generator=g, dtype=torch.float64) for m, n in shapes] for _ in range(6)]
+    keys = dict(lr=0.05, rank=5, beta=0.9, eta1=0.25, eta2=eta2, use_current_projection=current_projection,
+                momentum=momentum, max_value=5.0)
+    results = []
+    for cls in (MoFaSGD, bench_optimizers.ProjectorMoFaSGD):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = cls(params, **keys)
+        for step_grads in grads:
+            for p, G in zip(params, step_grads):
+                p.grad = G.clone()
+            opt.step()
+        results.append(params)
+    for fast, plain, w in zip(*results, weights):
+        assert (fast - w).abs().max().item() > 1e-4  # the steps moved the weights
+        assert (fast - plain).abs().max().item() < 1e-10
