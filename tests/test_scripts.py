@@ -151,3 +151,26 @@ def test_projector_forming_reference_gives_mofasgd_parameters(eta2, current_proj
     for fast, plain, w in zip(*results, weights):
         assert (fast - w).abs().max().item() > 1e-4  # the steps moved the weights
         assert (fast - plain).abs().max().item() < 1e-10
+
+
+def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
+    """scripts/gpu_check.sh at toy size on CPU: the launcher commands and config keys it builds are
+    valid (its real use is on a GPU, which CI does not have)."""
+    import subprocess
+
+    from helpers import ROOT as root
+    from helpers import write_tiny_corpus
+
+    write_tiny_corpus(tmp_path / "data")
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STEPS="1", GPU_CHECK_RUNS="mfsgd-sketch",
+               GPU_CHECK_DATA=str(tmp_path / "data"), PY=sys.executable)
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), str(out), "train"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "gpu_check: 0 failed part(s)" in proc.stdout
+    summary = (out / "summary.md").read_text()
+    assert "| mfsgd-sketch | mfsgd |" in summary
+    bad = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), str(out), "nonsense"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr

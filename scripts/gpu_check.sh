@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GPU checks in one command, sized for a short lease of one GPU (about 8 minutes on an H200):
+#
+#   bash scripts/gpu_check.sh [OUT_DIR] [PARTS]      # OUT_DIR default results/gpu-check
+#
+# PARTS (default "bench memory train", any subset, in that order):
+#   bench   optimizer-step table on CUDA: the 72-matrix GPT-2-small hidden set, fp32 (with the
+#           projector-forming reference) and bf16 parameters, MoFaSGD r=32 vs AdamW foreach/fused
+#   memory  bench_memory.py on CUDA (torch.cuda.max_memory_allocated), GPT-2 small, 1 x 1024
+#   train   shortened runs of the paper preset (arch speedrun, bf16 autocast, torch.compile,
+#           fused Adam for the non-hidden groups, nccl on one GPU) for AdamW, Muon, MoFaSGD,
+#           MoFaSGD with sketch memory + sketch all-reduce (overlapped with backward) and, when
+#           galore-torch is importable, GaLore; then one summary table (median ms/step, peak memory)
+#
+# Data: the embedded corpus (`make data` here; a machine without internet needs data/shakespeare
+# copied over), so the train part measures speed and memory, not the paper's losses.
+# Every part logs to OUT_DIR/*.log as it goes; a failing part does not stop the next one, and the
+# exit status is the number of failed parts. GPU_CHECK_STEPS (default 30) sets the train steps,
+# GPU_CHECK_RUNS (default "adamw muon mfsgd mfsgd-sketch galore") the train runs, GPU_CHECK_DATA
+# (default data/shakespeare) the folder of train_*.bin / val_*.bin shards they read.
+# GPU_CHECK_DEVICE=cpu runs the same commands on CPU at toy size (what tests/test_scripts.py does).
+set -u
+OUT=${1:-results/gpu-check}
+PARTS=${2:-bench memory train}
+PY=${PY:-python3}
+STEPS=${GPU_CHECK_STEPS:-30}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+failed=0
+
+part() {  # part NAME COMMAND...: run, tee the log, count a failure
+    local name=$1; shift
+    echo "== $name: $*" | tee -a "$OUT/$name.log"
+    if ! "$@" 2>&1 | tee -a "$OUT/$name.log"; then
+        echo "== $name FAILED" | tee -a "$OUT/$name.log"
+        failed=$((failed + 1))
+    fi
+}
+
+if [ "${GPU_CHECK_DEVICE:-cuda}" = cpu ]; then
+    DEVICE=cpu; LAUNCH=(--nproc 1); PRESET=()
+    BENCH=(--shapes 64x96 --ranks 4 --steps 2 --warmup 1)  # per-shape table only: the hidden set is slow on CPU
+    MEMORY=(--model cpu-tiny --seq-len 32 --rank 4 --steps 1)
+    SIZE='{"model": {"arch": "speedrun", "preset": "speedrun-tiny"}, "data": {"seq_len": 64, "val_tokens": 512},
+           "train": {"batch_size": 8, "micro_batch_size": 8, "val_batch_size": 8}}'
+else
+    DEVICE=cuda; LAUNCH=(--num-gpus 1); PRESET=(--preset nanogpt-paper)
+    BENCH=(--whole-model-only)
+    MEMORY=(--model gpt2-small --seq-len 1024 --rank 32)
+    # one GPU: 2 accumulation steps of 64 x 1024 tokens per step; one val batch of 64 x 1024
+    SIZE='{"data": {"val_tokens": 65536}, "train": {"batch_size": 128}}'
+fi
+
+run_config() {  # run_config OPTIMIZER_KEYS_JSON: SIZE + the short-run keys + the optimizer keys
+    $PY - "$SIZE" "$STEPS" "$1" "${GPU_CHECK_DATA:-data/shakespeare}" <<'PYTHON'
+import json, sys
+sys.path.insert(0, ".")
+from configs import deep_merge
+size, steps, optimizer, data = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+short = {"train": {"steps": steps, "val_every": steps, "ckpt_every": 0},
+         "data": {"train_files": f"{data}/train_*.bin", "val_files": f"{data}/val_*.bin"},
+         "logging": {"progress": False}, "optimizer": optimizer}
+print(json.dumps(deep_merge(size, short)))
+PYTHON
+}
+
+{ date; $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")'; nvidia-smi || true; } \
+    > "$OUT/env.log" 2>&1
+
+for p in $PARTS; do
+    case $p in
+    bench)
+        part bench $PY scripts/bench_optimizers.py --device $DEVICE "${BENCH[@]}"
+        part bench $PY scripts/bench_optimizers.py --device $DEVICE --dtype bf16 --no-projector-reference "${BENCH[@]}"
+        ;;
+    memory)
+        part memory $PY scripts/bench_memory.py --device $DEVICE "${MEMORY[@]}"
+        ;;
+    train)
+        RUNS=()
+        for run in ${GPU_CHECK_RUNS:-adamw muon mfsgd mfsgd-sketch galore}; do
+            if [ "$run" = galore ] && ! $PY -c 'import galore_torch' 2>/dev/null; then
+                echo "galore-torch not importable here: GaLore skipped" | tee -a "$OUT/train.log"
+            else
+                RUNS+=("$run")
+            fi
+        done
+        for run in "${RUNS[@]}"; do
+            keys='{}'
+            [ "$run" = mfsgd-sketch ] && keys='{"memory_mode": "sketch", "comm": "sketch"}'
+            part train $PY run.py --optimizer "${run%-sketch}" "${LAUNCH[@]}" "${PRESET[@]}" \
+                --results-dir "$OUT/runs" --name "$run" --overwrite --config "$(run_config "$keys")"
+        done
+        part train $PY scripts/summarize.py "$OUT/runs" --md "$OUT/summary.md"
+        cat "$OUT/summary.md" 2>/dev/null
+        ;;
+    *)
+        echo "unknown part '$p'; choose from: bench memory train" >&2; exit 2 ;;
+    esac
+done
+echo "gpu_check: $failed failed part(s); logs in $OUT"
+exit $failed
