@@ -131,18 +131,20 @@ def time_interleaved(factories, shapes, steps, warmup, device, dtype, seed):
     return [(statistics.median(times), optimizer) for _, optimizer, times in runs]
 
 
-def mofasgd_factory(rank):
+def mofasgd_factory(rank, cls=None):
     # Official mfsgd.yaml hyperparameters that matter for cost (eta2 = 0, current projection).
-    return lambda params: MoFaSGD(params, lr=0.05, rank=rank, beta=0.95, eta1=0.25, eta2=0.0, max_value=5.0)
+    # cls=ProjectorMoFaSGD builds the projector-forming reference with the same values.
+    cls = cls or MoFaSGD
+    return lambda params: cls(params, lr=0.05, rank=rank, beta=0.95, eta1=0.25, eta2=0.0, max_value=5.0)
 
 
 class ProjectorMoFaSGD(MoFaSGD):
     """The same MoFaSGD math written the straightforward way, as the reference the fast step is
     measured against: it forms the m x m and n x n projectors P_U = U U^T, P_V = V V^T, the dense
     tangent projection G_hat = P_U G + (I - P_U) G P_V and the dense step, and updates the factors
-    one matrix at a time with Householder QR (the UMF of the paper, on the sketches of G_hat). Same state, init and hyperparameters as MoFaSGD
-    (nesterov and the sketch/shard modes are not part of it); tests/test_scripts.py checks that it
-    gives MoFaSGD's parameters in fp64.
+    one matrix at a time with Householder QR (the UMF of the paper, on the sketches of G_hat).
+    Same state, init and hyperparameters as MoFaSGD (nesterov and the sketch/shard modes are not
+    part of it); tests/test_scripts.py checks that it gives MoFaSGD's parameters in fp64.
     """
 
     @torch.no_grad()
@@ -175,11 +177,6 @@ class ProjectorMoFaSGD(MoFaSGD):
                 state["U"], state["S"], state["V"] = U_new, S_new, V_new
                 state["step"] += 1
         return None
-
-
-def projector_factory(rank):
-    return lambda params: ProjectorMoFaSGD(params, lr=0.05, rank=rank, beta=0.95, eta1=0.25, eta2=0.0,
-                                           max_value=5.0)
 
 
 def adamw_factory(variant):
@@ -290,7 +287,7 @@ def run_whole_model(args, device, dtype):
     factories = [adamw_factory("foreach"), adamw_factory("fused"), mofasgd_factory(rank)]
     if not args.no_projector_reference:
         names.append(f"MoFaSGD r={rank}, projector-forming reference")
-        factories.append(projector_factory(rank))
+        factories.append(mofasgd_factory(rank, ProjectorMoFaSGD))
     print("| optimizer | ms/step (median) | / AdamW foreach | / AdamW fused | / MoFaSGD "
           "| state MiB held | expected MiB |")
     print("|---|---|---|---|---|---|---|")

@@ -19,7 +19,7 @@
 # GPU_CHECK_RUNS (default "adamw muon mfsgd mfsgd-sketch galore") the train runs, GPU_CHECK_DATA
 # (default data/shakespeare) the folder of train_*.bin / val_*.bin shards they read.
 # GPU_CHECK_DEVICE=cpu runs the same commands on CPU at toy size (what tests/test_scripts.py does).
-set -u
+set -u -o pipefail  # pipefail: a part's status is its command's, not tee's
 OUT=${1:-results/gpu-check}
 PARTS=${2:-bench memory train}
 PY=${PY:-python3}

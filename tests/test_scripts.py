@@ -162,13 +162,15 @@ def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
     from helpers import write_tiny_corpus
 
     write_tiny_corpus(tmp_path / "data")
-    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STEPS="1", GPU_CHECK_RUNS="mfsgd-sketch",
+    # "sgdx" is no optimizer: its launch fails and must be counted, while the other run goes on
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STEPS="1", GPU_CHECK_RUNS="sgdx mfsgd-sketch",
                GPU_CHECK_DATA=str(tmp_path / "data"), PY=sys.executable)
     out = tmp_path / "check"
     proc = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), str(out), "train"],
                           env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "gpu_check: 0 failed part(s)" in proc.stdout
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "gpu_check: 1 failed part(s)" in proc.stdout
+    assert "unknown optimizer 'sgdx'" in (out / "train.log").read_text()
     summary = (out / "summary.md").read_text()
     assert "| mfsgd-sketch | mfsgd |" in summary
     bad = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), str(out), "nonsense"],
