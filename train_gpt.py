@@ -373,8 +373,11 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     losses = []
     step = start_step
     mem = {}
+    # A step's time runs from the end of the previous step's timing to the end of its own, so it
+    # includes the previous step's logging (metrics.jsonl, progress bar); validation and
+    # checkpointing are paused out (elapsed_s and tokens/s measure training only).
+    step_start = time.perf_counter()
     while step < total_steps:
-        step_start = time.perf_counter()
         scheduled = apply_group_schedules(hidden_opt, group_schedules, step)
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
@@ -409,8 +412,10 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         stop_now = reduced[1].item() > 0
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        step_time = time.perf_counter() - step_start
+        timed_until = time.perf_counter()
+        step_time = timed_until - step_start
         elapsed += step_time
+        paused = 0.0  # validation and checkpoint time, left out of the next step's time
         step += 1
         if step == start_step + 1:  # optimizer state exists after the first step
             mem.update(opt_state_bytes_hidden=state_bytes(hidden_opt), opt_state_bytes_other=state_bytes(adam_opt))
@@ -423,7 +428,9 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
                   "comm_bytes_hidden": comm_hidden, "comm_bytes_other": comm_other, "comm_bytes": comm_hidden + comm_other}
         last = step == total_steps
         if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
+            pause_start = time.perf_counter()
             val_loss = evaluate(raw_model, cfg, rank, world_size, device, autocast)
+            paused += time.perf_counter() - pause_start
             record["val_loss"] = val_loss
             best_val = val_loss if best_val is None else min(best_val, val_loss)
         log(record)
@@ -434,11 +441,14 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
                                  tok_s=f"{record['tokens_per_s']:.0f}")
             progress.update(1)
         if last or stop_now or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
+            pause_start = time.perf_counter()
             bad = first_non_finite_parameter(raw_model)
             if bad:  # never replace a good checkpoint with a broken model
                 fail_non_finite(run_dir, cfg, raw_model, step, f"non-finite values in parameter {bad} after step {step}", is_main)
             save_checkpoint(run_dir, step, raw_model, optimizers, schedulers, elapsed, cfg.train.keep_checkpoints,
                             rank, world_size)
+            paused += time.perf_counter() - pause_start
+        step_start = timed_until + paused
         if stop_now:
             if is_main:
                 print(f"stopped by signal at step {step}; checkpoint written, resume with --resume", file=sys.stderr)

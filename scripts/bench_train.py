@@ -2,10 +2,13 @@
 
     python scripts/bench_train.py [--optimizer adamw] [--steps 40] [--repeats 3] [--config JSON]
 
-Both run in this process on the same model, optimizers, batch shape and seeds. The harness number
-is train_gpt.train() (data loading, schedules, metrics.jsonl, memory accounting, progress bar;
-validation excluded, as in its elapsed_s); the bare loop reuses one batch and does nothing else.
-Repeats alternate the two so machine noise hits both alike; the medians are compared.
+Both run in this process on the same model, optimizers, batch shape and seeds, and both leave out
+their first WARMUP steps (optimizer state creation; the compile, with train.compile). The harness
+number is train_gpt.train()'s own step times from metrics.jsonl (data loading, schedules,
+metrics.jsonl writes, memory accounting, progress bar; validation and checkpoints are not in them);
+the bare loop reuses one batch and does nothing else. With `{"train": {"compile": true}}` the bare
+loop compiles its model too. Repeats alternate the two so machine noise hits both alike; the
+medians are compared.
 """
 
 import argparse
@@ -28,23 +31,30 @@ from optimizers import build_optimizers  # noqa: E402
 from train_gpt import train  # noqa: E402
 
 
+WARMUP = 2  # steps left out of both numbers
+
+
 def harness_tokens_per_s(cfg, workdir: str, repeat: int) -> float:
     run_dir = os.path.join(workdir, f"harness{repeat}")
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f)
-    summary = train(run_dir)
-    return summary["tokens_per_s"]
+    train(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        step_ms = [row["step_ms"] for row in map(json.loads, f) if row["step"] > WARMUP and "step_ms" in row]
+    return len(step_ms) * cfg.train.batch_size * cfg.data.seq_len / (sum(step_ms) / 1000)
 
 
-def bare_tokens_per_s(cfg, warmup: int = 2) -> float:
+def bare_tokens_per_s(cfg) -> float:
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.arch, **cfg.model.resolved())
     hidden_opt, adam_opt = build_optimizers(model, cfg.optimizer_name, cfg.optimizer, cfg.adam)
+    if cfg.train.compile:
+        model = torch.compile(model)
     loader = TokenLoader(find_shards(resolve_path(cfg.data.train_files)), cfg.data.seq_len, seed=cfg.train.seed)
     x, y = loader.micro_batch(0, cfg.train.batch_size, 0, 1, 0, 1)
     elapsed = 0.0
-    for step in range(cfg.train.steps + warmup):
+    for step in range(cfg.train.steps):
         t0 = time.perf_counter()
         _, loss = model(x, y)
         loss.backward()
@@ -53,9 +63,9 @@ def bare_tokens_per_s(cfg, warmup: int = 2) -> float:
         hidden_opt.zero_grad(set_to_none=True)
         adam_opt.zero_grad(set_to_none=True)
         loss.item()  # the harness reads the loss every step too
-        if step >= warmup:
+        if step >= WARMUP:
             elapsed += time.perf_counter() - t0
-    return cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len / elapsed
+    return (cfg.train.steps - WARMUP) * cfg.train.batch_size * cfg.data.seq_len / elapsed
 
 
 def main(argv=None) -> int:
@@ -69,6 +79,8 @@ def main(argv=None) -> int:
                             "data": {"val_tokens": 1024}, "logging": {"progress": False}},
                            parse_overrides(args.config))
     cfg = resolve_config(args.optimizer, overrides, name="bench-train")
+    if cfg.train.steps <= WARMUP:
+        p.error(f"steps must be > {WARMUP} (the first {WARMUP} steps are warm-up), got {cfg.train.steps}")
     harness, bare = [], []
     with tempfile.TemporaryDirectory() as workdir:
         for repeat in range(args.repeats):
@@ -76,7 +88,8 @@ def main(argv=None) -> int:
             harness.append(harness_tokens_per_s(cfg, workdir, repeat))
     h, b = statistics.median(harness), statistics.median(bare)
     print(f"model {cfg.model.preset} ({cfg.model.arch}), optimizer {args.optimizer}, {cfg.train.batch_size} x "
-          f"{cfg.data.seq_len} tokens/step, {args.steps} steps, {args.repeats} repeats, torch threads {torch.get_num_threads()}")
+          f"{cfg.data.seq_len} tokens/step, {cfg.train.steps} steps ({cfg.train.steps - WARMUP} timed), {args.repeats} repeats, "
+          f"compile {cfg.train.compile}, torch threads {torch.get_num_threads()}")
     print("| loop | tokens/s (median) | all repeats |")
     print("|---|---|---|")
     print(f"| bare fwd/bwd/step | {b:,.0f} | {', '.join(f'{v:,.0f}' for v in bare)} |")

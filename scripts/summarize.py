@@ -1,5 +1,9 @@
 """A table of runs: final and best val loss (and perplexity), speed and memory.
 
+Speed columns: tokens_per_s over the whole run (summary.json: first steps and any torch.compile
+included), steady_tokens_per_s and ms_per_step at the median step (warm-up and compile left out),
+first_step_ms (step 1: optimizer state creation and, with train.compile, the compile).
+
     python scripts/summarize.py results/demo                 # Markdown to stdout
     python scripts/summarize.py results/demo --csv out.csv   # also CSV
     python scripts/summarize.py results/demo --md out.md     # Markdown to a file
@@ -19,12 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import Run, find_runs_or_report
 
 COLUMNS = ["run", "optimizer", "rank", "steps", "final_val_loss", "best_val_loss", "final_val_ppl", "tokens_per_s",
-           "ms_per_step", "peak_mem_mib", "opt_state_mib_hidden", "opt_state_mib_other", "comm_bytes_per_step"]
+           "steady_tokens_per_s", "ms_per_step", "first_step_ms", "peak_mem_mib", "opt_state_mib_hidden", "opt_state_mib_other", "comm_bytes_per_step"]
 
 
 def summarize_run(run: Run) -> dict:
     s = run.summary or {}
-    step_ms = [m["step_ms"] for m in run.metrics if "step_ms" in m]
+    timed = [m for m in run.metrics if "step_ms" in m and m.get("step")]
+    step_ms = [m["step_ms"] for m in timed]
+    median_ms = statistics.median(step_ms) if step_ms else None  # the median ignores warm-up outliers
+    tokens_per_step = timed[-1]["tokens"] / timed[-1]["step"] if timed and "tokens" in timed[-1] else None
     vals = [m["val_loss"] for m in run.metrics if "val_loss" in m]
     comm = [m["comm_bytes"] for m in run.metrics if "comm_bytes" in m]
     final = s.get("final_val_loss", vals[-1] if vals else None)
@@ -37,8 +44,11 @@ def summarize_run(run: Run) -> dict:
         "final_val_loss": final,
         "best_val_loss": s.get("best_val_loss", min(vals) if vals else None),
         "final_val_ppl": math.exp(final) if final is not None else None,
-        "tokens_per_s": s.get("tokens_per_s"),
-        "ms_per_step": statistics.median(step_ms) if step_ms else None,  # the median ignores warm-up outliers
+        "tokens_per_s": s.get("tokens_per_s"),  # whole run, first steps (and any compile) included
+        # tokens/s at the median step time: the steady speed, without warm-up or compile
+        "steady_tokens_per_s": tokens_per_step / (median_ms / 1000) if tokens_per_step and median_ms else None,
+        "ms_per_step": median_ms,
+        "first_step_ms": step_ms[0] if step_ms and timed[0]["step"] == 1 else None,  # with compile: the compile time
         "peak_mem_mib": mib("peak_mem_bytes"),
         "opt_state_mib_hidden": mib("opt_state_bytes_hidden"),
         "opt_state_mib_other": mib("opt_state_bytes_other"),

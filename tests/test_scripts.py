@@ -113,6 +113,9 @@ def test_plot_and_summary_on_synthetic_runs(tmp_path):
     assert float(rows["mfsgd-rank16"]["final_val_loss"]) == pytest.approx(final)
     assert float(rows["mfsgd-rank16"]["final_val_ppl"]) == pytest.approx(math.exp(final))
     assert float(rows["mfsgd-rank16"]["ms_per_step"]) == pytest.approx(502.5)  # median of 501..504
+    assert float(rows["mfsgd-rank16"]["tokens_per_s"]) == 200.0  # summary.json's whole-run number
+    assert float(rows["mfsgd-rank16"]["steady_tokens_per_s"]) == pytest.approx(100 / 0.5025)  # 100 tokens/step
+    assert float(rows["mfsgd-rank16"]["first_step_ms"]) == 501.0
     assert float(rows["mfsgd-rank16"]["opt_state_mib_hidden"]) == pytest.approx(16 * 2**10 / 2**20)
     md = (tmp_path / "t.md").read_text()
     assert md.startswith("| run | optimizer | rank |") and "mfsgd-rank8" in md
@@ -176,3 +179,24 @@ def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
     bad = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), str(out), "nonsense"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr
+
+
+def test_bench_train_prints_both_loops(tmp_path, capsys):
+    """bench_train.py on a tiny model: the harness's own step times (metrics.jsonl, warm-up left
+    out) against the bare loop, both positive, in one table."""
+    import bench_train
+    from helpers import tiny_overrides, write_tiny_corpus
+
+    cfg = tiny_overrides(write_tiny_corpus(tmp_path / "data"), rank=4)
+    assert bench_train.main(["--optimizer", "mfsgd", "--steps", "4", "--repeats", "1", "--config", json.dumps(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "4 steps (2 timed), 1 repeats, compile False" in out
+    speeds = {}
+    for line in out.splitlines():
+        if line.startswith("| bare") or line.startswith("| harness"):
+            speeds[line.split("|")[1].strip()] = float(line.split("|")[2].replace(",", ""))
+    assert len(speeds) == 2 and all(v > 0 for v in speeds.values()), out
+    assert "harness overhead:" in out
+    with pytest.raises(SystemExit):
+        bench_train.main(["--steps", "2"])  # nothing left to time after the warm-up
+    assert "steps must be > 2" in capsys.readouterr().err
