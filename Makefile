@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed-stamp
 
-.PHONY: install data demo test bench clean-demo
+.PHONY: install data demo test bench
 
 install: $(STAMP)
 

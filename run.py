@@ -1,7 +1,8 @@
 """mofa launcher: resolve and validate a run's config, then start the training workers.
 
-    python run.py --optimizer mfsgd --config '{"lr": 0.05, "rank": 32}' --nproc 2
-    python run.py --optimizer galore --num-gpus 8 --config '{"group_params": {"rank": 16}}'
+    python run.py --optimizer mfsgd --config '{"lr": 0.05, "rank": 32}'
+    python run.py --optimizer mfsgd --nproc 2 --config '{"train": {"micro_batch_size": 4}}'
+    python run.py --optimizer galore --num-gpus 8 --preset nanogpt-paper --config '{"group_params": {"rank": 16}}'
     python run.py --resume RUN
 
 configs/base.yaml + configs/optimizers/NAME.yaml (+ configs/presets/PRESET.yaml) + the JSON
@@ -148,6 +149,8 @@ def prepare_run(args) -> tuple[list[str], str | None]:
         saved["launch"] = launch
         cfg = RunConfig.from_dict(saved)
         check_data(cfg)
+        if args.dry_run:
+            return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=True))
         return torchrun_command(args, launch, run_dir, resume=True), run_dir
 
     if not args.optimizer:
@@ -164,15 +167,20 @@ def prepare_run(args) -> tuple[list[str], str | None]:
     check_data(cfg)
     run_dir = os.path.join(args.results_dir, name)
     if args.dry_run:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        print(" ".join(torchrun_command(args, launch, run_dir, resume=False)))
-        return [], None
+        return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=False))
     claim_run_dir(run_dir, args.overwrite, args.node_rank)
     tmp = os.path.join(run_dir, "config.json.tmp")
     with open(tmp, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
     os.replace(tmp, os.path.join(run_dir, "config.json"))
     return torchrun_command(args, launch, run_dir, resume=False), run_dir
+
+
+def dry_run(cfg, command: list[str]):
+    """--dry-run: print the resolved config and the worker command; launch nothing, write nothing."""
+    print(json.dumps(cfg.to_dict(), indent=2))
+    print(" ".join(command))
+    return [], None
 
 
 def check_newest_checkpoint(run_dir: str) -> None:

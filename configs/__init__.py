@@ -124,7 +124,7 @@ class TrainConfig:
     seed: int = 1337
     val_every: int = 25  # evaluate every this many steps (and at step 0 and the last step); 0: only at the end
     val_batch_size: int = 32  # sequences per validation forward on one rank
-    device: str = "auto"  # auto (cuda when launched with --num-gpus), cpu or cuda
+    device: str = "auto"  # auto: what the launcher runs on (--num-gpus: cuda, --nproc: cpu); cpu or cuda: insist on it
     autocast: str = "none"  # none or bf16 (autocast of the forward pass; GPU)
     compile: bool = False  # torch.compile the model (slow to compile on CPU)
     grad_clip: float = 0.0  # clip the global gradient norm to this value; 0: off
@@ -247,11 +247,19 @@ class RunConfig:
                     and self.optimizer.comm != "sketch":
                 raise ValueError("optimizer.memory_mode sketch on several ranks needs optimizer.comm sketch: "
                                  "the gradients are sketched before DDP could average them")
+            if self.train.device not in ("auto", self.launch.device):
+                how = "--num-gpus N" if self.train.device == "cuda" else "--nproc N"
+                raise ValueError(f"train.device is {self.train.device!r} but the workers run on {self.launch.device}: "
+                                 f"launch with {how}, or set train.device to auto")
             per_step = self.launch.world_size * self.train.micro_batch_size
             if self.train.batch_size % per_step:
+                fits = [m for m in range(self.train.micro_batch_size, 0, -1)
+                        if self.train.batch_size % (self.launch.world_size * m) == 0]
+                hint = (f"; e.g. train.micro_batch_size {fits[0]}" if fits
+                        else f"; make train.batch_size a multiple of {per_step}")
                 raise ValueError(
                     f"train.batch_size ({self.train.batch_size}) must be a multiple of world size x train.micro_batch_size "
-                    f"({self.launch.world_size} x {self.train.micro_batch_size})"
+                    f"({self.launch.world_size} x {self.train.micro_batch_size}){hint}"
                 )
         except ValueError as e:
             raise ConfigError(str(e)) from None

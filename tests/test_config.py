@@ -70,3 +70,31 @@ def test_dry_run_prints_config_and_command(tmp_path, corpus):
     assert "torch.distributed.run" in r.stdout and "--nproc-per-node=2" in r.stdout
     assert '"rank": 8' in r.stdout
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_dry_run_of_a_resume_launches_nothing(tmp_path, corpus):
+    """--resume RUN --dry-run prints the saved config and the resume command, and neither starts the
+    workers nor touches the run."""
+    run_dir = tmp_path / "half"
+    run_dir.mkdir()
+    cfg = resolve_config("mfsgd", tiny_overrides(corpus, rank=8), name="half",
+                         launch={"nproc": 1, "nnodes": 1, "world_size": 1, "device": "cpu", "backend": "gloo"})
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    r = launch(["--resume", "half", "--dry-run"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "torch.distributed.run" in r.stdout and "--resume" in r.stdout and '"rank": 8' in r.stdout
+    assert [p.name for p in run_dir.iterdir()] == ["config.json"]  # no metrics, no checkpoints: nothing ran
+
+
+def test_train_device_must_match_the_launch():
+    cfg = {"train": {"device": "cuda"}}
+    with pytest.raises(ConfigError, match=r"train.device is 'cuda' but the workers run on cpu: launch with --num-gpus N"):
+        resolve_config("mfsgd", cfg, launch={"device": "cpu", "backend": "gloo"})
+    assert resolve_config("mfsgd", {"train": {"device": "cpu"}}).train.device == "cpu"  # agrees: fine
+
+
+def test_batch_not_divisible_by_ranks_suggests_a_micro_batch():
+    with pytest.raises(ConfigError, match=r"\(2 x 8\); e.g. train.micro_batch_size 4$"):
+        resolve_config("mfsgd", {}, launch={"nproc": 2, "world_size": 2})
+    with pytest.raises(ConfigError, match=r"\(3 x 8\); make train.batch_size a multiple of 24$"):
+        resolve_config("mfsgd", {"train": {"batch_size": 8, "micro_batch_size": 8}}, launch={"nproc": 3, "world_size": 3})
