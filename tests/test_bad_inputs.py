@@ -102,6 +102,7 @@ CASES = [
     ("val tokens below one sequence", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, data__val_tokens=8)], "data.val_tokens (8) must be at least data.seq_len (32)"),
     ("seq_len > context", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, data__seq_len=128)], "data.seq_len (128) exceeds the model's context model.block_size (64)"),
     ("batch not divisible by ranks", lambda e: ["--optimizer", "mfsgd", "--nproc", "3", "--config", tiny(e)], "must be a multiple of world size x train.micro_batch_size"),
+    ("train.device unlike the launch", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, train__device="cuda")], "train.device is 'cuda' but the workers run on cpu: launch with --num-gpus N"),
     ("batch not divisible by micro batch", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, train__micro_batch_size=3)], "must be a multiple of train.micro_batch_size"),
     ("--num-gpus without GPUs", lambda e: ["--optimizer", "mfsgd", "--num-gpus", "1", "--config", tiny(e)], "this machine has none; use --nproc"),
     ("zero --nproc", lambda e: ["--optimizer", "mfsgd", "--nproc", "0", "--config", tiny(e)], "--nproc must be >= 1"),
