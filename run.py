@@ -103,11 +103,23 @@ def check_data(cfg: RunConfig) -> None:
             top = int(tokens.max()) if len(tokens) else 0
             if top >= cfg.model.vocab_size:
                 raise ShardError(f"{f} holds token id {top}, not below model.vocab_size={cfg.model.vocab_size}")
+    # Windows never cross a shard boundary, so enough tokens can still be too few whole windows:
+    # the worker's own loaders check that when they are built (cheap: the shards are memory-mapped).
+    from data.loader import TokenLoader, val_sequences
+
+    TokenLoader(find_shards(resolve_path(cfg.data.train_files)), cfg.data.seq_len)
+    val_sequences(resolve_path(cfg.data.val_files), cfg.data.seq_len, cfg.data.val_tokens)
+
+
+# Seconds torchrun waits, after a stop signal, for the workers to finish their step, a due validation
+# and the stop checkpoint before it kills them (its default, 30 s, is shorter than a validation or
+# checkpoint of a large model).
+WORKER_SHUTDOWN_TIMEOUT_S = 900
 
 
 def torchrun_command(args, launch: dict, run_dir: str, resume: bool) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch['nproc']}",
-           f"--max-restarts={args.max_restarts}"]
+           f"--max-restarts={args.max_restarts}", f"--shutdown-timeout={WORKER_SHUTDOWN_TIMEOUT_S}"]
     if launch["nnodes"] == 1:
         cmd.append("--standalone")
     else:
@@ -185,11 +197,11 @@ def dry_run(cfg, command: list[str]):
 
 def check_newest_checkpoint(run_dir: str) -> None:
     """A corrupt newest checkpoint is a clear error that names an older one to fall back to."""
-    import glob
-
     import torch
 
-    checkpoints = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))
+    from train_gpt import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         return
     try:  # mmap: reads the archive's index, not the tensors, so this is cheap even for big models

@@ -75,11 +75,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def lr_multiplier(step: int, total: int, warmup: int, cooldown_frac: float) -> float:
     """Optional linear warmup, flat, then linear decay to 0 over the last cooldown_frac of steps
     (the paper harness's 'original' schedule)."""
+    factor = 1.0
     if step < warmup:
-        return (step + 1) / warmup
+        factor = (step + 1) / warmup
     if cooldown_frac > 0 and step >= total * (1 - cooldown_frac):
-        return max(0.0, (total - step) / (total * cooldown_frac))
-    return 1.0
+        # min: when the warmup reaches into the cooldown, the lr follows the lower of the two lines
+        factor = min(factor, max(0.0, (total - step) / (total * cooldown_frac)))
+    return factor
 
 
 def apply_group_schedules(optimizer, schedules: dict, step: int) -> dict:
@@ -124,6 +126,9 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+MEMORY_KEYS = ("param_bytes", "grad_bytes", "opt_state_bytes_hidden", "opt_state_bytes_other")
+
+
 def memory_parts(model, hidden_opt, adam_opt) -> dict:
     """Exact bytes of parameters, gradients and optimizer state (hidden matrices vs the rest)."""
     params = list({id(p): p for p in model.parameters()}.values())
@@ -146,7 +151,9 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(checkpoint_dir(run_dir), "step_*.pt")))
+    """Checkpoint files, oldest first (by step number, which may outgrow the zero padding)."""
+    paths = glob.glob(os.path.join(checkpoint_dir(run_dir), "step_*.pt"))
+    return sorted(paths, key=lambda path: int(os.path.basename(path)[len("step_"):-len(".pt")]))
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -211,12 +218,22 @@ class MetricsLog:
     def __init__(self, path: str, enabled: bool, keep_until_step: int | None):
         self.enabled = enabled
         self.file = None
+        self.kept: list[dict] = []  # resuming: the records up to the checkpoint, in order
         if not enabled:
             return
         if keep_until_step is not None and os.path.exists(path):
-            # resuming: drop lines past the checkpoint so no step is missing or duplicated
+            # resuming: drop lines past the checkpoint so no step is missing or duplicated, and a
+            # line cut short by a crash mid-write (it cannot be at or before the checkpoint's step)
+            lines = []
             with open(path) as f:
-                lines = [l for l in f if l.strip() and json.loads(l)["step"] <= keep_until_step]
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if record["step"] <= keep_until_step:
+                        lines.append(line if line.endswith("\n") else line + "\n")
+                        self.kept.append(record)
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(lines)
@@ -289,6 +306,17 @@ def fail_non_finite(run_dir, cfg, model, step, reason, is_main):
     sys.exit(3)
 
 
+def exclude_from_ddp(model: torch.nn.Module, params: list) -> None:
+    """Marks `params` for DDP to leave alone (no gradient all-reduce). DDP matches by name in the
+    module it wraps, so the names are looked up there by identity: a compiled model's parameters
+    are named "_orig_mod.<name>", and the plain names would silently match nothing."""
+    ids = {id(p) for p in params}
+    names = [name for name, p in model.named_parameters() if id(p) in ids]
+    if len(names) != len(ids):
+        raise RuntimeError(f"exclude_from_ddp: found {len(names)} of {len(ids)} parameters in the model")
+    DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
 # ---------------------------------------------------------------------------------------------
 # The training loop
 
@@ -323,7 +351,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     if world_size > 1:
         if comm_sketch:
             # MoFaSGD's matrices leave DDP's reducer: their sketches are all-reduced instead
-            DDP._set_params_and_buffers_to_ignore_for_model(raw_model, [name for name, _ in routing["hidden"]])
+            exclude_from_ddp(model, [p for _, p in routing["hidden"]])
             sketch_group = dist.new_group()
             overlap_sketches = cfg.optimizer.memory_mode == "sketch"
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -369,10 +397,14 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     if start_step == 0:
         val_loss = evaluate(raw_model, cfg, rank, world_size, device, autocast)
         log({"step": 0, "val_loss": val_loss, "tokens": 0, "elapsed_s": 0.0})
-    best_val = val_loss
-    losses = []
+    # resuming: the summary's losses and memory fields continue from the records before the checkpoint
+    kept_vals = [r["val_loss"] for r in metrics.kept if "val_loss" in r]
+    val_loss = kept_vals[-1] if kept_vals else val_loss
+    best_val = min(kept_vals) if kept_vals else val_loss
+    losses = [r["train_loss"] for r in metrics.kept if "train_loss" in r][-1:]
     step = start_step
-    mem = {}
+    last_kept = metrics.kept[-1] if metrics.kept else {}
+    mem = {key: last_kept[key] for key in MEMORY_KEYS if key in last_kept}
     # A step's time runs from the end of the previous step's timing to the end of its own, so it
     # includes the previous step's logging (metrics.jsonl, progress bar); validation and
     # checkpointing are paused out (elapsed_s and tokens/s measure training only).

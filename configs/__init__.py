@@ -135,7 +135,7 @@ class TrainConfig:
     def validate(self):
         for key in ("steps", "batch_size", "micro_batch_size", "val_batch_size", "keep_checkpoints"):
             _positive(f"train.{key}", getattr(self, key))
-        for key in ("val_every", "ckpt_every"):
+        for key in ("seed", "val_every", "ckpt_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.batch_size % self.micro_batch_size:
@@ -163,6 +163,9 @@ class AdamConfig:
         for key in ("embed_lr", "head_lr", "scalar_lr"):
             _positive(f"adam.{key}", getattr(self, key))
         check_betas("adam.betas", self.betas)
+        for key in ("eps", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"adam.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -239,6 +242,13 @@ class RunConfig:
             if rank is not None and rank > largest:
                 raise ValueError(f"optimizer rank {rank} exceeds every side of every hidden matrix (at most 4 x model.n_embd "
                                  f"= {largest}); ranks above min(m, n) are clipped per matrix, so use at most {largest // 4}")
+            n_embd = self.model.resolved()["n_embd"]
+            group_params = getattr(self.optimizer, "group_params", None)
+            if group_params is not None and group_params.proj_type == "reverse_std" and rank >= n_embd:
+                # the MLP's n_embd x 4 n_embd output matrix is wide with m = n_embd (optimizers/galore.py)
+                raise ValueError(f"optimizer.group_params.rank ({rank}) must be below model.n_embd ({n_embd}) with "
+                                 "proj_type reverse_std: galore-torch projects back on the wrong side of a wide matrix "
+                                 "then; use a smaller rank or proj_type std")
             sketched = [k for k in ("memory_mode", "comm") if getattr(self.optimizer, k, "full") == "sketch"]
             if sketched and self.train.grad_clip > 0:
                 raise ValueError(f"train.grad_clip must be 0 with optimizer.{sketched[0]} sketch: the global gradient "

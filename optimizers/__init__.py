@@ -66,8 +66,9 @@ class AdamWConfig(ScheduleConfig):
     def validate(self):
         super().validate()
         check_betas("optimizer.betas", self.betas)
-        if self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        for key in ("eps", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -33,6 +33,10 @@ def env(tmp_path_factory):
     (bad / "magic_000000.bin").write_bytes(bytes(data))
     write_shard(str(bad / "bigid_000000.bin"), np.full(5000, 300))
     write_shard(str(bad / "tinyval_000000.bin"), np.arange(100) % 256)
+    for i in range(4):  # 4 x 20 tokens: more than one 33-token window in all, none in any one shard
+        write_shard(str(bad / f"shorttrain_{i:06d}.bin"), np.arange(20))
+    for i in range(45):  # 45 x 50 tokens >= 2048 + 1, but one 33-token window each: 45 < 64 windows
+        write_shard(str(bad / f"shortval_{i:06d}.bin"), np.arange(50))
     (root / "notadir").write_text("a file")
     results = root / "results"
     # an existing finished run that no bad input may touch
@@ -99,6 +103,8 @@ CASES = [
     ("wrong magic", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, data=shard_data(e, train="magic_*.bin"))], "magic"),
     ("token id >= vocab", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, data=shard_data(e, train="bigid_*.bin"))], "holds token id 300, not below model.vocab_size=256"),
     ("val split too small", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, data=shard_data(e, val="tinyval_*.bin"))], "fewer than data.val_tokens=2048"),
+    ("train windows split over shards", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, data=shard_data(e, train="shorttrain_*.bin"))], "no training window fits: the longest shard holds 20 tokens"),
+    ("val windows split over shards", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, data=shard_data(e, val="shortval_*.bin"))], "only 45 whole windows of seq_len+1=33 tokens, fewer than the 64"),
     ("val tokens below one sequence", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, data__val_tokens=8)], "data.val_tokens (8) must be at least data.seq_len (32)"),
     ("seq_len > context", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, data__seq_len=128)], "data.seq_len (128) exceeds the model's context model.block_size (64)"),
     ("batch not divisible by ranks", lambda e: ["--optimizer", "mfsgd", "--nproc", "3", "--config", tiny(e)], "must be a multiple of world size x train.micro_batch_size"),

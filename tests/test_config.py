@@ -1,6 +1,7 @@
 """Config layering, flat optimizer keys, validation, and launcher errors (one line, exit 2)."""
 
 import json
+import re
 
 import pytest
 
@@ -68,6 +69,7 @@ def test_dry_run_prints_config_and_command(tmp_path, corpus):
                 json.dumps(tiny_overrides(corpus, micro_batch_size=4, rank=8))], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "torch.distributed.run" in r.stdout and "--nproc-per-node=2" in r.stdout
+    assert "--shutdown-timeout=900" in r.stdout  # time for the stop checkpoint after a signal
     assert '"rank": 8' in r.stdout
     assert not any(tmp_path.iterdir())  # nothing written
 
@@ -98,3 +100,16 @@ def test_batch_not_divisible_by_ranks_suggests_a_micro_batch():
         resolve_config("mfsgd", {}, launch={"nproc": 2, "world_size": 2})
     with pytest.raises(ConfigError, match=r"\(3 x 8\); make train.batch_size a multiple of 24$"):
         resolve_config("mfsgd", {"train": {"batch_size": 8, "micro_batch_size": 8}}, launch={"nproc": 3, "world_size": 3})
+
+
+@pytest.mark.parametrize("optimizer,overrides,needle", [
+    ("mfsgd", {"train": {"seed": -1}}, "train.seed must be >= 0, got -1"),
+    ("mfsgd", {"adam": {"eps": -1.0}}, "adam.eps must be >= 0, got -1.0"),
+    ("mfsgd", {"adam": {"weight_decay": -0.1}}, "adam.weight_decay must be >= 0, got -0.1"),
+    ("adamw", {"eps": -1e-8}, "optimizer.eps must be >= 0, got -1e-08"),
+    ("galore", {"group_params": {"rank": 128, "proj_type": "reverse_std"}},
+     "optimizer.group_params.rank (128) must be below model.n_embd (128) with proj_type reverse_std"),
+])
+def test_values_the_worker_would_crash_on_are_config_errors(optimizer, overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        resolve_config(optimizer, overrides)

@@ -87,6 +87,14 @@ def test_lr_schedule_flat_then_linear_cooldown():
     assert lr_multiplier(50, total, 0, 0.0) == 1.0
 
 
+def test_lr_schedule_takes_the_lower_line_where_warmup_meets_cooldown():
+    """10 steps, warmup 8, cooldown over the last 4: the lr never jumps up out of the warmup."""
+    factors = [lr_multiplier(s, 10, 8, 0.4) for s in range(10)]
+    assert factors[:6] == pytest.approx([(s + 1) / 8 for s in range(6)])
+    assert factors[6:] == pytest.approx([min((s + 1) / 8, (10 - s) / 4) for s in range(6, 10)])  # 0.875, 0.75, 0.5, 0.25
+    assert all(b <= a for a, b in zip(factors[6:], factors[7:]))
+
+
 def test_beta_warmup_schedule_writes_param_groups():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
     sched = {"beta": linear_warmup(0.65, 0.85, 300)}

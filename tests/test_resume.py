@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from unittest.mock import ANY
 
 from helpers import ROOT, launch, read_metrics, tiny_overrides, write_tiny_corpus
 
@@ -87,7 +88,10 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, ext
         for key in ("train_loss", "val_loss", "lr"):
             assert ma.get(key) == mb.get(key), (ma["step"], key)  # bit for bit
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["final_val_loss"] == a[-1]["val_loss"]
+    for key in ("best_val_loss", "final_train_loss", "param_bytes", "opt_state_bytes_hidden"):
+        assert summary[key] == ref_summary[key], key  # the summary sees the steps before the kill too
     assert len(os.listdir(tmp_path / "cut" / "checkpoints")) == 2  # keep_checkpoints
     again = launch(["--resume", "cut", "--nproc", str(nproc)], tmp_path)
     assert again.returncode == 2 and "already finished" in again.stderr
@@ -122,6 +126,27 @@ def test_non_finite_loss_stops_with_reason(tmp_path, corpus):
     for name in os.listdir(tmp_path / "nan" / "checkpoints"):
         state = torch.load(tmp_path / "nan" / "checkpoints" / name, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_resuming_at_the_last_checkpoint_rebuilds_the_summary(tmp_path, corpus):
+    """Killed after the final checkpoint but before summary.json (and with a metrics line cut short
+    by the kill): the resume runs no step, and its summary matches the uninterrupted run's, best
+    val loss (here at an early step) included."""
+    cfg = config(corpus)
+    cfg["lr"] = 0.3  # too high: the val loss rises after its first evaluations
+    cfg["train"].update(steps=6, val_every=2)
+    r = launch(["--optimizer", "adamw", "--name", "end", "--config", json.dumps(cfg)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    ref = json.loads((tmp_path / "end" / "summary.json").read_text())
+    vals = [m["val_loss"] for m in read_metrics(tmp_path / "end") if "val_loss" in m]
+    assert ref["best_val_loss"] == min(vals) < vals[-1] == ref["final_val_loss"]
+    os.remove(tmp_path / "end" / "summary.json")
+    with open(tmp_path / "end" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "train_lo')  # a line the kill cut short
+    r = launch(["--resume", "end"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "end" / "summary.json").read_text()) == {**ref, "peak_mem_bytes": ANY}
+    assert [m["step"] for m in read_metrics(tmp_path / "end")] == list(range(7))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, corpus):

@@ -93,3 +93,39 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, corpus, monkeypatch)
             assert (eager is None) == (compiled is None)
             if eager is not None:
                 assert abs(eager - compiled) < 1e-4, (step, eager, compiled)
+
+
+def test_excluded_parameters_leave_ddp_also_for_a_compiled_model(tmp_path):
+    """comm sketch takes the hidden matrices out of DDP's all-reduce. DDP matches names in the
+    module it wraps, which for a compiled model carry an "_orig_mod." prefix: the exclusion must
+    find them there (torch.compile is lazy, so nothing is compiled here)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from model import GPT, GPTConfig
+    from optimizers import split_parameters
+    from train_gpt import exclude_from_ddp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for compiled in (False, True):
+            raw = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+            model = torch.compile(raw) if compiled else raw
+            hidden = [p for _, p in split_parameters(raw)["hidden"]]
+            exclude_from_ddp(model, hidden)
+            ddp = DDP(model)
+            managed = {id(p) for p in ddp._module_parameters}  # what DDP's reducer all-reduces
+            assert managed == {id(p) for p in raw.parameters()} - {id(p) for p in hidden}, compiled
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoints_are_ordered_by_step_number(tmp_path):
+    from train_gpt import list_checkpoints
+
+    (tmp_path / "checkpoints").mkdir()
+    for step in (9_999_999, 10_000_000, 200):  # past the 7-digit padding, text order would be wrong
+        (tmp_path / "checkpoints" / f"step_{step:07d}.pt").write_bytes(b"")
+    assert [p.rsplit("/", 1)[1] for p in list_checkpoints(str(tmp_path))] == [
+        "step_0000200.pt", "step_9999999.pt", "step_10000000.pt"]
