@@ -89,26 +89,25 @@ def default_run_name(optimizer: str, overrides: dict) -> str:
 
 def check_data(cfg: RunConfig) -> None:
     """Fails fast, before any worker starts, on missing or corrupt shards and a too-small val split."""
+    files = {}
     for key in ("train_files", "val_files"):
         pattern = getattr(cfg.data, key)
-        files = find_shards(resolve_path(pattern))
-        tokens = sum(read_header(f) for f in files)
+        files[key] = find_shards(resolve_path(pattern))
+        tokens = sum(read_header(f) for f in files[key])
         if key == "val_files" and tokens < cfg.data.val_tokens + 1:
             raise ShardError(f"val shards {pattern} hold {tokens} tokens, fewer than data.val_tokens={cfg.data.val_tokens}")
-        need = cfg.data.seq_len + 1
-        if key == "train_files" and tokens < need:
-            raise ShardError(f"train shards {pattern} hold {tokens} tokens, fewer than one sequence of data.seq_len+1={need}")
-        for f in files:  # one pass over the memory-mapped tokens: ~0.1 s per 100M-token shard
+        for f in files[key]:  # one pass over the memory-mapped tokens: ~0.1 s per 100M-token shard
             tokens = open_shard(f)
             top = int(tokens.max()) if len(tokens) else 0
             if top >= cfg.model.vocab_size:
                 raise ShardError(f"{f} holds token id {top}, not below model.vocab_size={cfg.model.vocab_size}")
     # Windows never cross a shard boundary, so enough tokens can still be too few whole windows:
-    # the worker's own loaders check that when they are built (cheap: the shards are memory-mapped).
+    # the worker's own loaders check that (and that training has one window at all) when they are
+    # built (cheap: the shards are memory-mapped).
     from data.loader import TokenLoader, val_sequences
 
-    TokenLoader(find_shards(resolve_path(cfg.data.train_files)), cfg.data.seq_len)
-    val_sequences(resolve_path(cfg.data.val_files), cfg.data.seq_len, cfg.data.val_tokens)
+    TokenLoader(files["train_files"], cfg.data.seq_len)
+    val_sequences(files["val_files"], cfg.data.seq_len, cfg.data.val_tokens)
 
 
 # Seconds torchrun waits, after a stop signal, for the workers to finish their step, a due validation

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
@@ -28,6 +29,7 @@ from data.loader import TokenLoader  # noqa: E402
 from data.shards import find_shards  # noqa: E402
 from model import create_model  # noqa: E402
 from optimizers import build_optimizers  # noqa: E402
+from results import read_jsonl  # noqa: E402
 from train_gpt import train  # noqa: E402
 
 
@@ -40,8 +42,8 @@ def harness_tokens_per_s(cfg, workdir: str, repeat: int) -> float:
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f)
     train(run_dir)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        step_ms = [row["step_ms"] for row in map(json.loads, f) if row["step"] > WARMUP and "step_ms" in row]
+    step_ms = [row["step_ms"] for row in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+               if row["step"] > WARMUP and "step_ms" in row]
     return len(step_ms) * cfg.train.batch_size * cfg.data.seq_len / (sum(step_ms) / 1000)
 
 
