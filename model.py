@@ -2,22 +2,26 @@
 
 - `GPT` (arch `gpt2`): GPT-2. Pre-LayerNorm transformer with learned positions, GELU MLP and a
   head tied to the token embedding.
-- `SpeedrunGPT` (arch `speedrun`): the modded-nanogpt speedrun architecture the MoFaSGD paper
-  pre-trained (RMSNorm, rotary, QK-norm, ReLU^2, value embeddings, U-net skips, soft-capped
-  logits); see docs/paper-preset.md.
+- `SpeedrunGPT` (arch `speedrun`): the MoFaSGD paper's NanoGPT, a modded-nanogpt speedrun model
+  (RMSNorm, half-truncated rotary, QK-norm, ReLU^2, value embeddings, U-net skips, soft-capped
+  logits, document-causal sliding-window attention); see docs/paper-preset.md.
 
-Attention uses torch's `F.scaled_dot_product_attention`, which runs (forward and backward) on CPU
-and GPU alike. Model sizes are plain data: `PRESETS` maps a name to the size fields it sets
+GPT-2 attends causally with torch's `F.scaled_dot_product_attention`. The speedrun model attends
+within documents and a sliding window: through flex_attention's block-sparse kernel on CUDA, and
+SDPA with the same mask written out densely elsewhere. Model sizes are plain data: `PRESETS` maps a name to the size fields it sets
 (n_layer, n_head, n_embd, block_size), for either architecture. `create_model(arch, **fields)`
 builds a model from an architecture name and its config fields (what the launcher does).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data.tokenizer import EOT_TOKEN  # GPT-2's <|endoftext|>: it starts each document of the token stream
 
 
 @dataclass
@@ -38,7 +42,7 @@ PRESETS = {
     "cpu-small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
     "cpu-tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=256),
     # the speedrun architecture: the paper's NanoGPT (6 heads of 128) and a CPU size for tests
-    "speedrun": dict(n_layer=12, n_head=6, n_embd=768, block_size=1024),  # 278M with value embeddings
+    "speedrun": dict(n_layer=12, n_head=6, n_embd=768, block_size=1024),  # 275,742,772 parameters
     "speedrun-tiny": dict(n_layer=6, n_head=2, n_embd=64, block_size=256),
 }
 
@@ -123,7 +127,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Returns logits (B, T, vocab) and, when targets are given, the mean cross-entropy."""
+        """Returns (logits (B, T, vocab), None) without targets, (None, mean cross-entropy) with them."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -134,8 +138,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        # the (B, T, vocab) logits are not returned with the loss, so they are not kept alive
+        return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def build_model(preset: str | None = None, **overrides) -> GPT:
@@ -150,26 +154,36 @@ def build_model(preset: str | None = None, **overrides) -> GPT:
 
 
 # ---------------------------------------------------------------------------------------------
-# The modded-nanogpt speedrun architecture (arch "speedrun"): the model behind the MoFaSGD paper's
-# NanoGPT pre-training curves. Every block matrix is a separate bias-free n_embd-wide nn.Linear, so
-# the optimizers under comparison see the same 768 x 768 and 768 x 3072 matrices as in the paper.
+# The modded-nanogpt speedrun architecture (arch "speedrun"): the model the MoFaSGD paper pre-trained
+# (its harness's train_gpt.py, the record records/010425_SoftCap). Module and parameter names are the
+# paper harness's, so its checkpoints load strictly (docs/paper-preset.md lists every choice).
 
-ROPE_BASE = 10000.0  # rotary base frequency, as in the speedrun records the paper's harness forked
+WINDOW_BLOCK = 128  # tokens per block of the sliding window (the paper harness's flex_attention block size)
 
 
 @dataclass
 class SpeedrunConfig:
     vocab_size: int = 50304
-    block_size: int = 1024  # maximum context length (the rotary tables are precomputed to it)
+    block_size: int = 1024  # maximum sequence length (the rotary tables are precomputed to it)
     n_layer: int = 12
     n_head: int = 6
     n_embd: int = 768  # head_dim = n_embd // n_head (128 at the paper size)
     num_value_embeds: int = 3  # tables mixed into the values of the first and the last this-many layers
     logit_softcap: float = 15.0  # logits = c * tanh(logits / c)
+    # layers that have no attention, only the MLP; None: layer 7 at the paper's 12 layers, none otherwise
+    skip_attn_layers: tuple[int, ...] | None = None
+    bf16: bool = False  # the paper harness's precision: bf16 embeddings, residual stream and matmuls
+    eot_token: int = EOT_TOKEN  # the token that starts a document (attention never crosses documents)
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def attention_free_layers(self) -> tuple[int, ...]:
+        if self.skip_attn_layers is None:
+            return (7,) if self.n_layer == 12 else ()
+        return tuple(self.skip_attn_layers)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -177,140 +191,257 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer that runs in its input's dtype: fp32 master weights, bf16 matmuls
+    when the residual stream is bf16 (model key `bf16`); a plain nn.Linear in fp32."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)  # nn.Linear's init: U(+-1/sqrt(fan_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.type_as(x))
+
+
 class Rotary(nn.Module):
-    """Rotary position embeddings: rotates pairs of channels of q and k by position-dependent angles,
-    so attention scores depend on relative positions; no learned position table."""
+    """Half-truncated rotary embeddings: of the head_dim / 2 channel pairs, the first head_dim / 4
+    rotate with angular frequencies from 1 down to 1/1024 (geometric), the other head_dim / 4 not at
+    all (frequency 0), so part of every head is position-free. One table serves every layer."""
 
     def __init__(self, head_dim: int, max_seq_len: int):
         super().__init__()
-        inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim / 2)
-        # not persistent: recomputed from the config, so checkpoints hold only learned weights
+        quarter = head_dim // 4
+        freq = (1 / 1024) ** torch.linspace(0, 1, steps=quarter, dtype=torch.float32)
+        freq = torch.cat([freq, freq.new_zeros(head_dim // 2 - quarter)])
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freq)  # (T, head_dim / 2)
+        # not persistent: rebuilt from the config, so checkpoints hold only learned weights
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, n_head, head_dim)
         T = x.size(1)
         cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
-        x1, x2 = x.chunk(2, dim=-1)
-        # the rotation runs in fp32 (the tables' dtype), the result goes back to x's dtype
+        x1, x2 = x.float().chunk(2, dim=-1)  # the rotation runs in fp32, the result goes back to x's dtype
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
+# -- attention masks ----------------------------------------------------------------------------
+# Query t sees key s iff s <= t (causal), both lie in the same document (documents start at each
+# EOT token), and, with a sliding window of W blocks, block(t) - block(s) < W, block(i) = i // 128.
+
+
+def document_ids(idx: torch.Tensor, eot_token: int) -> torch.Tensor:
+    """(B, T) document number of every token: the count of EOT tokens up to and including it."""
+    return (idx == eot_token).cumsum(dim=1)
+
+
+def dense_attention_mask(docs: torch.Tensor, window_blocks=None) -> torch.Tensor:
+    """(B, 1, T, T) bool mask for F.scaled_dot_product_attention (True: attend); exact on any device,
+    T^2 memory, so for CPU-sized sequences."""
+    pos = torch.arange(docs.size(1), device=docs.device)
+    mask = (pos[:, None] >= pos[None, :]) & (docs[:, :, None] == docs[:, None, :])
+    if window_blocks is not None:
+        block = pos // WINDOW_BLOCK
+        mask = mask & ((block[:, None] - block[None, :]) < window_blocks)
+    return mask[:, None]
+
+
+def flex_block_mask(docs: torch.Tensor, window_blocks=None):
+    """The same mask as a flex_attention BlockMask (T a multiple of 128). Block pairs no query-key
+    pair of which may attend are skipped; "full" pairs (every pair attends: the key block lies wholly
+    before the query block, inside the window, in one document with it) skip the mask function;
+    partial pairs evaluate it. The mask function holds the whole rule, window included, so eager
+    flex_attention (which applies it alone) is exact too."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T = docs.shape
+    if T % WINDOW_BLOCK:
+        raise ValueError(f"flex_block_mask needs a sequence length divisible by {WINDOW_BLOCK}, got {T}")
+    blocks = docs.view(B, T // WINDOW_BLOCK, WINDOW_BLOCK)
+    first, last = blocks[:, :, 0], blocks[:, :, -1]  # documents are numbered in stream order
+    q = torch.arange(T // WINDOW_BLOCK, device=docs.device)[:, None]
+    kv = q.T
+    in_window = torch.ones_like(q >= kv) if window_blocks is None else (q - kv) < window_blocks
+    # some pair can attend: causal at block level, in the window, the blocks' document ranges overlap
+    some = (q >= kv) & in_window & (first[:, :, None] <= last[:, None, :]) & (first[:, None, :] <= last[:, :, None])
+    # every pair attends: the key block is strictly before and the two blocks lie in one document
+    full = (q > kv) & in_window & (first[:, None, :] == last[:, :, None])
+
+    def ordered(blockmask):  # (B, nq, nkv) bool -> counts (B, 1, nq), block indices (B, 1, nq, nkv)
+        counts = blockmask.sum(dim=-1, dtype=torch.int32)
+        indices = blockmask.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[:, None].contiguous(), indices[:, None].contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+        if window_blocks is not None:
+            allowed = allowed & ((q_idx // WINDOW_BLOCK - kv_idx // WINDOW_BLOCK) < window_blocks)
+        return allowed
+
+    partial_counts, partial_indices = ordered(some & ~full)
+    full_counts, full_indices = ordered(full)
+    return BlockMask.from_kv_blocks(partial_counts, partial_indices, full_counts, full_indices,
+                                    BLOCK_SIZE=WINDOW_BLOCK, mask_mod=mask_mod)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled once: uncompiled it materialises the whole score matrix."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def use_flex_attention(idx: torch.Tensor) -> bool:
+    """flex_attention (block-sparse, fast) on CUDA for whole 128-token blocks; SDPA with the dense
+    mask elsewhere (on CPU torch's eager flex_attention ignores the block sparsity, and the dense
+    mask is exact and small at CPU sequence lengths)."""
+    return idx.is_cuda and idx.size(1) % WINDOW_BLOCK == 0
+
+
+def attention(q, k, v, mask) -> torch.Tensor:
+    """q, k, v (B, n_head, T, head_dim); mask a BlockMask (flex_attention) or a dense bool mask."""
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return _compiled_flex_attention()(q, k, v, block_mask=mask)
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
 class SpeedrunAttention(nn.Module):
-    def __init__(self, config: SpeedrunConfig, has_value_embed: bool):
+    def __init__(self, config: SpeedrunConfig):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
         # separate q, k, v matrices (not one fused 3C x C) so each is its own hidden matrix
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.rotary = Rotary(config.head_dim, config.block_size)
-        if has_value_embed:
-            # v <- a * v + b * value_embed(idx): learned mix, starting half and half
-            self.v_lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        self.c_q = CastedLinear(config.n_embd, config.n_embd)
+        self.c_k = CastedLinear(config.n_embd, config.n_embd)
+        self.c_v = CastedLinear(config.n_embd, config.n_embd)
+        # v <- l0 v + l1 ve (layers with a value embedding), v <- l0 v (the others); learned, from 0.5
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        self.c_proj = CastedLinear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, mask, rotary: Rotary) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim) for lin in (self.c_q, self.c_k, self.c_v))
+        v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v) if ve is not None else self.lambdas[0] * v
         # QK-norm: unit-RMS q and k per head keep the attention logits bounded, which lets the
         # hidden matrices take large steps without the softmax saturating
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
-        if ve is not None:
-            v = self.v_lambdas[0] * v + self.v_lambdas[1] * ve.view_as(v)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
 class ReluSquaredMLP(nn.Module):
     def __init__(self, config: SpeedrunConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = CastedLinear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = CastedLinear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2: trained faster than GELU in the speedrun
 
 
 class SpeedrunBlock(nn.Module):
-    def __init__(self, config: SpeedrunConfig, has_value_embed: bool):
+    def __init__(self, config: SpeedrunConfig, has_attention: bool):
         super().__init__()
-        self.attn = SpeedrunAttention(config, has_value_embed)
+        self.attn = SpeedrunAttention(config) if has_attention else None
         self.mlp = ReluSquaredMLP(config)
         # the block's input is a learned mix of the residual stream x and the initial embedding x0;
         # [1, 0] starts as a plain residual block
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, ve: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, x0, ve, mask, rotary) -> torch.Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(rms_norm(x), ve)
+        if self.attn is not None:
+            x = x + self.attn(rms_norm(x), ve, mask, rotary)
         return x + self.mlp(rms_norm(x))
+
+
+class ValueEmbeddings(nn.Module):
+    """Extra embedding tables of the input tokens, mixed into the attention values."""
+
+    def __init__(self, config: SpeedrunConfig):
+        super().__init__()
+        self.embed = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd)
+                                    for _ in range(config.num_value_embeds)])
 
 
 class SpeedrunGPT(nn.Module):
     def __init__(self, config: SpeedrunConfig):
         super().__init__()
-        if config.n_embd % config.n_head or config.head_dim % 2:
-            raise ValueError(f"n_embd ({config.n_embd}) / n_head ({config.n_head}) must be an even integer head_dim")
+        if config.n_embd % config.n_head or config.head_dim % 4:
+            raise ValueError(f"n_embd ({config.n_embd}) / n_head ({config.n_head}) must be an integer head_dim "
+                             "divisible by 4 (half-truncated rotary)")
         if not 0 <= config.num_value_embeds <= config.n_layer // 2:
             raise ValueError(f"num_value_embeds ({config.num_value_embeds}) must be in [0, n_layer // 2 = {config.n_layer // 2}]")
-        self.config = config
         L, nve = config.n_layer, config.num_value_embeds
-        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
-        self.value_embeds = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(nve)])
         # U-net symmetric use of the value embeddings: table j feeds layer j and layer L - nve + j
         # (12 layers, 3 tables: layers 0, 1, 2 and 9, 10, 11); the middle layers get none
         self.ve_index = [i if i < nve else i - (L - nve) if i >= L - nve else None for i in range(L)]
-        self.blocks = nn.ModuleList([SpeedrunBlock(config, self.ve_index[i] is not None) for i in range(L)])
+        no_attn = config.attention_free_layers
+        bad = [i for i in no_attn if not 0 <= i < L or self.ve_index[i] is not None]
+        if bad:
+            raise ValueError(f"skip_attn_layers {list(no_attn)}: layer {bad[0]} is not a layer in [0, {L}) without "
+                             f"a value embedding (those are {[i for i in range(L) if self.ve_index[i] is None]})")
+        self.config = config
+        # built in the paper harness's order, so one seed gives its initial weights
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)  # N(0, 1); RMS-normed right away
+        self.blocks = nn.ModuleList([SpeedrunBlock(config, i not in no_attn) for i in range(L)])
+        self.value_embeds = ValueEmbeddings(config)
+        self.lm_head = CastedLinear(config.n_embd, config.vocab_size)  # untied from the embedding
         # U-net skips: the outputs of the first half (encoder) are added, last in first out, into
         # the inputs of the second half (decoder), each scaled by a learned weight
         self.n_encoder = L // 2
         self.skip_weights = nn.Parameter(torch.ones(self.n_encoder))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from the embedding
-        self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        # embeddings keep nn.Embedding's N(0, 1): the token embedding is RMS-normed right away and the
-        # value embeddings start at the unit scale the speedrun used
-        for block in self.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-                # uniform with std 0.5 / sqrt(fan_in), the speedrun's init for its linear layers
-                bound = math.sqrt(3) * 0.5 / math.sqrt(lin.in_features)
-                lin.weight.uniform_(-bound, bound)
-            # zero output projections: every block starts as the identity on the residual stream
-            block.attn.c_proj.weight.zero_()
-            block.mlp.c_proj.weight.zero_()
-        # zero head: the initial prediction is uniform, loss exactly log(vocab_size)
-        self.lm_head.weight.zero_()
+        self.rotary = Rotary(config.head_dim, config.block_size)
+        with torch.no_grad():
+            # zero output projections: every block starts as the identity on the residual stream;
+            # zero head: the first prediction is uniform, loss exactly log(vocab_size)
+            for block in self.blocks:
+                if block.attn is not None:
+                    block.attn.c_proj.weight.zero_()
+                block.mlp.c_proj.weight.zero_()
+            self.lm_head.weight.zero_()
+        if config.bf16:  # the paper harness keeps the embedding tables (and their Adam state) in bf16
+            self.embed.bfloat16()
+            self.value_embeds.bfloat16()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Returns logits (B, T, vocab), fp32 and soft-capped, and, when targets are given, the mean cross-entropy."""
+    def attention_mask(self, idx: torch.Tensor, window_blocks=None):
+        """The document-causal (sliding-window) mask of a batch, shared by every layer."""
+        docs = document_ids(idx, self.config.eot_token)
+        if use_flex_attention(idx):
+            return flex_block_mask(docs, window_blocks)
+        return dense_attention_mask(docs, window_blocks)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, window_blocks=None):
+        """idx, targets (B, T) int64; window_blocks: the sliding window in 128-token blocks (an int
+        or a 0-d integer tensor; None: the whole causal context). Returns (logits, None) without
+        targets, (None, mean cross-entropy) with them: the (B, T, vocab) logits are not kept."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        x = x0 = rms_norm(self.embed(idx))
-        ves = [ve(idx) for ve in self.value_embeds]
+        mask = self.attention_mask(idx, window_blocks)
+        dtype = torch.bfloat16 if self.config.bf16 else self.embed.weight.dtype
+        x = x0 = rms_norm(self.embed(idx).to(dtype))
+        ves = [table(idx).to(dtype) for table in self.value_embeds.embed]
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.n_encoder and skips:
                 x = x + self.skip_weights[i - self.n_encoder] * skips.pop()
             j = self.ve_index[i]
-            x = block(x, x0, ves[j] if j is not None else None)
+            x = block(x, x0, ves[j] if j is not None else None, mask, self.rotary)
             if i < self.n_encoder:
                 skips.append(x)
-        logits = self.lm_head(rms_norm(x)).float()
+        logits = self.lm_head(rms_norm(x))
         # tanh soft-cap: logits stay in (-c, c), which keeps the early, large-lr steps stable
         c = self.config.logit_softcap
-        logits = c * torch.tanh(logits / c)
+        logits = (c * torch.tanh(logits / c)).float()
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return None, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 # ---------------------------------------------------------------------------------------------

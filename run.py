@@ -104,9 +104,12 @@ def check_data(cfg: RunConfig) -> None:
     # Windows never cross a shard boundary, so enough tokens can still be too few whole windows:
     # the worker's own loaders check that (and that training has one window at all) when they are
     # built (cheap: the shards are memory-mapped).
-    from data.loader import TokenLoader, val_sequences
+    from data.loader import StreamLoader, TokenLoader, val_sequences
 
-    TokenLoader(files["train_files"], cfg.data.seq_len)
+    if cfg.data.layout == "stream":
+        StreamLoader(files["train_files"], cfg.data.seq_len, cfg.train.batch_size)
+    else:
+        TokenLoader(files["train_files"], cfg.data.seq_len)
     val_sequences(files["val_files"], cfg.data.seq_len, cfg.data.val_tokens)
 
 

@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configs import ROOT, RunConfig, resolve_path
-from data.loader import TokenLoader, val_sequences
+from data.loader import StreamLoader, TokenLoader, val_sequences
 from data.shards import find_shards
-from model import create_model
+from model import WINDOW_BLOCK, create_model
 from optimizers import OPTIMIZERS, build_optimizers, split_parameters, state_bytes
 
 
@@ -84,6 +84,16 @@ def lr_multiplier(step: int, total: int, warmup: int, cooldown_frac: float) -> f
     return factor
 
 
+def window_blocks_at(step: int, total: int, window_tokens) -> int | None:
+    """The sliding window, in 128-token blocks, at `step` of `total`: grows linearly from
+    window_tokens[0] to window_tokens[1] tokens, floored to whole blocks (the paper harness's schedule,
+    128 -> 1856 tokens: 1 block at step 0, 14 at the end). None: no window."""
+    if window_tokens is None:
+        return None
+    x = step / total
+    return int(((1 - x) * window_tokens[0] + x * window_tokens[1]) // WINDOW_BLOCK)
+
+
 def apply_group_schedules(optimizer, schedules: dict, step: int) -> dict:
     """Writes scheduled hyperparameters (e.g. MoFaSGD's beta) into every param group."""
     values = {key: fn(step) for key, fn in schedules.items()}
@@ -97,8 +107,9 @@ def apply_group_schedules(optimizer, schedules: dict, step: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, cfg: RunConfig, rank: int, world_size: int, device, autocast) -> float:
-    """Mean cross-entropy over the first data.val_tokens tokens of the val shards, all ranks together."""
+def evaluate(model, cfg: RunConfig, rank: int, world_size: int, device, autocast, forward_kwargs=None) -> float:
+    """Mean cross-entropy over the first data.val_tokens tokens of the val shards, all ranks together.
+    `forward_kwargs`: the current sliding window, as in training."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of losses, number of tokens
     files = find_shards(resolve_path(cfg.data.val_files))
@@ -106,7 +117,7 @@ def evaluate(model, cfg: RunConfig, rank: int, world_size: int, device, autocast
                               pin=device.type == "cuda"):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, **(forward_kwargs or {}))
         # accumulated on the device: no host sync per batch
         total[0] += loss.detach().double() * y.numel()
         total[1] += y.numel()
@@ -119,11 +130,51 @@ def evaluate(model, cfg: RunConfig, rank: int, world_size: int, device, autocast
 # Memory accounting
 
 
+def reset_peak_memory(device) -> None:
+    """Starts a new peak-memory window: the CUDA allocator's peak, or on Linux the process's peak
+    resident set size (VmHWM, reset by writing 5 to /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peak then runs from the process start
+        pass
+
+
 def peak_memory_bytes(device) -> int:
-    """CUDA allocator peak on GPU; peak resident set size of this process on CPU."""
+    """Peak since the last reset_peak_memory: CUDA allocator peak (allocated tensors) on GPU,
+    peak resident set size of this process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_memory_record(device, prefix: str = "") -> dict:
+    """The peak-memory fields of a metrics record: `peak_mem_bytes` (training steps) or
+    `val_peak_mem_bytes` (validation), plus the allocator's reserved peak on GPU."""
+    record = {f"{prefix}peak_mem_bytes": peak_memory_bytes(device)}
+    if device.type == "cuda":
+        record[f"{prefix}peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return record
+
+
+PEAK_KEYS = ("peak_mem_bytes", "peak_reserved_bytes", "val_peak_mem_bytes", "val_peak_reserved_bytes")
+
+
+def update_peaks(peaks: dict, record: dict) -> None:
+    """Folds a metrics record's peak-memory fields into the run's maxima."""
+    for key in PEAK_KEYS:
+        if key in record:
+            peaks[key] = record[key] if peaks.get(key) is None else max(peaks[key], record[key])
 
 
 MEMORY_KEYS = ("param_bytes", "grad_bytes", "opt_state_bytes_hidden", "opt_state_bytes_other")
@@ -343,6 +394,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         start_step, elapsed = load_checkpoint(checkpoints[-1], raw_model, optimizers, schedulers, rank)
     if cfg.train.compile:
         model = torch.compile(model)
+    eval_model = model  # validation runs through the compiled model too (not through DDP)
     routing = split_parameters(raw_model)
     comm_sketch = getattr(cfg.optimizer, "comm", "full") == "sketch"
     # memory_mode sketch + comm sketch: each matrix's sketches are all-reduced while backward
@@ -354,16 +406,41 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
             exclude_from_ddp(model, [p for _, p in routing["hidden"]])
             sketch_group = dist.new_group()
             overlap_sketches = cfg.optimizer.memory_mode == "sketch"
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients as views into DDP's buckets (no second gradient-sized copy); the speedrun's
+        # buffers (rotary tables) are the same on every rank, so none are broadcast per forward
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True, broadcast_buffers=False)
     # bytes all-reduced per step by DDP (gradients in the parameter dtype), by parameter kind
     kind_bytes = {kind: sum(p.numel() * p.element_size() for _, p in ps) for kind, ps in routing.items()}
     comm_other = (sum(kind_bytes.values()) - kind_bytes["hidden"]) if world_size > 1 else 0
 
     train_files = find_shards(resolve_path(cfg.data.train_files))
     # on GPU: pinned batches, so the non_blocking copies below overlap the previous step's kernels
-    loader = TokenLoader(train_files, cfg.data.seq_len, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-                         vocab_size=cfg.model.vocab_size, pin=device.type == "cuda")
+    if cfg.data.layout == "stream":
+        loader = StreamLoader(train_files, cfg.data.seq_len, cfg.train.batch_size, vocab_size=cfg.model.vocab_size,
+                              pin=device.type == "cuda")
+    else:
+        loader = TokenLoader(train_files, cfg.data.seq_len, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                             vocab_size=cfg.model.vocab_size, pin=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.autocast == "bf16" else nullcontext()
+    # the sliding window (speedrun): a 0-d tensor updated in place, so a compiled model does not
+    # recompile as it grows
+    window = torch.zeros((), dtype=torch.int64, device=device) if cfg.train.window_tokens else None
+    forward_kwargs = {"window_blocks": window} if window is not None else {}
+
+    def set_window(at_step: int) -> dict:
+        if window is None:
+            return {}
+        blocks = window_blocks_at(at_step, total_steps, cfg.train.window_tokens)
+        window.fill_(blocks)
+        return {"window_blocks": blocks}
+
+    def validate(at_step: int) -> dict:
+        set_window(at_step)
+        reset_peak_memory(device)
+        loss = evaluate(eval_model, cfg, rank, world_size, device, autocast, forward_kwargs)
+        return {"val_loss": loss, **peak_memory_record(device, "val_")}
+
     grad_accum = cfg.grad_accum
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
 
@@ -388,15 +465,24 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
+    # the run's peaks, training steps and validation apart (each resets the counter), over the
+    # records kept from before a resume and the new ones
+    peaks = {key: None for key in PEAK_KEYS}
+
     def log(record):
+        update_peaks(peaks, record)
         metrics.write(record)
         if wandb_run is not None:
             wandb_run.log(record, step=record["step"])
 
+    for record in metrics.kept:
+        update_peaks(peaks, record)
+
     val_loss = None
     if start_step == 0:
-        val_loss = evaluate(raw_model, cfg, rank, world_size, device, autocast)
-        log({"step": 0, "val_loss": val_loss, "tokens": 0, "elapsed_s": 0.0})
+        first = validate(0)
+        val_loss = first["val_loss"]
+        log({"step": 0, **first, "tokens": 0, "elapsed_s": 0.0})
     # resuming: the summary's losses and memory fields continue from the records before the checkpoint
     kept_vals = [r["val_loss"] for r in metrics.kept if "val_loss" in r]
     val_loss = kept_vals[-1] if kept_vals else val_loss
@@ -410,7 +496,8 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     # checkpointing are paused out (elapsed_s and tokens/s measure training only).
     step_start = time.perf_counter()
     while step < total_steps:
-        scheduled = apply_group_schedules(hidden_opt, group_schedules, step)
+        scheduled = {**apply_group_schedules(hidden_opt, group_schedules, step), **set_window(step)}
+        reset_peak_memory(device)
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
             x, y = loader.micro_batch(step, cfg.train.batch_size, micro, grad_accum, rank, world_size)
@@ -418,10 +505,11 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
             # DDP all-reduces gradients only on the last micro step
             sync = micro == grad_accum - 1 or not isinstance(model, DDP)
             with (nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, **forward_kwargs)
             if overlap_sketches and micro == grad_accum - 1:
                 hidden_opt.all_reduce_sketches_during_backward(sketch_group)
-            (loss / grad_accum).backward()  # average the micro-batch gradients
+            # the batch-mean gradient (averaged over micro batches, DDP averages over ranks), x grad_scale
+            (loss * (cfg.train.grad_scale / grad_accum)).backward()
             loss_sum += loss.detach()
         comm_hidden = kind_bytes["hidden"] if world_size > 1 else 0
         if comm_sketch:
@@ -456,14 +544,14 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         losses.append(train_loss)
         record = {"step": step, "train_loss": train_loss, "lr": lr, **scheduled,
                   "tokens": step * tokens_per_step, "elapsed_s": elapsed, "step_ms": step_time * 1000,
-                  "tokens_per_s": tokens_per_step / step_time, "peak_mem_bytes": peak_memory_bytes(device), **mem,
+                  "tokens_per_s": tokens_per_step / step_time, **peak_memory_record(device), **mem,
                   "comm_bytes_hidden": comm_hidden, "comm_bytes_other": comm_other, "comm_bytes": comm_hidden + comm_other}
         last = step == total_steps
         if last or (cfg.train.val_every and step % cfg.train.val_every == 0):
             pause_start = time.perf_counter()
-            val_loss = evaluate(raw_model, cfg, rank, world_size, device, autocast)
+            record.update(validate(step))
+            val_loss = record["val_loss"]
             paused += time.perf_counter() - pause_start
-            record["val_loss"] = val_loss
             best_val = val_loss if best_val is None else min(best_val, val_loss)
         log(record)
         if cfg.train.debug_crash_at_step == step and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
@@ -502,7 +590,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
             "final_train_loss": losses[-1] if losses else None,
             "elapsed_s": elapsed,
             "tokens_per_s": step * tokens_per_step / elapsed if elapsed else None,
-            "peak_mem_bytes": peak_memory_bytes(device),
+            **{key: value for key, value in peaks.items() if value is not None},
             **mem,
             "world_size": world_size,
             "device": str(device),

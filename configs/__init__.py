@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
 from optimizers import OPTIMIZERS, check_betas, optimizer_config_class
@@ -44,8 +45,10 @@ class ModelConfig:
     dropout: float = 0.0  # gpt2 only (the speedrun model has no dropout)
     num_value_embeds: int | None = None  # speedrun only: value-embedding tables, each used by one early and one late layer (null: 3)
     logit_softcap: float | None = None  # speedrun only: logits = c * tanh(logits / c) (null: 15)
+    skip_attn_layers: list[int] | None = None  # speedrun only: layers with no attention (null: [7] at 12 layers, else none)
+    bf16: bool | None = None  # speedrun only: bf16 embeddings, residual stream and matmuls, as the paper's harness (null: false)
 
-    SPEEDRUN_ONLY = ("num_value_embeds", "logit_softcap")
+    SPEEDRUN_ONLY = ("num_value_embeds", "logit_softcap", "skip_attn_layers", "bf16")
 
     def validate(self):
         from model import ARCHS, PRESETS
@@ -72,15 +75,19 @@ class ModelConfig:
         if self.dropout:
             raise ValueError(f"model.dropout must be 0 for model.arch speedrun (the speedrun model has no dropout), got {self.dropout}")
         head_dim = resolved["n_embd"] // resolved["n_head"]
-        if head_dim % 2:
-            raise ValueError(f"model.arch speedrun needs an even head dimension for its rotary embeddings: "
-                             f"n_embd / n_head = {resolved['n_embd']} / {resolved['n_head']} = {head_dim}")
+        if head_dim % 4:
+            raise ValueError(f"model.arch speedrun needs a head dimension divisible by 4 for its half-truncated rotary "
+                             f"embeddings: n_embd / n_head = {resolved['n_embd']} / {resolved['n_head']} = {head_dim}")
         n_layer, nve = resolved["n_layer"], resolved["num_value_embeds"]
         if not 0 <= nve <= n_layer // 2:
             raise ValueError(f"model.num_value_embeds ({nve}) must be between 0 and n_layer // 2 = {n_layer // 2} (each table "
                              f"feeds one of the first and one of the last layers); set it, or use preset speedrun-tiny or speedrun")
         if resolved["logit_softcap"] <= 0:
             raise ValueError(f"model.logit_softcap must be > 0, got {resolved['logit_softcap']}")
+        from model import SpeedrunConfig, SpeedrunGPT
+
+        with torch.device("meta"):  # the model's own checks (skip_attn_layers), without allocating it
+            SpeedrunGPT(SpeedrunConfig(**resolved))
 
     def resolved(self) -> dict:
         """The model config fields (GPTConfig or SpeedrunConfig) this section describes: preset values,
@@ -96,6 +103,8 @@ class ModelConfig:
             for key in self.SPEEDRUN_ONLY:
                 value = getattr(self, key)
                 fields[key] = getattr(SpeedrunConfig, key) if value is None else value
+            if fields["skip_attn_layers"] is not None:
+                fields["skip_attn_layers"] = tuple(fields["skip_attn_layers"])
         else:
             fields["dropout"] = self.dropout
         return fields
@@ -108,10 +117,17 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sequence
     shuffle: bool = True  # shuffle the training windows each epoch (seeded)
     val_tokens: int = 8192  # tokens evaluated at each validation
+    # windows: independent seq_len-token windows (shuffled with `shuffle`); stream: each step reads
+    # the next batch_size x seq_len tokens of the shards in order, one seq_len-token stream per
+    # sequence, as the paper's harness (data/loader.py StreamLoader)
+    layout: str = "windows"
 
     def validate(self):
         _positive("data.seq_len", self.seq_len)
         _positive("data.val_tokens", self.val_tokens)
+        _choice("data.layout", self.layout, ("windows", "stream"))
+        if self.layout == "stream" and self.shuffle:
+            raise ValueError("data.shuffle must be false with data.layout stream (the stream is read in order)")
         if self.val_tokens < self.seq_len:
             raise ValueError(f"data.val_tokens ({self.val_tokens}) must be at least data.seq_len ({self.seq_len})")
 
@@ -131,6 +147,12 @@ class TrainConfig:
     ckpt_every: int = 0  # write a checkpoint every this many steps; 0: only at the end
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
     debug_crash_at_step: int = 0  # testing aid: raise at this step in the first attempt (not after a restart)
+    # the gradient of a step is grad_scale x the gradient of the batch-mean loss (the logged loss stays
+    # the mean); the paper's harness sums its micro-batches per GPU: grad_scale = micro-batches per GPU
+    grad_scale: float = 1.0
+    # speedrun only: sliding attention window growing linearly from [start, end] tokens over the run,
+    # in whole 128-token blocks (the paper's [128, 1856]); null: attention over the whole sequence
+    window_tokens: list[int] | None = None
 
     def validate(self):
         for key in ("steps", "batch_size", "micro_batch_size", "val_batch_size", "keep_checkpoints"):
@@ -146,6 +168,11 @@ class TrainConfig:
         _choice("train.autocast", self.autocast, ("none", "bf16"))
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0 < self.grad_scale < float("inf"):
+            raise ValueError(f"train.grad_scale must be a finite number > 0, got {self.grad_scale}")
+        if self.window_tokens is not None and (len(self.window_tokens) != 2 or min(self.window_tokens) < 128):
+            raise ValueError(f"train.window_tokens must be [start, end] with both >= 128 (one 128-token block), "
+                             f"or null; got {self.window_tokens}")
 
 
 @dataclass
@@ -234,6 +261,8 @@ class RunConfig:
             for key in SECTIONS:
                 getattr(self, key).validate()
             self.optimizer.validate()
+            if self.train.window_tokens is not None and self.model.arch != "speedrun":
+                raise ValueError("train.window_tokens needs model.arch speedrun (the gpt2 model has no sliding window)")
             block_size = self.model.resolved()["block_size"]
             if self.data.seq_len > block_size:
                 raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds the model's context model.block_size ({block_size})")

@@ -18,13 +18,13 @@ import sys
 import numpy as np
 
 from data.shards import ShardError, read_header, write_shard
+from data.tokenizer import EOT_TOKEN
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "data", "fineweb10B")
 DEFAULT_REPO = "kjj0/fineweb10B-gpt2"
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VAL_DOCS = 10_000
-EOT_TOKEN = 50256
 
 
 def shard_name(split, index, prefix="fineweb"):

@@ -1,6 +1,9 @@
 """
 Deterministic, world-size independent loading of (x, y) windows from token shards.
 
+Two layouts (config data.layout): `windows` (TokenLoader, below: independent, optionally
+shuffled windows; the default) and `stream` (StreamLoader: the paper harness's in-order stream).
+
 The rule: training data is a pure function of (files, seq_len, seed, step).
 
 - Every shard is cut into non-overlapping windows of seq_len + 1 tokens
@@ -105,7 +108,8 @@ class TokenLoader:
             raise ShardError(f"{self.files[s]}: token id {bad} >= vocab_size {self.vocab_size} "
                              f"(in the window at token offset {offset})")
         tokens = torch.from_numpy(buf.astype(np.int64))
-        x, y = tokens[:, :-1], tokens[:, 1:]
+        # contiguous: a pinned copy of a strided view would stage through an unpinned temporary
+        x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         if self.pin and torch.cuda.is_available():
             # pinned host memory lets the caller's .to(device, non_blocking=True) overlap compute
             x, y = x.pin_memory(), y.pin_memory()
@@ -127,6 +131,73 @@ class TokenLoader:
         mb = batch_size // (world_size * grad_accum)
         start = step * batch_size + (micro_step * world_size + rank) * mb
         return self.sequences(range(start, start + mb))
+
+
+class StreamLoader:
+    """The paper harness's data layout: one token stream, read in order.
+
+    Step s reads the G = batch_size x seq_len tokens at position p_s of one shard, cut into
+    batch_size consecutive seq_len-token sequences (targets shifted by one token); sequence k of
+    the step covers tokens[p_s + k T : p_s + (k + 1) T + 1]. Rank r of W takes the r-th of W equal
+    consecutive shares and splits it into its micro batches in order, as the paper's harness does,
+    so the sequences of a step are the same for every number of ranks and accumulation steps.
+    Position: a shard is read from its start in steps of G while p + G + 1 < len(shard) (the
+    harness's rule, which leaves the tail of each shard unread), then the next shard, after the
+    last the first again. Documents inside a sequence are told apart by the model (EOT tokens).
+    """
+
+    def __init__(self, files, seq_len, batch_size, vocab_size=None, pin=False):
+        if isinstance(files, str):
+            files = find_shards(files)
+        self.files = sorted(files)
+        if not self.files:
+            raise ShardError("no shard files given to the loader")
+        if seq_len < 1 or batch_size < 1:
+            raise ShardError(f"{_describe(self.files)}: seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.vocab_size, self.pin = vocab_size, pin
+        self.shards = [open_shard(f) for f in self.files]
+        G = batch_size * seq_len
+        for path, shard in zip(self.files, self.shards):
+            if len(shard) < G + 2:
+                raise ShardError(f"{path}: holds {len(shard)} tokens, fewer than one step of the stream layout needs "
+                                 f"(batch_size x seq_len + 2 = {G + 2}); use a smaller batch or seq_len, or larger shards")
+        # steps read from each shard: positions 0, G, 2G, ... while p + G + 1 < len
+        self.steps_per_shard = [(len(shard) - G - 2) // G + 1 for shard in self.shards]
+        self.first_step = np.cumsum([0] + self.steps_per_shard)  # of each shard, within one pass
+
+    def position(self, step):
+        """(shard index, token offset) where step `step` starts reading."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        in_pass = step % int(self.first_step[-1])
+        shard = int(np.searchsorted(self.first_step, in_pass, side="right")) - 1
+        return shard, (in_pass - int(self.first_step[shard])) * self.batch_size * self.seq_len
+
+    def micro_batch(self, step, batch_size, micro_step, grad_accum, rank, world_size):
+        """(x, y) of shape (mb, seq_len): this rank's micro step `micro_step` of step `step`."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"the stream loader was built for batch_size {self.batch_size}, got {batch_size}")
+        if not 0 <= rank < world_size or not 0 <= micro_step < grad_accum:
+            raise ValueError(f"rank {rank} / micro_step {micro_step} out of range ({world_size} ranks, {grad_accum} steps)")
+        if batch_size % (world_size * grad_accum):
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} "
+                             f"x grad_accum {grad_accum} = {world_size * grad_accum}")
+        mb = batch_size // (world_size * grad_accum)
+        first = rank * (batch_size // world_size) + micro_step * mb  # sequence index within the step
+        shard, offset = self.position(step)
+        T = self.seq_len
+        start = offset + first * T
+        buf = np.asarray(self.shards[shard][start:start + mb * T + 1], dtype=np.int64)
+        if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
+            raise ShardError(f"{self.files[shard]}: token id {int(buf.max())} >= vocab_size {self.vocab_size} "
+                             f"(in the tokens from offset {start})")
+        tokens = torch.from_numpy(buf)
+        # contiguous copies: pinned memory then takes them without another staging copy
+        x, y = tokens[:-1].view(mb, T).clone(), tokens[1:].view(mb, T).clone()
+        if self.pin and torch.cuda.is_available():
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
 
 
 def val_sequences(files, seq_len, val_tokens, rank=0, world_size=1, batch_size=8, vocab_size=None, pin=False):

@@ -19,8 +19,9 @@ def tiny_model(**kw):
 def test_forward_shapes_loss_and_tied_head():
     model = tiny_model()
     idx = torch.randint(0, 64, (3, 16))
-    logits, loss = model(idx, idx)
-    assert logits.shape == (3, 16, 64)
+    none, loss = model(idx, idx)
+    assert none is None  # with targets the (B, T, vocab) logits are not returned (nor kept)
+    assert model(idx)[0].shape == (3, 16, 64)
     assert loss.ndim == 0 and abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.5
     assert model.lm_head.weight is model.transformer.wte.weight
     loss.backward()

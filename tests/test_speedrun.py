@@ -35,7 +35,9 @@ def test_forward_backward_shapes_and_initial_loss():
     model = tiny_model()
     assert isinstance(model, SpeedrunGPT)
     idx = torch.randint(0, VOCAB, (3, 16))
-    logits, loss = model(idx, idx)
+    none, loss = model(idx, idx)
+    assert none is None  # with targets the (B, T, vocab) logits are not returned (nor kept)
+    logits, _ = model(idx)
     assert logits.shape == (3, 16, VOCAB) and logits.dtype == torch.float32
     # the zero-initialised head predicts uniformly: loss is exactly log(vocab)
     assert loss.ndim == 0 and loss.item() == pytest.approx(math.log(VOCAB), abs=1e-5)
@@ -44,8 +46,9 @@ def test_forward_backward_shapes_and_initial_loss():
     assert model(idx)[1] is None
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the preset's autocast: fp32 logits, finite loss
-        logits, loss = randomized(tiny_model())(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: fp32 logits, finite loss
+        model = randomized(tiny_model())
+        logits, loss = model(idx)[0], model(idx, idx)[1]
     assert logits.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -95,8 +98,8 @@ def test_value_embeddings_and_skips_are_unet_symmetric():
     with torch.device("meta"):  # the paper size without allocating 1 GB
         model = create_model("speedrun", **PRESETS["speedrun"])
     assert model.ve_index == [0, 1, 2, None, None, None, None, None, None, 0, 1, 2]
-    assert [hasattr(b.attn, "v_lambdas") for b in model.blocks] == [i in (0, 1, 2, 9, 10, 11) for i in range(12)]
-    assert len(model.value_embeds) == 3 and model.skip_weights.shape == (6,)
+    assert [b.attn is None for b in model.blocks] == [i == 7 for i in range(12)]  # layer 7: MLP only
+    assert len(model.value_embeds.embed) == 3 and model.skip_weights.shape == (6,)
     assert model.config.head_dim == 128
 
 
@@ -105,16 +108,16 @@ def test_paper_size_parameter_count_and_routing():
         model = create_model("speedrun", **PRESETS["speedrun"])
     groups = split_parameters(model)
     numel = {kind: sum(p.numel() for _, p in ps) for kind, ps in groups.items()}
-    V, C, L = 50304, 768, 12
-    assert numel == {"hidden": L * (4 * C * C + 2 * 4 * C * C),  # q, k, v, attn proj; mlp fc, proj
+    V, C, L, A = 50304, 768, 12, 11  # A: layers with attention (all but layer 7)
+    assert numel == {"hidden": A * 4 * C * C + L * 2 * 4 * C * C,  # q, k, v, attn proj; mlp fc, proj
                      "embed": 4 * V * C,  # token embedding + 3 value embeddings
                      "head": V * C,
-                     "scalar": L * 2 + 6 * 2 + L // 2}  # block lambdas, value-embed lambdas, skip weights
-    assert model.num_params() == sum(numel.values()) == 278_102_058
+                     "scalar": L * 2 + A * 2 + L // 2}  # block lambdas, attention lambdas, skip weights
+    assert model.num_params() == sum(numel.values()) == 275_742_772  # the paper harness's model
     assert sorted({tuple(p.shape) for _, p in groups["hidden"]}) == [(C, C), (C, 4 * C), (4 * C, C)]
-    assert len(groups["hidden"]) == L * 6
+    assert len(groups["hidden"]) == A * 4 + L * 2 == 68
     assert [n for n, _ in groups["head"]] == ["lm_head.weight"]
-    assert sorted(n for n, _ in groups["embed"]) == ["embed.weight"] + [f"value_embeds.{i}.weight" for i in range(3)]
+    assert sorted(n for n, _ in groups["embed"]) == ["embed.weight"] + [f"value_embeds.embed.{i}.weight" for i in range(3)]
     assert all(p.ndim == 1 for _, p in groups["scalar"])
 
 
@@ -125,10 +128,10 @@ def test_routing_into_optimizers():
     for i in range(4):
         for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             assert f"blocks.{i}.{m}.weight" in names["hidden"]
-    assert names["embed"] == {"embed.weight", "value_embeds.0.weight"}
+    assert names["embed"] == {"embed.weight", "value_embeds.embed.0.weight"}
     assert names["head"] == {"lm_head.weight"}
     assert names["scalar"] == {"skip_weights", *(f"blocks.{i}.lambdas" for i in range(4)),
-                               "blocks.0.attn.v_lambdas", "blocks.3.attn.v_lambdas"}
+                               *(f"blocks.{i}.attn.lambdas" for i in range(4))}
     hidden_opt, adam_opt = build_optimizers(model, "mfsgd", MoFaSGDConfig(rank=4), AdamConfig())
     assert {id(p) for g in hidden_opt.param_groups for p in g["params"]} == {id(p) for _, p in groups["hidden"]}
     assert {g["kind"] for g in adam_opt.param_groups} == {"embed", "head", "scalar"}
@@ -154,7 +157,8 @@ def test_create_model_and_config_validation():
 
     cfg = resolve_config("adamw", {"model": {"arch": "speedrun", "preset": "speedrun-tiny", "vocab_size": VOCAB}})
     fields = cfg.model.resolved()
-    assert fields == dict(PRESETS["speedrun-tiny"], vocab_size=VOCAB, num_value_embeds=3, logit_softcap=15.0)
+    assert fields == dict(PRESETS["speedrun-tiny"], vocab_size=VOCAB, num_value_embeds=3, logit_softcap=15.0,
+                          skip_attn_layers=None, bf16=False)
     assert create_model(cfg.model.arch, **fields)(torch.zeros(1, 8, dtype=torch.long))[0].shape == (1, 8, VOCAB)
     assert "dropout" in resolve_config("adamw", {}).model.resolved()  # gpt2 keeps its fields
 
@@ -162,7 +166,10 @@ def test_create_model_and_config_validation():
         "model.arch must be one of gpt2, speedrun": {"arch": "llama"},
         "applies only to model.arch speedrun": {"logit_softcap": 10.0},
         "must be between 0 and n_layer // 2 = 2": {"arch": "speedrun"},  # base preset cpu-small: 4 layers
-        "even head dimension": {"arch": "speedrun", "preset": "speedrun-tiny", "n_head": 64},
+        "head dimension divisible by 4": {"arch": "speedrun", "preset": "speedrun-tiny", "n_head": 32},
+        "layer 5 is not a layer in": {"arch": "speedrun", "preset": "speedrun-tiny", "skip_attn_layers": [5]},
+        "layer 9 is not a layer in": {"arch": "speedrun", "preset": "speedrun-tiny", "num_value_embeds": 2,
+                                      "skip_attn_layers": [9]},
         "no dropout": {"arch": "speedrun", "preset": "speedrun-tiny", "dropout": 0.1},
         "logit_softcap must be > 0": {"arch": "speedrun", "preset": "speedrun-tiny", "logit_softcap": 0},
     }
@@ -174,23 +181,25 @@ def test_create_model_and_config_validation():
 def test_nanogpt_paper_preset_resolves():
     cfg = resolve_config("mfsgd", {}, preset="nanogpt-paper")
     assert cfg.model.arch == "speedrun" and cfg.model.preset == "speedrun"
-    assert cfg.model.resolved() == dict(n_layer=12, n_head=6, n_embd=768, block_size=1024, vocab_size=50304,
-                                        num_value_embeds=3, logit_softcap=15.0)
+    assert cfg.model.resolved() == dict(n_layer=12, n_head=6, n_embd=768, block_size=65536, vocab_size=50304,
+                                        num_value_embeds=3, logit_softcap=15.0, skip_attn_layers=None, bf16=True)
     d = cfg.data
     assert (d.train_files, d.val_files) == ("data/fineweb10B/fineweb_train_*.bin", "data/fineweb10B/fineweb_val_*.bin")
-    assert (d.seq_len, d.val_tokens, d.shuffle) == (1024, 10485760, False)
+    assert (d.layout, d.seq_len, d.val_tokens, d.shuffle) == ("stream", 65536, 10485760, False)
     t = cfg.train
-    assert (t.steps, t.batch_size, t.micro_batch_size, t.val_every, t.val_batch_size) == (1390, 512, 64, 20, 64)
-    assert (t.autocast, t.compile, t.device, t.ckpt_every) == ("bf16", True, "auto", 200)
+    assert (t.steps, t.batch_size, t.micro_batch_size, t.val_every, t.val_batch_size) == (1390, 8, 1, 20, 1)
+    assert (t.autocast, t.compile, t.device, t.ckpt_every) == ("none", True, "auto", 200)
+    assert (t.grad_scale, t.window_tokens) == (2.0, [128, 1856])
     assert t.batch_size * d.seq_len == 524_288  # tokens per step
     assert d.val_tokens % (8 * t.val_batch_size * d.seq_len) == 0  # whole val batches on 8 GPUs
     a = cfg.adam
-    assert (a.betas, a.embed_lr, a.head_lr, a.scalar_lr, a.eps) == ([0.8, 0.95], 0.6, 0.008, 0.04, 1e-10)
+    assert (a.betas, a.embed_lr, a.head_lr, a.scalar_lr, a.eps) == ([0.8, 0.95], 0.6, 0.008, 0.04, 1e-8)
     # the optimizer preset applies as it is: flat lr, linear cooldown over the last 40%
     assert cfg.optimizer.cooldown_frac == 0.4 and cfg.optimizer.rank == 32
     assert cfg.grad_accum == 8  # one GPU
-    gpus8 = dict(nproc=8, world_size=8, device="cuda", backend="nccl")
-    assert resolve_config("mfsgd", {"rank": 16}, preset="nanogpt-paper", launch=gpus8).grad_accum == 1
+    gpus = lambda n: dict(nproc=n, world_size=n, device="cuda", backend="nccl")
+    assert resolve_config("mfsgd", {"rank": 16}, preset="nanogpt-paper", launch=gpus(8)).grad_accum == 1
+    assert resolve_config("mfsgd", {}, preset="nanogpt-paper", launch=gpus(4)).grad_accum == 2
 
 
 def test_three_step_training_through_the_launcher(tmp_path):
