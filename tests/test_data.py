@@ -480,3 +480,87 @@ def test_fineweb_tokenize_errors(tmp_path, monkeypatch):
     with pytest.raises(ShardError) as excinfo:
         fineweb.tokenize(str(tmp_path / "few.txt"), str(tmp_path / "out"), val_docs=5)
     one_line_error(excinfo, "few.txt", "no train tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream layout (StreamLoader): the paper harness's in-order reading
+
+
+class OfficialStreamReader:
+    """The paper harness's data loader, restated from its rules: shards in sorted order, each read
+    from its start; before each step, if position + batch + 1 >= the shard's length, move to the next
+    shard (after the last, the first); rank r of W reads tokens [p + r D, p + (r + 1) D + 1), D =
+    batch / W, and splits them into micro batches of `micro` tokens; the position advances by batch."""
+
+    def __init__(self, files, rank, world_size):
+        self.shards = [open_shard(f) for f in sorted(files)]
+        self.rank, self.world_size = rank, world_size
+        self.shard, self.position = 0, 0
+
+    def next_batch(self, batch_tokens, micro_tokens):
+        if self.position + batch_tokens + 1 >= len(self.shards[self.shard]):
+            self.shard, self.position = (self.shard + 1) % len(self.shards), 0
+        per_rank = batch_tokens // self.world_size
+        start = self.position + self.rank * per_rank
+        tokens = np.asarray(self.shards[self.shard][start:start + per_rank + 1], dtype=np.int64)
+        self.position += batch_tokens
+        x, y = tokens[:-1], tokens[1:]
+        return [(x[i:i + micro_tokens], y[i:i + micro_tokens]) for i in range(0, per_rank, micro_tokens)]
+
+
+@pytest.fixture
+def stream_shards(tmp_path):
+    """Three shards of unequal lengths (unread tails of different sizes), token t = position mod 50000
+    plus an offset per shard, so every read is identifiable."""
+    files = []
+    for i, n in enumerate([1000, 1500, 777]):
+        path = str(tmp_path / f"train_{i:06d}.bin")
+        write_shard(path, (np.arange(n) + 10_000 * i) % 50_000)
+        files.append(path)
+    return files
+
+
+@pytest.mark.parametrize("world_size,grad_accum", [(1, 1), (1, 4), (2, 1), (2, 2), (4, 1)])
+def test_stream_loader_reproduces_the_official_order(stream_shards, world_size, grad_accum):
+    from data.loader import StreamLoader
+
+    T, batch = 16, 8  # 8 sequences of 16 tokens: 128 tokens per step
+    loader = StreamLoader(stream_shards, T, batch)
+    mb = batch // (world_size * grad_accum)
+    # enough steps to pass every shard boundary and wrap around to the first shard twice
+    steps = 3 * sum(loader.steps_per_shard) + 2
+    for rank in range(world_size):
+        official = OfficialStreamReader(stream_shards, rank, world_size)
+        for step in range(steps):
+            expected = official.next_batch(batch * T, mb * T)
+            for micro in range(grad_accum):
+                x, y = loader.micro_batch(step, batch, micro, grad_accum, rank, world_size)
+                assert x.shape == y.shape == (mb, T) and x.is_contiguous() and y.is_contiguous()
+                assert np.array_equal(x.numpy().reshape(-1), expected[micro][0]), (rank, step, micro)
+                assert np.array_equal(y.numpy().reshape(-1), expected[micro][1]), (rank, step, micro)
+    # the shards' tails the harness never reads: shard 0 holds 1000 tokens, 7 steps of 128 (896 + 1 < 1000)
+    assert loader.steps_per_shard == [7, 11, 6]
+
+
+def test_stream_loader_steps_hold_the_same_sequences_for_any_world_size(stream_shards):
+    from data.loader import StreamLoader
+
+    loader = StreamLoader(stream_shards, 16, 8)
+    for step in (0, 5, 23):
+        one = torch.cat([loader.micro_batch(step, 8, 0, 1, 0, 1)[0]])
+        for world, accum in ((2, 2), (4, 2), (8, 1)):
+            parts = [loader.micro_batch(step, 8, m, accum, r, world)[0] for r in range(world) for m in range(accum)]
+            assert torch.equal(torch.cat(parts), one)
+
+
+def test_stream_loader_errors(stream_shards, tmp_path):
+    from data.loader import StreamLoader
+
+    with pytest.raises(ShardError, match=r"train_000002.bin: holds 777 tokens, fewer than one step"):
+        StreamLoader(stream_shards, 16, 50)  # 800 tokens per step: shards 0 and 1 hold enough, shard 2 not
+    loader = StreamLoader(stream_shards, 16, 8, vocab_size=5_000)
+    loader.micro_batch(0, 8, 0, 1, 0, 1)  # shard 0 holds ids below 1000
+    with pytest.raises(ShardError, match=r"train_000001.bin: token id \d+ >= vocab_size 5000"):
+        loader.micro_batch(7, 8, 0, 1, 0, 1)  # the first step of shard 1 (ids from 10,000)
+    with pytest.raises(ValueError, match="built for batch_size 8"):
+        loader.micro_batch(0, 16, 0, 1, 0, 1)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -216,3 +217,72 @@ def test_three_step_training_through_the_launcher(tmp_path):
     assert metrics[1]["train_loss"] == pytest.approx(math.log(TINY_VOCAB), abs=1e-4)  # zero head at step 0
     config = json.loads((tmp_path / "speedrun" / "config.json").read_text())
     assert config["model"]["arch"] == "speedrun"
+
+
+def write_document_corpus(directory, train_tokens=20_000, val_tokens=3_000):
+    """Random-walk tokens split into documents of 20-300 tokens, each starting with GPT-2's EOT."""
+    import numpy as np
+
+    from data.shards import write_shard
+    from data.tokenizer import EOT_TOKEN
+
+    rng = np.random.default_rng(0)
+    tokens = np.cumsum(rng.integers(-3, 4, size=train_tokens + val_tokens)) % 256
+    position = 0
+    while position < len(tokens):
+        tokens[position] = EOT_TOKEN
+        position += int(rng.integers(20, 300))
+    os.makedirs(directory, exist_ok=True)
+    write_shard(os.path.join(directory, "train_000000.bin"), tokens[:train_tokens])
+    write_shard(os.path.join(directory, "val_000000.bin"), tokens[train_tokens:])
+    return os.path.join(directory, "train_*.bin"), os.path.join(directory, "val_*.bin")
+
+
+def paper_layout_overrides(directory, steps=3, **train):
+    train_files, val_files = write_document_corpus(directory)
+    return {
+        "model": {"arch": "speedrun", "preset": None, "n_layer": 4, "n_head": 2, "n_embd": 32, "block_size": 512,
+                  "vocab_size": 50304, "num_value_embeds": 1},
+        "data": {"train_files": train_files, "val_files": val_files, "layout": "stream", "shuffle": False,
+                 "seq_len": 512, "val_tokens": 1024},
+        "train": {"steps": steps, "batch_size": 2, "micro_batch_size": 1, "val_every": 2, "val_batch_size": 1,
+                  "window_tokens": [128, 512], **train},
+        "logging": {"progress": False},
+    }
+
+
+def test_paper_layout_trains_through_the_launcher(tmp_path):
+    """The paper's layout on CPU: in-order streams holding several documents, the growing sliding
+    window (logged per step), validation with the window of its step, peaks of steps and validation."""
+    cfg = {**paper_layout_overrides(str(tmp_path / "corpus")), "rank": 4}
+    r = launch(["--optimizer", "mfsgd", "--name", "paper", "--config", json.dumps(cfg)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    metrics = read_metrics(tmp_path / "paper")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    # step s (1-based) trains with the window of loop step s - 1: 128 -> 512 tokens over 3 steps
+    assert [m["window_blocks"] for m in metrics[1:]] == [1, 2, 3]
+    assert all(math.isfinite(m["train_loss"]) for m in metrics[1:])
+    assert metrics[1]["train_loss"] == pytest.approx(math.log(50304), abs=1e-4)  # zero head at step 0
+    assert all("val_peak_mem_bytes" in m for m in metrics if "val_loss" in m)
+    assert all(m["peak_mem_bytes"] > 0 for m in metrics[1:])
+    summary = json.loads((tmp_path / "paper" / "summary.json").read_text())
+    assert summary["peak_mem_bytes"] == max(m["peak_mem_bytes"] for m in metrics[1:])
+    assert summary["val_peak_mem_bytes"] == max(m["val_peak_mem_bytes"] for m in metrics if "val_loss" in m)
+
+
+def test_grad_scale_multiplies_the_gradient(tmp_path):
+    """train.grad_scale 2 (the harness's 4-GPU gradient): Adam's first moment after one step is
+    exactly twice that of grad_scale 1 (at step 0 only the zero-initialised head has a gradient)."""
+    moments = {}
+    for scale in (1.0, 2.0):
+        cfg = paper_layout_overrides(str(tmp_path / "corpus"), steps=1, grad_scale=scale)
+        name = f"scale{scale:g}"
+        r = launch(["--optimizer", "adamw", "--name", name, "--config", json.dumps(cfg)], tmp_path)
+        assert r.returncode == 0, r.stderr
+        state = torch.load(next((tmp_path / name / "checkpoints").glob("step_*.pt")), weights_only=True)
+        adam = state["optimizers"][1]
+        head_group = next(g for g in adam["param_groups"] if g["kind"] == "head")
+        moments[scale] = adam["state"][head_group["params"][0]]["exp_avg"]
+        assert read_metrics(tmp_path / name)[1]["train_loss"] == pytest.approx(math.log(50304), abs=1e-4)
+    assert moments[1.0].abs().max() > 0
+    torch.testing.assert_close(moments[2.0], 2 * moments[1.0], rtol=1e-6, atol=0)
