@@ -15,7 +15,7 @@ transformers and bitsandbytes; wandb) are imported only when used.
     adamw      torch.optim.AdamW                  2 m n (+ step)
     mfsgd      MoFaSGD (mofasgd.py)               (m + n) r + r (+ step)
     galore     galore_torch.GaLoreAdamW (galore.py)  2 max(m, n) r' + min(m, n)^2, r' = min(r, m, n) (std)
-    muon       torch.optim.Muon                   m n (momentum buffer)
+    muon       torch.optim.Muon (muon.py: sharded)  m n (momentum buffer; 1/world of them per rank)
     adafactor  torch.optim.Adafactor              m + n (+ step): factored second moment
 See docs/optimizers.md for the keys, defaults and formulas.
 """
@@ -170,6 +170,7 @@ class MuonConfig(ScheduleConfig):
     adjust_lr_fn: str = "original"  # original: lr * sqrt(max(1, m/n)) (Keller Jordan's); match_rms_adamw
     momentum_warmup_steps: int = 300  # momentum goes linearly momentum_start -> momentum; 0: constant
     momentum_start: float = 0.85
+    shard: bool = True  # on several ranks, each orthogonalises its share of the matrices (optimizers/muon.py)
 
     def validate(self):
         super().validate()
@@ -247,8 +248,10 @@ def _build_galore(params, cfg: GaLoreConfig, device: str):
 
 
 def _build_muon(params, cfg: MuonConfig, device: str):
-    return torch.optim.Muon(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                            nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn)
+    from optimizers.muon import ShardedMuon
+
+    return ShardedMuon(params, shard=cfg.shard, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                       nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn)
 
 
 def _muon_schedules(cfg: MuonConfig):

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from helpers import launch, read_metrics, tiny_double_model, tiny_overrides, write_tiny_corpus
 from optimizers import MoFaSGD, split_parameters
 from optimizers.mofasgd import assign_owners
+from optimizers.muon import ShardedMuon
 
 STEPS = 6
 
@@ -48,6 +49,28 @@ def train(opt_kwargs, shard, steps=STEPS, resume_at=None, all_reduce=False):
         if all_reduce:  # comm="sketch" in the worker: sketch, then average the sketches
             opt.sketch_gradients_()
             opt.all_reduce_sketches()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+MUON = dict(lr=0.02, momentum=0.9, weight_decay=0.01, adjust_lr_fn="original")
+
+
+def train_muon(make_optimizer, steps=STEPS, resume_at=None):
+    """Muon on the hidden matrices of the tiny fp64 GPT, every rank seeing the same batches; with
+    resume_at, the optimizer is rebuilt from its (consolidated) state dict mid-run."""
+    model = tiny_double_model()
+    hidden = [p for _, p in split_parameters(model)["hidden"]]
+    opt = make_optimizer(hidden)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(steps):
+        if step == resume_at:
+            saved = opt.consolidated_state_dict() if hasattr(opt, "consolidated_state_dict") else opt.state_dict()
+            opt = make_optimizer(hidden)
+            opt.load_state_dict(saved)
+        x = torch.randint(0, 64, (4, 16), generator=gen)
+        model(x[:, :-1], x[:, 1:])[1].backward()
         opt.step()
         opt.zero_grad()
     return model, opt
@@ -98,6 +121,11 @@ def shard_worker(rank, world, port, out_dir):
             results[case] = {"params": [p.detach() for p in model.parameters()],
                              "owned": [i for i, p in enumerate(opt.param_groups[0]["params"]) if opt.state.get(p)],
                              "state_bytes": opt.state_bytes(), "exchanged_bytes": opt.exchanged_bytes,
+                             "consolidated": opt.consolidated_state_dict()}
+        for name, resume_at in (("muon", None), ("muon-resumed", 3)):
+            model, opt = train_muon(lambda ps: ShardedMuon(ps, **MUON), resume_at=resume_at)
+            results[name] = {"params": [p.detach() for p in model.parameters()], "exchanged_bytes": opt.exchanged_bytes,
+                             "owned": [i for i, p in enumerate(opt.param_groups[0]["params"]) if opt.state.get(p)],
                              "consolidated": opt.consolidated_state_dict()}
         for name, overlap, shard in (("flat", False, False), ("overlap", True, False), ("overlap-shard", True, True)):
             params, order = train_sketch_comm(rank, overlap, shard)
@@ -171,6 +199,34 @@ def test_sketch_all_reduce_during_backward_equals_after(sharded_runs):
     # the two ranks' data differ, so the all-reduce mattered: one rank alone ends elsewhere
     alone = train_sketch_comm(0, overlap=False, shard=False)[0]
     assert any(not torch.equal(a, b) for a, b in zip(flat, alone))
+
+
+@pytest.mark.parametrize("case", ["muon", "muon-resumed"])
+def test_sharded_muon_equals_torch_muon(sharded_runs, case):
+    """Each of 2 gloo ranks orthogonalises its share of the matrices: the parameters equal
+    torch.optim.Muon's on one process bit for bit, on both ranks, also after a resume from the
+    consolidated state; the momentum buffers are split between the ranks."""
+    ref_model, ref_opt = train_muon(lambda ps: torch.optim.Muon(ps, **MUON))
+    ranks = [runs[case] for runs in sharded_runs]
+    for out in ranks:
+        for a, b in zip(out["params"], ref_model.parameters()):
+            assert torch.equal(a, b.detach())
+        assert out["exchanged_bytes"] > 0
+    owned = [set(out["owned"]) for out in ranks]
+    ref_state = ref_opt.state_dict()["state"]
+    assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(ref_state) and all(owned)
+    got = ranks[0]["consolidated"]["state"]
+    assert sorted(got) == sorted(ref_state)
+    for i in ref_state:
+        assert torch.equal(got[i]["momentum_buffer"], ref_state[i]["momentum_buffer"])
+
+
+def test_sharded_muon_without_process_group_is_torch_muon():
+    a, _ = train_muon(lambda ps: torch.optim.Muon(ps, **MUON), steps=3)
+    b, opt = train_muon(lambda ps: ShardedMuon(ps, **MUON), steps=3)
+    assert opt.exchanged_bytes == 0 and opt.consolidated_state_dict().keys() == opt.state_dict().keys()
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
 
 
 def test_shard_without_process_group_is_plain_mofasgd():
