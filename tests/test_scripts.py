@@ -200,3 +200,22 @@ def test_bench_train_prints_both_loops(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_train.main(["--steps", "2"])  # nothing left to time after the warm-up
     assert "steps must be > 2" in capsys.readouterr().err
+
+
+def test_paper_ranks_sweep_uses_the_published_per_rank_settings():
+    """Rank 16 runs with the paper harness README's commands, rank 32 with its YAMLs; every run
+    resolves with the nanogpt-paper preset."""
+    from configs import resolve_config
+
+    from helpers import ROOT
+
+    runs = {r["name"]: r for r in sweep.expand(sweep.load_sweep(os.path.join(ROOT, "sweeps", "paper-ranks.yaml")))}
+    assert sorted(runs) == sorted(["mfsgd-rank16", "mfsgd-rank32", "mfsgd-rank64", "mfsgd-rank128", "galore-rank16",
+                                   "galore-rank32", "galore-rank64", "galore-rank128", "adamw", "muon"])
+    cfg = {name: resolve_config(r["optimizer"], r["config"], preset=r["preset"]) for name, r in runs.items()}
+    m16, m32 = cfg["mfsgd-rank16"].optimizer, cfg["mfsgd-rank32"].optimizer
+    assert (m16.rank, m16.lr, m16.eps, m16.max_value, m16.beta_start, m16.beta_end) == (16, 0.0009, 1e-6, 1000, 0.75, 0.95)
+    assert (m32.rank, m32.lr, m32.eps, m32.max_value, m32.beta_start, m32.beta_end) == (32, 0.05, 1e-10, 5, 0.65, 0.85)
+    g16, g32 = cfg["galore-rank16"].optimizer.group_params, cfg["galore-rank32"].optimizer.group_params
+    assert (g16.rank, g16.update_proj_gap, g32.rank, g32.update_proj_gap) == (16, 150, 32, 75)
+    assert all(c.data.layout == "stream" and c.model.arch == "speedrun" for c in cfg.values())
