@@ -7,7 +7,8 @@
 #   bench   optimizer-step table on CUDA: the 72-matrix GPT-2-small hidden set, fp32 (with the
 #           projector-forming reference) and bf16 parameters, MoFaSGD r=32 vs AdamW foreach/fused
 #   memory  bench_memory.py on CUDA (torch.cuda.max_memory_allocated), GPT-2 small, 1 x 1024
-#   train   shortened runs of the paper preset (arch speedrun, bf16 autocast, torch.compile,
+#   train   shortened runs of the paper preset (its model, 64K-token document-masked streams with the
+#           sliding window (flex_attention), bf16 embeddings and stream, torch.compile,
 #           fused Adam for the non-hidden groups, nccl on one GPU) for AdamW, Muon, MoFaSGD,
 #           MoFaSGD with sketch memory + sketch all-reduce (overlapped with backward) and, when
 #           galore-torch is importable, GaLore; then one summary table (median ms/step, peak memory)
@@ -48,8 +49,9 @@ else
     DEVICE=cuda; LAUNCH=(--num-gpus 1); PRESET=(--preset nanogpt-paper)
     BENCH=(--whole-model-only)
     MEMORY=(--model gpt2-small --seq-len 1024 --rank 32)
-    # one GPU: 2 accumulation steps of 64 x 1024 tokens per step; one val batch of 64 x 1024
-    SIZE='{"data": {"val_tokens": 65536}, "train": {"batch_size": 128}}'
+    # one GPU, the preset's layout: 2 accumulation steps of one 64K-token stream per step (a quarter
+    # of the preset's batch), one 64K-token validation stream, the window schedule over the short run
+    SIZE='{"data": {"val_tokens": 65536}, "train": {"batch_size": 2}}'
 fi
 
 run_config() {  # run_config OPTIMIZER_KEYS_JSON: SIZE + the short-run keys + the optimizer keys
