@@ -238,11 +238,11 @@ def write_document_corpus(directory, train_tokens=20_000, val_tokens=3_000):
     return os.path.join(directory, "train_*.bin"), os.path.join(directory, "val_*.bin")
 
 
-def paper_layout_overrides(directory, steps=3, **train):
+def paper_layout_overrides(directory, steps=3, model=None, **train):
     train_files, val_files = write_document_corpus(directory)
     return {
-        "model": {"arch": "speedrun", "preset": None, "n_layer": 4, "n_head": 2, "n_embd": 32, "block_size": 512,
-                  "vocab_size": 50304, "num_value_embeds": 1},
+        "model": model or {"arch": "speedrun", "preset": None, "n_layer": 4, "n_head": 2, "n_embd": 32,
+                           "block_size": 512, "vocab_size": 50304, "num_value_embeds": 1},
         "data": {"train_files": train_files, "val_files": val_files, "layout": "stream", "shuffle": False,
                  "seq_len": 512, "val_tokens": 1024},
         "train": {"steps": steps, "batch_size": 2, "micro_batch_size": 1, "val_every": 2, "val_batch_size": 1,
@@ -254,7 +254,8 @@ def paper_layout_overrides(directory, steps=3, **train):
 def test_paper_layout_trains_through_the_launcher(tmp_path):
     """The paper's layout on CPU: in-order streams holding several documents, the growing sliding
     window (logged per step), validation with the window of its step, peaks of steps and validation."""
-    cfg = {**paper_layout_overrides(str(tmp_path / "corpus")), "rank": 4}
+    speedrun_tiny = {"arch": "speedrun", "preset": "speedrun-tiny", "block_size": 512}
+    cfg = {**paper_layout_overrides(str(tmp_path / "corpus"), model=speedrun_tiny), "rank": 4}
     r = launch(["--optimizer", "mfsgd", "--name", "paper", "--config", json.dumps(cfg)], tmp_path)
     assert r.returncode == 0, r.stderr
     metrics = read_metrics(tmp_path / "paper")
