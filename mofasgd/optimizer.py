@@ -49,6 +49,8 @@ G; the stored factors are those of the first update, the step uses those of the 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 
 import torch
@@ -335,8 +337,44 @@ def _validate_hyperparameters(group: dict) -> None:
             raise ValueError(f"{name} must be a bool, got {group[name]!r}")
 
 
+def _unsupported_shape_message(shape: tuple) -> str:
+    what = "a scalar" if len(shape) == 0 else "a 1-D parameter" if len(shape) == 1 else f"a {len(shape)}-D parameter"
+    hint = (
+        "give 1-D parameters (biases, norm gains) to torch.optim.AdamW instead, e.g. "
+        "matrices = [p for p in model.parameters() if p.ndim == 2] for MoFaSGD and the rest for AdamW"
+        if len(shape) < 2 else
+        "for a conv weight (out, in, kh, kw), keep it as a 2-D parameter of shape (out, in*kh*kw) and "
+        "view it as 4-D in forward (F.conv2d(x, w.view(out, in, kh, kw))), or give it to torch.optim.AdamW"
+    )
+    return f"MoFaSGD only supports 2-D weight matrices; got {what} of shape {shape}: {hint}"
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _warn_at_caller(message: str, category=UserWarning) -> None:
+    """warnings.warn attributed to the first frame outside this package and torch (the user's
+    opt.step() or loss.backward() line), however deep in the optimizer the warning arises."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of this function
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep)
+                                 or frame.f_code.co_filename.startswith(_TORCH_DIR + os.sep)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 class MoFaSGD(Optimizer):
     """Momentum Factorized SGD for 2-D weights (see the module docstring for the algorithm).
+
+    The defaults are the paper's NanoGPT values (configs/optimizers/mfsgd.yaml, tested equal):
+    lr 0.05, rank 32, eta1 0.25, max_value 5, eps 1e-10. The paper's runs also warm beta up from
+    0.65 to 0.85 over the first 300 steps: add `BetaWarmup(opt)` (mofasgd.schedule) and call its
+    step() after each opt.step(); without it beta stays at `beta` (0.95, the harness's value when
+    its warmup is off).
+
+    Only 2-D weight matrices: give 1-D parameters (biases, norm gains), and as in the paper the
+    embeddings and the output head, to torch.optim.AdamW; a conv weight (out, in, kh, kw) must be
+    kept as a 2-D (out, in * kh * kw) parameter and viewed as 4-D in forward.
 
     Args (all are param-group defaults; lr and beta may be rewritten in the groups by schedules):
         lr: learning rate (> 0).
@@ -369,16 +407,16 @@ class MoFaSGD(Optimizer):
     def __init__(
         self,
         params,
-        lr: float = 0.02,
+        lr: float = 0.05,
         rank: int = 32,
         beta: float = 0.95,
-        eta1: float = 1.0,
+        eta1: float = 0.25,
         eta2: float = 0.0,
         use_current_projection: bool = True,
         use_ones_for_nonzero_s: bool = False,
         nesterov: bool = False,
         eps: float = 1e-10,
-        max_value: float = 1e4,
+        max_value: float = 5.0,
         init: str = "weight_svd",
         momentum: str = "sum",
         memory_mode: str = "full",
@@ -440,9 +478,7 @@ class MoFaSGD(Optimizer):
             )
         for p in group["params"]:
             if p.dim() != 2:
-                raise ValueError(
-                    f"MoFaSGD only supports 2-D parameters; got a parameter of shape {tuple(p.shape)}"
-                )
+                raise ValueError(_unsupported_shape_message(tuple(p.shape)))
         if getattr(self, "shard", False):
             self._owner_of = self._assign_owners()
 
@@ -494,9 +530,8 @@ class MoFaSGD(Optimizer):
         if rank > min(m, n):
             if (m, n) not in self._rank_warned_shapes:
                 self._rank_warned_shapes.add((m, n))
-                warnings.warn(
-                    f"MoFaSGD: rank {rank} > min(m, n) for a {m}x{n} parameter; using rank {min(m, n)}",
-                    stacklevel=3,
+                _warn_at_caller(
+                    f"MoFaSGD: rank {rank} > min(m, n) for a {m}x{n} parameter; using rank {min(m, n)}"
                 )
             rank = min(m, n)
         dtype = _compute_dtype(p.dtype)
