@@ -1,6 +1,8 @@
 # Every target runs inside .venv, created and filled from requirements.lock when missing or stale.
-PY := .venv/bin/python
-STAMP := .venv/.installed-stamp
+# VENV=$$CONDA_PREFIX fills an activated conda env instead (environment.yml).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
 TORCH_VERSION := 2.13.0
 # Where torch comes from: empty = pip's configured index (PyPI: on Linux the CUDA build). For the
 # CPU-only build: make TORCH_INDEX=https://download.pytorch.org/whl/cpu; a specific CUDA build:
@@ -18,7 +20,7 @@ install: $(STAMP)
 # 3. this repo's package mofasgd, editable (the harness and `import mofasgd` use the same source);
 # 4. pip check: the locked set is complete and consistent.
 $(STAMP): requirements.lock pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements.lock
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) $(TORCH_INDEX_ARG)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
