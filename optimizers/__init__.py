@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from optimizers.mofasgd import MoFaSGD
+from mofasgd import BetaWarmup, MoFaSGD, linear_warmup
 
 __all__ = ["MoFaSGD", "OPTIMIZERS", "OptimizerSpec", "split_parameters", "build_optimizers", "state_bytes"]
 
@@ -217,11 +217,6 @@ def check_betas(key, betas):
 # Builders and schedules
 
 
-def linear_warmup(start: float, end: float, steps: int) -> Callable[[int], float]:
-    """start -> end linearly over `steps` steps, then end."""
-    return lambda step: end if steps == 0 or step >= steps else start + (end - start) * step / steps
-
-
 def _build_adamw(params, cfg: AdamWConfig, device: str):
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=cfg.fused or None, foreach=None if cfg.fused else True)
@@ -238,7 +233,7 @@ def _build_mofasgd(params, cfg: MoFaSGDConfig, device: str):
 def _mofasgd_schedules(cfg: MoFaSGDConfig):
     if cfg.warmup_steps == 0:
         return {}
-    return {"beta": linear_warmup(cfg.beta_start, cfg.beta_end, cfg.warmup_steps)}
+    return {"beta": BetaWarmup(start=cfg.beta_start, end=cfg.beta_end, steps=cfg.warmup_steps)}
 
 
 def _build_galore(params, cfg: GaLoreConfig, device: str):

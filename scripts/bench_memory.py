@@ -1,6 +1,6 @@
 """Memory and communication per step: AdamW, GaLore, MoFaSGD (full gradients) and MoFaSGD (sketch).
 
-    python scripts/bench_memory.py [--model gpt2-small] [--seq-len 256] [--rank 32] [--device cpu]
+    python -m scripts.bench_memory [--model gpt2-small] [--seq-len 256] [--rank 32] [--device cpu]
 
 Each optimizer runs in its own process (peak memory is per process): the model, the same random
 batch, 3 training steps. Reported per optimizer:
@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 VARIANTS = {
     "adamw": ("adamw", {}),
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
         return 0
     results = {}
     for variant in args.variants.split(","):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", variant, "--model", args.model,
+        out = subprocess.run([sys.executable, "-m", "scripts.bench_memory", "--one", variant, "--model", args.model,
                               "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--device", args.device,
                               "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:

@@ -3,11 +3,11 @@
 Times optimizer.step() alone (gradients are pre-generated outside the timed region) and counts the
 optimizer state by distinct storages actually held (untyped_storage().nbytes()). Prints Markdown.
 
-    python scripts/bench_optimizers.py                    # per-shape table, CPU
-    python scripts/bench_optimizers.py --whole-model      # also the 72-matrix GPT-2-small hidden set
+    python -m scripts.bench_optimizers                    # per-shape table, CPU
+    python -m scripts.bench_optimizers --whole-model      # also the 72-matrix GPT-2-small hidden set
                                                           # (with the projector-forming reference row)
-    python scripts/bench_optimizers.py --device cuda
-    python scripts/bench_optimizers.py --shard 2          # hidden set, replicated vs sharded over 2 gloo ranks
+    python -m scripts.bench_optimizers --device cuda
+    python -m scripts.bench_optimizers --shard 2          # hidden set, replicated vs sharded over 2 gloo ranks
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from optimizers import OPTIMIZERS, state_bytes  # noqa: E402
-from optimizers.mofasgd import MoFaSGD, _umf_householder, spectral_scales  # noqa: E402
+from mofasgd import MoFaSGD, spectral_scales
+from mofasgd.optimizer import _umf_householder
+from optimizers import OPTIMIZERS, state_bytes
 
 GPT2_SMALL_SHAPES = "768x768,768x2304,768x3072,3072x768"
 # 12 blocks x (q, k, v, attention out as 768x768; MLP up 768x3072; MLP down 3072x768).

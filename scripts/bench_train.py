@@ -1,6 +1,6 @@
 """Harness overhead: tokens/s of the full training loop vs a bare forward/backward/step loop.
 
-    python scripts/bench_train.py [--optimizer adamw] [--steps 40] [--repeats 3] [--config JSON]
+    python -m scripts.bench_train [--optimizer adamw] [--steps 40] [--repeats 3] [--config JSON]
 
 Both run in this process on the same model, optimizers, batch shape and seeds, and both leave out
 their first WARMUP steps (optimizer state creation; the compile, with train.compile). The harness
@@ -19,18 +19,16 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
+import torch
 
-from configs import deep_merge, parse_overrides, resolve_config, resolve_path  # noqa: E402
-from data.loader import TokenLoader  # noqa: E402
-from data.shards import find_shards  # noqa: E402
-from model import create_model  # noqa: E402
-from optimizers import build_optimizers  # noqa: E402
-from results import read_jsonl  # noqa: E402
-from train_gpt import train  # noqa: E402
+from configs import deep_merge, parse_overrides, resolve_config, resolve_path
+from data.loader import TokenLoader
+from data.shards import find_shards
+from model import create_model
+from optimizers import build_optimizers
+from scripts.results import read_jsonl
+from train_gpt import train
 
 
 WARMUP = 2  # steps left out of both numbers

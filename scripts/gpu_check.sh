@@ -74,11 +74,11 @@ PYTHON
 for p in $PARTS; do
     case $p in
     bench)
-        part bench $PY scripts/bench_optimizers.py --device $DEVICE "${BENCH[@]}"
-        part bench $PY scripts/bench_optimizers.py --device $DEVICE --dtype bf16 --no-projector-reference "${BENCH[@]}"
+        part bench $PY -m scripts.bench_optimizers --device $DEVICE "${BENCH[@]}"
+        part bench $PY -m scripts.bench_optimizers --device $DEVICE --dtype bf16 --no-projector-reference "${BENCH[@]}"
         ;;
     memory)
-        part memory $PY scripts/bench_memory.py --device $DEVICE "${MEMORY[@]}"
+        part memory $PY -m scripts.bench_memory --device $DEVICE "${MEMORY[@]}"
         ;;
     train)
         RUNS=()
@@ -95,7 +95,7 @@ for p in $PARTS; do
             part train $PY run.py --optimizer "${run%-sketch}" "${LAUNCH[@]}" "${PRESET[@]}" \
                 --results-dir "$OUT/runs" --name "$run" --overwrite --config "$(run_config "$keys")"
         done
-        part train $PY scripts/summarize.py "$OUT/runs" --md "$OUT/summary.md"
+        part train $PY -m scripts.summarize "$OUT/runs" --md "$OUT/summary.md"
         cat "$OUT/summary.md" 2>/dev/null
         ;;
     *)

@@ -1,7 +1,7 @@
 """Loss curves and memory bars of one or more runs or sweeps, as PNG files.
 
-    python scripts/plot.py results/demo --out results/demo
-    python scripts/plot.py results/cpu-ranks/mfsgd-rank16 results/cpu-ranks/adamw --out figs
+    python -m scripts.plot results/demo --out results/demo
+    python -m scripts.plot results/cpu-ranks/mfsgd-rank16 results/cpu-ranks/adamw --out figs
 
 Writes into --out:
     loss.png    val loss vs step, vs tokens and vs wall-clock; smoothed train loss vs step
@@ -13,14 +13,13 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from results import Run, find_runs_or_report
+from scripts.results import Run, find_runs_or_report
 
 
 def ema_smooth(values: list[float], alpha: float = 0.9) -> list[float]:

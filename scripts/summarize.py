@@ -4,9 +4,9 @@ Speed columns: tokens_per_s over the whole run (summary.json: first steps and an
 included), steady_tokens_per_s and ms_per_step at the median step (warm-up and compile left out),
 first_step_ms (step 1: optimizer state creation and, with train.compile, the compile).
 
-    python scripts/summarize.py results/demo                 # Markdown to stdout
-    python scripts/summarize.py results/demo --csv out.csv   # also CSV
-    python scripts/summarize.py results/demo --md out.md     # Markdown to a file
+    python -m scripts.summarize results/demo                 # Markdown to stdout
+    python -m scripts.summarize results/demo --csv out.csv   # also CSV
+    python -m scripts.summarize results/demo --md out.md     # Markdown to a file
 
 Every number comes from the run's summary.json and metrics.jsonl.
 """
@@ -18,9 +18,8 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results import Run, find_runs_or_report
+from scripts.results import Run, find_runs_or_report
 
 COLUMNS = ["run", "optimizer", "rank", "steps", "final_val_loss", "best_val_loss", "final_val_ppl", "tokens_per_s",
            "steady_tokens_per_s", "ms_per_step", "first_step_ms", "peak_mem_mib", "opt_state_mib_hidden", "opt_state_mib_other", "comm_bytes_per_step"]

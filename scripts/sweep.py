@@ -1,7 +1,7 @@
 """Run a grid of training runs (optimizers x ranks x learning rates x seeds x any config key).
 
-    python scripts/sweep.py sweeps/cpu-ranks.yaml            # run them, one after another
-    python scripts/sweep.py sweeps/paper-ranks.yaml --dry-run # print the run.py commands
+    python -m scripts.sweep sweeps/cpu-ranks.yaml            # run them, one after another
+    python -m scripts.sweep sweeps/paper-ranks.yaml --dry-run # print the run.py commands
 
 A sweep file:
     name: cpu-ranks            # runs go to results/cpu-ranks/RUN
@@ -33,11 +33,9 @@ import time
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from results import load_run  # noqa: E402
+from scripts.results import load_run
 
 SECTION_NAMES = ("model", "data", "train", "adam", "logging", "optimizer")
 

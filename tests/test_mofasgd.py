@@ -444,7 +444,7 @@ def test_bf16_params_track_fp32_and_keep_fp32_state(tmp_path):
     w0 = decaying_matrix(m, n, g).to(torch.bfloat16)
     p16 = torch.nn.Parameter(w0.clone())
     p32 = torch.nn.Parameter(w0.float())
-    kwargs = dict(lr=0.01, rank=r, beta=0.9, eta2=0.5, max_value=50.0)
+    kwargs = dict(lr=0.01, rank=r, beta=0.9, eta1=1.0, eta2=0.5, max_value=50.0)
     opt16, opt32 = MoFaSGD([p16], **kwargs), MoFaSGD([p32], **kwargs)
     for _ in range(5):
         G = decaying_matrix(m, n, g).to(torch.bfloat16)
@@ -513,7 +513,7 @@ def test_rank_above_min_dim_is_clipped_with_one_warning():
 def test_bucketed_step_equals_one_optimizer_per_param(max_batch_elements, monkeypatch):
     # Same-shape params are updated as a batch (optionally split into chunks of one): the result
     # must equal running each parameter through its own optimizer.
-    import optimizers.mofasgd as module
+    import mofasgd.optimizer as module
 
     if max_batch_elements is not None:
         monkeypatch.setattr(module, "_MAX_BATCH_ELEMENTS", max_batch_elements)

@@ -8,11 +8,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-
-import plot  # noqa: E402
-import summarize  # noqa: E402
-import sweep  # noqa: E402
+from scripts import plot, summarize, sweep
 
 
 def test_sweep_expansion_and_names():
@@ -133,8 +129,8 @@ def test_projector_forming_reference_gives_mofasgd_parameters(eta2, current_proj
     speed-up the benchmark reports is between two implementations of one update."""
     import torch
 
-    import bench_optimizers
-    from optimizers.mofasgd import MoFaSGD
+    from mofasgd import MoFaSGD
+    from scripts import bench_optimizers
 
     g = torch.Generator().manual_seed(3)
     shapes = [(40, 72), (72, 40), (40, 72)]
@@ -184,7 +180,7 @@ def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
 def test_bench_train_prints_both_loops(tmp_path, capsys):
     """bench_train.py on a tiny model: the harness's own step times (metrics.jsonl, warm-up left
     out) against the bare loop, both positive, in one table."""
-    import bench_train
+    from scripts import bench_train
     from helpers import tiny_overrides, write_tiny_corpus
 
     cfg = tiny_overrides(write_tiny_corpus(tmp_path / "data"), rank=4)

@@ -52,6 +52,13 @@ def test_outputs_and_refusal_to_overwrite(tmp_path, corpus):
     assert summary["steps"] == 3 and summary["final_val_loss"] == metrics[-1]["val_loss"]
     env = json.loads((run_dir / "env.json").read_text())
     assert env["torch"] and env["world_size"] == 1
+    # every distribution the run imported, by importlib.metadata; the tree's state
+    import importlib.metadata as md
+
+    for dist in ("torch", "numpy", "PyYAML"):
+        assert env["packages"][dist] == md.version(dist), dist
+    assert "galore-torch" not in env["packages"]  # imported only by GaLore runs
+    assert isinstance(env["git_dirty"], bool) and env["git_commit"]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["optimizer"]["lr"] == 0.002 and config["optimizer"]["betas"] == [0.8, 0.95]
     # AdamW holds two moments per hidden weight: 2 * 4 bytes per element (+ step counters)

@@ -1,0 +1,2 @@
+"""The harness's command-line tools, run from the repo root as modules: `python -m scripts.sweep ...`
+(the repo root is then on sys.path, so they import the harness without path edits)."""
