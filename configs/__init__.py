@@ -217,7 +217,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
         d = dict(d)
+        for key in ("name", "optimizer_name"):
+            if not isinstance(d.get(key), str):
+                raise ConfigError(f"{key} must be a string, got {_show(d.get(key))}")
         name, opt_name = d.pop("name"), d.pop("optimizer_name")
         if opt_name not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {opt_name!r}; choose one of {sorted(OPTIMIZERS)}")
