@@ -269,6 +269,8 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
     run_dir = os.path.join(args.results_dir, name)
     if args.dry_run:
         return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=False))
+    if args.node_rank > 0:
+        node_config_matches(run_dir, cfg, args)  # before anything is created: a mismatch leaves the folder as it was
     lock_fd = claim_run_dir(run_dir, args, cfg)
     try:
         write_config(run_dir, cfg, args)
@@ -278,19 +280,26 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
     return torchrun_command(args, launch, run_dir, resume=False), run_dir, lock_fd
 
 
+def node_config_matches(run_dir: str, cfg: RunConfig, args) -> bool:
+    """Node ranks > 0: True if node 0 already wrote this very config (a shared filesystem); an error
+    if it wrote another one (config.json is never rewritten from here without --overwrite)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return False
+    try:
+        same = read_json_file(path) == json.loads(json.dumps(cfg.to_dict()))
+    except ConfigError:
+        same = False
+    if not same and not args.overwrite:
+        raise LaunchError(f"run {cfg.name!r} already exists in {run_dir} with another config; every node needs "
+                          f"node 0's arguments (or --resume {cfg.name} / --overwrite)")
+    return same
+
+
 def write_config(run_dir: str, cfg: RunConfig, args) -> None:
     path = os.path.join(run_dir, "config.json")
-    if args.node_rank > 0 and os.path.exists(path):
-        # on a shared filesystem node 0 wrote it: the same config, or an error (never rewritten)
-        try:
-            same = read_json_file(path) == json.loads(json.dumps(cfg.to_dict()))
-        except ConfigError:
-            same = False
-        if same:
-            return
-        if not args.overwrite:
-            raise LaunchError(f"run {cfg.name!r} already exists in {run_dir} with another config; every node needs "
-                              f"node 0's arguments (or --resume {cfg.name} / --overwrite)")
+    if args.node_rank > 0 and node_config_matches(run_dir, cfg, args):
+        return  # node 0 wrote it
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:
