@@ -18,14 +18,14 @@ install: $(STAMP)
 # 2. torch at the pinned version from TORCH_INDEX (its dependencies are already there from the lock;
 #    a CUDA build adds its nvidia-* packages);
 # 3. this repo's package mofasgd, editable (the harness and `import mofasgd` use the same source);
-# 4. pip check: the locked set is complete and consistent; 5. the repo root on the env's path (a .pth).
+# 4. pip check: the locked set is complete and consistent; 5. the repo root on the env's path (a .pth),
+#    so the harness's modules import anywhere in it and `python scripts/NAME.py` works too.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements.lock
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) $(TORCH_INDEX_ARG)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
-	# the harness's modules importable in this environment, so `python scripts/NAME.py` works too
 	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'mofa-harness.pth'), 'w').write('$(CURDIR)\n')"
 	touch $(STAMP)
 

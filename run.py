@@ -20,11 +20,14 @@ import subprocess
 import sys
 import time
 
-from configs import ConfigError, RunConfig, resolve_config, resolve_path
+import runlock
+from configs import NAME as RUN_NAME
+from configs import ConfigError, RunConfig, read_json_file, resolve_config, resolve_path
 from data.shards import ShardError, find_shards, open_shard, read_header
+from runlock import RunLockError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
+EXIT_FAILED, EXIT_STOPPED = 3, 75  # as train_gpt.py's: "failed" / "stopped" in summary.json
 
 
 class LaunchError(ValueError):
@@ -41,7 +44,7 @@ def parse_args(argv=None):
     devices.add_argument("--nproc", type=int, help="CPU workers per node (gloo); default 1")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-addr", help="node 0's address (needed with --nnodes > 1)")
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--max-restarts", type=int, default=0, help="passed to torchrun: restarts of failed workers")
     p.add_argument("--name", help="run name: the folder results/NAME (default: optimizer, rank and time)")
@@ -49,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN",
                    help="continue RUN (or --name) from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    p.add_argument("--restart-broken", action="store_true",
+                   help="start an existing run again only if it has no checkpoint and did not finish (what sweeps use)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the command; run nothing")
     return p.parse_args(argv)
 
@@ -63,6 +68,14 @@ def launch_settings(args) -> dict:
     """How many workers, on what device, with which backend."""
     if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise LaunchError(f"--nnodes must be >= 1 and 0 <= --node-rank < --nnodes, got {args.nnodes}, {args.node_rank}")
+    if args.nnodes > 1 and not args.master_addr:
+        raise LaunchError(f"--nnodes {args.nnodes} needs --master-addr HOST: node 0's address, the same on every node")
+    if args.master_addr is not None and not re.fullmatch(r"[A-Za-z0-9._:\[\]-]{1,253}", args.master_addr):
+        raise LaunchError(f"--master-addr must be a host name or IP address, got {args.master_addr!r}")
+    if not 1 <= args.master_port <= 65535:
+        raise LaunchError(f"--master-port must be in 1..65535, got {args.master_port}")
+    if not 0 <= args.max_restarts <= 1000:
+        raise LaunchError(f"--max-restarts must be in 0..1000, got {args.max_restarts}")
     if args.num_gpus is not None:
         available = cuda_device_count()
         if args.num_gpus < 1:
@@ -76,6 +89,9 @@ def launch_settings(args) -> dict:
         nproc = args.nproc if args.nproc is not None else 1
         if nproc < 1:
             raise LaunchError(f"--nproc must be >= 1, got {nproc}")
+        cores = os.cpu_count() or 1
+        if nproc > 4 * cores:
+            raise LaunchError(f"--nproc {nproc} is more than 4 workers per CPU core ({cores} cores here)")
         device = "cpu"
     return dict(nproc=nproc, nnodes=args.nnodes, world_size=nproc * args.nnodes, device=device,
                 backend="nccl" if device == "cuda" else "gloo")
@@ -113,6 +129,36 @@ def check_data(cfg: RunConfig) -> None:
     val_sequences(files["val_files"], cfg.data.seq_len, cfg.data.val_tokens)
 
 
+def machine_memory_bytes(device: str) -> tuple[int, str] | None:
+    """Memory one worker can have: (bytes, what) - a GPU's, or this machine's RAM; None if unknown."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory, "GPU"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "machine"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg: RunConfig) -> None:
+    """Sizes no worker could hold are an error before anything starts (a lower bound: weights,
+    gradients, two optimizer moments and one micro-batch's logits; activations not counted)."""
+    need, params = cfg.estimate_worker_bytes()
+    have = machine_memory_bytes(cfg.launch.device)
+    if have is None:
+        return
+    total, what = have
+    per_worker = total if cfg.launch.device == "cuda" else total // cfg.launch.nproc
+    if need > per_worker:
+        m = cfg.model.resolved()
+        raise ConfigError(
+            f"the model (n_layer {m['n_layer']}, n_embd {m['n_embd']}, block_size {m['block_size']}, vocab_size "
+            f"{m['vocab_size']}: {params:.3g} parameters) and batch need at least {need / 2**30:.3g} GiB per worker, more "
+            f"than the {per_worker / 2**30:.3g} GiB {'each GPU' if what == 'GPU' else 'this machine'} has"
+            + ("" if what == "GPU" else f" per worker ({cfg.launch.nproc} workers)"))
+
+
 # Seconds torchrun waits, after a stop signal, for the workers to finish their step, a due validation
 # and the stop checkpoint before it kills them (its default, 30 s, is shorter than a validation or
 # checkpoint of a large model).
@@ -134,38 +180,80 @@ def torchrun_command(args, launch: dict, run_dir: str, resume: bool) -> list[str
     return cmd
 
 
-def prepare_run(args) -> tuple[list[str], str | None]:
-    """Resolves everything; returns the worker command and the run dir (None for --dry-run)."""
+def resume_dir(args, name: str) -> str:
+    """--resume NAME is results-dir/NAME; a run folder elsewhere must be named on purpose, as a path
+    starting with / or ./"""
+    if name.startswith(("/", "./")):
+        return os.path.normpath(name)
+    if not RUN_NAME.fullmatch(name) or len(name) > 200:
+        raise LaunchError(f"--resume {name!r} is not a run name (letters, digits and . _ = , + -, a folder in "
+                          f"{args.results_dir}); give a run folder elsewhere as /PATH or ./PATH")
+    return os.path.join(args.results_dir, name)
+
+
+def read_summary(run_dir: str) -> dict | None:
+    """summary.json, or None when there is none; an unreadable one is reported and treated as none
+    (resume writes a new one)."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.lexists(path):
+        return None
+    try:
+        return read_json_file(path)
+    except ConfigError as e:
+        print(f"warning: {e}; ignored (the run writes a new one)", file=sys.stderr)
+        return None
+
+
+def prepare_run(args) -> tuple[list[str], str | None, int | None]:
+    """Resolves everything; returns the worker command, the run dir and the fd of the run folder's
+    lock (None, None for --dry-run)."""
     launch = launch_settings(args)
     resume_name = args.resume if isinstance(args.resume, str) else (args.name if args.resume else None)
     if args.resume and not resume_name:
         raise LaunchError("--resume needs a run name: --resume RUN or --name RUN --resume")
-    if args.resume and args.overwrite:
-        raise LaunchError("--resume and --overwrite exclude each other")
+    if args.resume and (args.overwrite or args.restart_broken):
+        raise LaunchError("--resume and --overwrite/--restart-broken exclude each other")
 
     if resume_name:
-        run_dir = os.path.join(args.results_dir, resume_name)
+        run_dir = resume_dir(args, resume_name)
         config_path = os.path.join(run_dir, "config.json")
         if not os.path.isfile(config_path):
             raise LaunchError(f"cannot resume {resume_name!r}: {config_path} does not exist")
         if args.config or args.optimizer or args.preset:
             raise LaunchError("--resume continues a run with its saved config; drop --optimizer/--config/--preset")
-        with open(config_path) as f:
-            saved = json.load(f)
-        summary_path = os.path.join(run_dir, "summary.json")
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                if json.load(f).get("status", "finished") == "finished":
-                    raise LaunchError(f"run {resume_name!r} already finished; --overwrite starts it again")
-        if saved["launch"]["world_size"] != launch["world_size"]:
-            raise LaunchError(f"{resume_name!r} ran on {saved['launch']['world_size']} workers; resume it with the same number")
-        check_newest_checkpoint(run_dir)
-        saved["launch"] = launch
-        cfg = RunConfig.from_dict(saved)
-        check_data(cfg)
+        lock_fd = None
         if args.dry_run:
-            return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=True))
-        return torchrun_command(args, launch, run_dir, resume=True), run_dir
+            holder = runlock.holder(run_dir, args.node_rank)
+            if holder:
+                raise RunLockError(f"run {resume_name!r} is in use by {holder}")
+        else:
+            lock_fd = runlock.claim(run_dir, args.node_rank)  # everything below is read under the lock
+        try:
+            saved = read_json_file(config_path)
+            summary = read_summary(run_dir)
+            if summary is not None and summary.get("status", "finished") == "finished":
+                raise LaunchError(f"run {resume_name!r} already finished; --overwrite starts it again")
+            saved_launch = saved.get("launch")
+            saved_world = saved_launch.get("world_size") if isinstance(saved_launch, dict) else None
+            if saved_world is not None and saved_world != launch["world_size"]:
+                raise LaunchError(f"{resume_name!r} ran on {saved_world} workers; resume it with the same number")
+            saved["launch"] = launch
+            try:
+                cfg = RunConfig.from_dict(saved)
+            except ConfigError as e:
+                raise ConfigError(f"{config_path}: {e}") from None
+            check_newest_checkpoint(run_dir, cfg)
+            check_data(cfg)
+            check_memory(cfg)
+            if args.dry_run:
+                return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=True))
+            if summary is not None or os.path.lexists(os.path.join(run_dir, "summary.json")):
+                os.remove(os.path.join(run_dir, "summary.json"))  # a stale "stopped"/"failed": this launch writes its own
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        return torchrun_command(args, launch, run_dir, resume=True), run_dir, lock_fd
 
     if not args.optimizer:
         raise LaunchError("--optimizer is required (or --resume RUN)")
@@ -173,90 +261,262 @@ def prepare_run(args) -> tuple[list[str], str | None]:
 
     overrides = parse_overrides(args.config)
     name = args.name or default_run_name(args.optimizer, overrides)
-    if not RUN_NAME.match(name):
-        raise LaunchError(f"run name {name!r} may hold only letters, digits and . _ = , + -")
+    if not RUN_NAME.fullmatch(name) or len(name) > 200:
+        raise LaunchError(f"run name {name!r} may hold only letters, digits and . _ = , + - (one folder name, at most "
+                          "200 characters, starting with a letter or digit)")
     cfg = resolve_config(args.optimizer, overrides, preset=args.preset, name=name, launch=launch)
     for warning in cfg.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     check_data(cfg)
+    check_memory(cfg)
     run_dir = os.path.join(args.results_dir, name)
     if args.dry_run:
         return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=False))
-    claim_run_dir(run_dir, args.overwrite, args.node_rank)
-    tmp = os.path.join(run_dir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, "config.json"))
-    return torchrun_command(args, launch, run_dir, resume=False), run_dir
+    if args.node_rank > 0:
+        node_config_matches(run_dir, cfg, args)  # before anything is created: a mismatch leaves the folder as it was
+    lock_fd = claim_run_dir(run_dir, args, cfg)
+    try:
+        write_config(run_dir, cfg, args)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return torchrun_command(args, launch, run_dir, resume=False), run_dir, lock_fd
+
+
+def node_config_matches(run_dir: str, cfg: RunConfig, args) -> bool:
+    """Node ranks > 0: True if node 0 already wrote this very config (a shared filesystem); an error
+    if it wrote another one (config.json is never rewritten from here without --overwrite)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return False
+    try:
+        same = read_json_file(path) == json.loads(json.dumps(cfg.to_dict()))
+    except ConfigError:
+        same = False
+    if not same and not args.overwrite:
+        raise LaunchError(f"run {cfg.name!r} already exists in {run_dir} with another config; every node needs "
+                          f"node 0's arguments (or --resume {cfg.name} / --overwrite)")
+    return same
+
+
+def write_config(run_dir: str, cfg: RunConfig, args) -> None:
+    path = os.path.join(run_dir, "config.json")
+    if args.node_rank > 0 and node_config_matches(run_dir, cfg, args):
+        return  # node 0 wrote it
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise LaunchError(f"cannot write {path}: {e.strerror}") from None
 
 
 def dry_run(cfg, command: list[str]):
     """--dry-run: print the resolved config and the worker command; launch nothing, write nothing."""
     print(json.dumps(cfg.to_dict(), indent=2))
     print(" ".join(command))
-    return [], None
+    return [], None, None
 
 
-def check_newest_checkpoint(run_dir: str) -> None:
-    """A corrupt newest checkpoint is a clear error that names an older one to fall back to."""
+def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
+    """A corrupt or unusable newest checkpoint is a clear error that names an older one to fall back
+    to; one past config.json's train.steps is an error too."""
     import torch
 
-    from train_gpt import list_checkpoints
+    from model import create_model
+    from train_gpt import checkpoint_problem, checkpoint_step, list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         return
+    problem = None
     try:  # mmap: reads the archive's index, not the tensors, so this is cheap even for big models
-        torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # any unreadable file is reported the same way
+        problem = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    if problem is None:
+        model = None
+        if cfg is not None:
+            with torch.device("meta"):  # shapes only, no memory
+                model = create_model(cfg.model.arch, **cfg.model.resolved())
+        problem = checkpoint_problem(state, checkpoints[-1], model)
+    if problem:
         older = f"; the older checkpoint {checkpoints[-2]} exists: delete the corrupt file to resume from it" \
             if len(checkpoints) > 1 else "; no older checkpoint exists: --overwrite starts the run again"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LaunchError(f"checkpoint {checkpoints[-1]} is corrupt ({reason}){older}") from None
+        raise LaunchError(f"checkpoint {checkpoints[-1]} is corrupt ({problem}){older}") from None
+    step = checkpoint_step(checkpoints[-1])
+    if cfg is not None and step > cfg.train.steps:
+        raise LaunchError(f"cannot resume: the newest checkpoint {checkpoints[-1]} is at step {step}, past "
+                          f"train.steps={cfg.train.steps} in {os.path.join(run_dir, 'config.json')}; set train.steps "
+                          f"to at least {step} there, or --overwrite to start again")
 
 
-def claim_run_dir(run_dir: str, overwrite: bool, node_rank: int) -> None:
-    """Creates the run folder; never replaces an existing run unless --overwrite."""
+def claim_run_dir(run_dir: str, args, cfg: RunConfig) -> int:
+    """Creates and locks the run folder (returns the lock's fd); never replaces an existing run
+    unless --overwrite (or, with --restart-broken, one that has no checkpoint and did not finish),
+    and never one another process owns."""
     name = os.path.basename(run_dir)
     try:
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     except OSError as e:
         raise LaunchError(f"cannot create the results dir {os.path.dirname(run_dir)}: {e.strerror}") from None
-    if os.path.exists(run_dir):
-        if node_rank > 0:
-            return  # on a shared filesystem node 0 made it
-        if not overwrite:
-            raise LaunchError(f"run {name!r} already exists in {run_dir}; pass --resume {name} to continue it or --overwrite to replace it")
-        shutil.rmtree(run_dir)
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise LaunchError(f"{run_dir} exists and is not a run folder")
+    if args.node_rank > 0:  # on a shared filesystem node 0 creates it; never cleared from here
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise LaunchError(f"cannot create the run dir {run_dir}: {e.strerror}") from None
+        return runlock.claim(run_dir, args.node_rank)
     try:
-        os.makedirs(run_dir)  # atomic: of two launches with one name, one fails here
+        os.mkdir(run_dir)  # atomic: of two launches with one name, one fails here
+        created = True
     except FileExistsError:
-        raise LaunchError(f"run {name!r} was just created by another launch; choose another --name") from None
+        created = False
     except OSError as e:
         raise LaunchError(f"cannot create the run dir {run_dir}: {e.strerror}") from None
     if not os.access(run_dir, os.W_OK):
         raise LaunchError(f"the run dir {run_dir} is not writable")
+    if created:
+        return runlock.claim(run_dir)
+    if not (args.overwrite or args.restart_broken):
+        holder = runlock.holder(run_dir)
+        raise LaunchError(f"run {name!r} already exists in {run_dir}" + (f" and is in use by {holder}" if holder else
+                          f"; pass --resume {name} to continue it or --overwrite to replace it"))
+    fd = runlock.claim(run_dir)  # the folder is ours from here on: what is checked stays true
+    try:
+        if args.restart_broken and not args.overwrite:
+            from train_gpt import list_checkpoints
+
+            summary = read_summary(run_dir)
+            if summary is not None and summary.get("status") == "finished":
+                raise LaunchError(f"run {name!r} in {run_dir} finished; --restart-broken restarts only broken runs")
+            if list_checkpoints(run_dir):
+                raise LaunchError(f"run {name!r} in {run_dir} has a checkpoint; resume it with --resume {name}")
+        for entry in os.listdir(run_dir):  # cleared in place: the lock files (and so the claim) stay
+            if runlock.is_lock_file(entry):
+                continue
+            path = os.path.join(run_dir, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    except OSError as e:
+        os.close(fd)
+        raise LaunchError(f"cannot clear the run dir {run_dir}: {e.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def caught_signals(pid: int) -> int:
+    """The mask of signals `pid` has handlers for (Linux /proc; -1 where unknown)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def outcome(args, run_dir: str, rc: int, stopped: bool) -> int:
+    """run.py's last line and exit code, from summary.json and torchrun's exit code."""
+    summary = None
+    path = os.path.join(run_dir, "summary.json")
+    try:
+        summary = read_json_file(path) if os.path.exists(path) else None
+    except ConfigError:
+        pass
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status == "finished" and rc == 0:
+        return 0
+    name = os.path.basename(run_dir)
+    if status == "stopped":
+        device = f"--num-gpus {args.num_gpus}" if args.num_gpus else f"--nproc {args.nproc or 1}"
+        if os.path.normpath(os.path.dirname(run_dir)) == os.path.normpath(args.results_dir):
+            target = name
+            default = os.path.normpath(args.results_dir) == os.path.join(ROOT, "results")
+            results = "" if default else f" --results-dir {args.results_dir}"
+        else:  # resumed from an explicit path
+            target, results = (run_dir if os.path.isabs(run_dir) else "./" + run_dir), ""
+        print(f"stopped by signal at step {summary.get('steps')}, checkpoint written; resume with: python run.py "
+              f"--resume {target} {device}{results}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    if status == "failed":
+        reason = summary.get("reason") or f"the workers exited with code {rc}"
+        print(f"error: {reason}" + ("" if "checkpoint" in reason else "; the last good checkpoint is kept"),
+              file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    reason = (f"the workers exited with code {rc}" if rc else "the workers ended without a summary") + \
+        (" after a stop signal" if stopped else "")
+    try:  # a crash: its traceback is above; the summary says what happened
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)
+        from train_gpt import write_json
+
+        write_json(path, {"name": saved.get("name"), "status": "failed", "reason": reason,
+                          "optimizer": saved.get("optimizer_name")})
+    except (OSError, ValueError, AttributeError):
+        pass
+    print(f"error: {reason}; resume with --resume {name} (from its newest checkpoint)", file=sys.stderr, flush=True)
+    return rc if rc not in (0, 2, EXIT_FAILED, EXIT_STOPPED) else 1
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cmd, run_dir = prepare_run(args)
-    except (ConfigError, ShardError, LaunchError) as e:
+        cmd, run_dir, lock_fd = prepare_run(args)
+    except (ConfigError, ShardError, LaunchError, RunLockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not cmd:
         return 0
+    runlock.write_holder(lock_fd)
     print(f"run dir: {run_dir}", file=sys.stderr)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    child = subprocess.Popen(cmd, env=env)
+    env[runlock.LAUNCHER_ENV] = str(os.getpid())
+    # torchrun: holds the folder's lock too (inherited), dies with us (SIGTERM: it stops the workers,
+    # which write a stop checkpoint), and has a session of its own, so a Ctrl-C reaches only us and
+    # we hand it to the workers (a signal to torchrun ends in its ChildFailedError traceback)
+    stops, signalled = [], set()
+    try:
+        child = subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,), start_new_session=True,
+                                 preexec_fn=runlock.torchrun_preexec(os.getpid()))
+    finally:
+        os.close(lock_fd)  # torchrun holds it now: the folder stays claimed as long as torchrun lives
+
+    def deliver(resend=False):
+        workers = runlock.child_pids(child.pid)
+        for pid in workers:
+            if (resend or pid not in signalled) and caught_signals(pid) & (1 << (stops[-1] - 1)):
+                try:  # only once the worker handles it: before that it would die, not stop
+                    os.kill(pid, stops[-1])
+                    signalled.add(pid)
+                except ProcessLookupError:
+                    pass
+        if caught_signals(child.pid) == -1:  # no /proc: torchrun passes it on
+            child.send_signal(stops[-1])
 
     def forward(signum, frame):  # a stop sent to the launcher alone reaches the workers too
-        child.send_signal(signum)
+        stops.append(signum)
+        deliver(resend=True)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    return child.wait()
+    while True:
+        try:
+            rc = child.wait(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if stops:
+                deliver()
+    return outcome(args, run_dir, rc, bool(stops))
 
 
 if __name__ == "__main__":

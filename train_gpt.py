@@ -10,11 +10,13 @@ Sections: distributed setup / schedules / evaluation / memory accounting / check
 """
 
 import argparse
+import errno
 import glob
 import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import subprocess
@@ -201,19 +203,77 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+CHECKPOINT_NAME = re.compile(r"step_(\d{1,18})\.pt")
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step number in a checkpoint's file name, or None for a name that is not a checkpoint's."""
+    match = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Checkpoint files, oldest first (by step number, which may outgrow the zero padding)."""
-    paths = glob.glob(os.path.join(checkpoint_dir(run_dir), "step_*.pt"))
-    return sorted(paths, key=lambda path: int(os.path.basename(path)[len("step_"):-len(".pt")]))
+    """Checkpoint files, oldest first (by step number, which may outgrow the zero padding); files
+    whose names hold no step number (step_x.pt, step_.pt) are not checkpoints and are left alone."""
+    paths = [p for p in glob.glob(os.path.join(checkpoint_dir(run_dir), "step_*.pt"))
+             if checkpoint_step(p) is not None and os.path.isfile(p)]
+    return sorted(paths, key=checkpoint_step)
+
+
+class RunFailed(Exception):
+    """A run that cannot go on (a full disk, an unusable checkpoint): one line, "failed" in summary.json."""
+
+
+# errors of a full or size-limited disk: the run fails with one line, older checkpoints kept
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def atomic_torch_save(obj, path: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # a full disk (or a kill) mid-write: no temp file left behind
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def checkpoint_problem(state, path: str, model=None) -> str | None:
+    """What makes a loaded checkpoint unusable (missing or mistyped keys, a step unlike its file
+    name's, a model of other shapes than `model`'s), or None."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a checkpoint"
+    for key, kind in (("step", int), ("elapsed_s", (int, float)), ("model", dict), ("optimizers", list),
+                      ("schedulers", list), ("rng", list)):
+        if key not in state:
+            return f"no {key!r} entry"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"its {key!r} entry is a {type(state[key]).__name__}"
+    if checkpoint_step(path) is not None and state["step"] != checkpoint_step(path):
+        return f"it holds step {state['step']}, its name says {checkpoint_step(path)}"
+    if len(state["optimizers"]) != 2 or len(state["schedulers"]) != 2 \
+            or not all(isinstance(s, dict) for s in state["optimizers"] + state["schedulers"]):
+        return "it does not hold the two optimizer and scheduler states of a run"
+    if not state["rng"] or not all(isinstance(r, dict) and isinstance(r.get("cpu"), torch.Tensor) for r in state["rng"]):
+        return "its 'rng' entry holds no CPU random state"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        return "its 'model' entry is not a state dict of tensors"
+    if model is not None:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state["model"].items()}
+        if set(expected) != set(got):
+            diff = sorted(set(expected) ^ set(got))
+            return f"its model has other parameters than config.json's (e.g. {diff[0]})"
+        for k in expected:
+            if expected[k] != got[k]:
+                return f"its model's {k} has shape {list(got[k])}, config.json's model {list(expected[k])}"
+    return None
 
 
 def save_checkpoint(run_dir, step, model, optimizers, schedulers, elapsed, keep, rank, world_size):
@@ -228,25 +288,43 @@ def save_checkpoint(run_dir, step, model, optimizers, schedulers, elapsed, keep,
     # a sharded optimizer's state is spread over the ranks: gather it (a collective) first
     optimizer_states = [opt.consolidated_state_dict() if hasattr(opt, "consolidated_state_dict") else opt.state_dict()
                         for opt in optimizers]
-    if rank != 0:
-        return
-    os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
-    state = {
-        "step": step,
-        "elapsed_s": elapsed,
-        "model": model.state_dict(),
-        "optimizers": optimizer_states,
-        "schedulers": [s.state_dict() for s in schedulers],
-        "rng": rngs,
-    }
-    atomic_torch_save(state, os.path.join(checkpoint_dir(run_dir), f"step_{step:07d}.pt"))
-    # older checkpoints past `keep`, and temp files left by a run killed mid-write
-    for old in list_checkpoints(run_dir)[:-keep] + glob.glob(os.path.join(checkpoint_dir(run_dir), "*.tmp.*")):
-        os.remove(old)
+    failure = None
+    if rank == 0:
+        try:
+            os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
+            state = {
+                "step": step,
+                "elapsed_s": elapsed,
+                "model": model.state_dict(),
+                "optimizers": optimizer_states,
+                "schedulers": [s.state_dict() for s in schedulers],
+                "rng": rngs,
+            }
+            atomic_torch_save(state, os.path.join(checkpoint_dir(run_dir), f"step_{step:07d}.pt"))
+            # older checkpoints past `keep`, and temp files left by a run killed mid-write
+            for old in list_checkpoints(run_dir)[:-keep] + glob.glob(os.path.join(checkpoint_dir(run_dir), "*.tmp.*")):
+                os.remove(old)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+            failure = f"cannot write the checkpoint of step {step} to {checkpoint_dir(run_dir)}: {reason}"
+    if dist.is_initialized():  # every rank learns whether rank 0's write failed, and stops with it
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        flag = torch.tensor([1.0 if failure else 0.0], device=device)
+        dist.all_reduce(flag)
+        if flag.item() > 0 and failure is None:
+            failure = f"rank 0 could not write the checkpoint of step {step}"
+    if failure:
+        raise RunFailed(f"{failure}; the older checkpoints are kept, resume with --resume once there is space")
 
 
 def load_checkpoint(path: str, model, optimizers, schedulers, rank: int) -> tuple[int, float]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise RunFailed(f"checkpoint {path} is corrupt ({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
+    problem = checkpoint_problem(state, path, model)
+    if problem:
+        raise RunFailed(f"checkpoint {path} is unusable: {problem}")
     model.load_state_dict(state["model"])
     for opt, s in zip(optimizers, state["optimizers"]):
         opt.load_state_dict(s)
@@ -275,20 +353,21 @@ class MetricsLog:
         if keep_until_step is not None and os.path.exists(path):
             # resuming: drop lines past the checkpoint so no step is missing or duplicated, and a
             # line cut short by a crash mid-write (it cannot be at or before the checkpoint's step)
-            lines = []
-            with open(path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
+            lines, dropped = [], 0
+            with open(path, "rb") as f:
+                for raw in f:
+                    record = metrics_record(raw)
+                    if record is None or record["step"] > keep_until_step:
+                        dropped += record is None and bool(raw.strip())
                         continue
-                    if record["step"] <= keep_until_step:
-                        lines.append(line if line.endswith("\n") else line + "\n")
-                        self.kept.append(record)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(lines)
-            os.replace(tmp, path)
+                    if self.kept and record["step"] <= self.kept[-1]["step"]:
+                        dropped += 1  # a repeated step: every step once
+                        continue
+                    lines.append(json.dumps(record) + "\n")
+                    self.kept.append(record)
+            if dropped:
+                print(f"warning: {path}: dropped {dropped} line(s) that are not step records", file=sys.stderr)
+            write_text_atomic(path, "".join(lines))
         elif os.path.exists(path):
             os.remove(path)
         self.file = open(path, "a")
@@ -303,12 +382,44 @@ class MetricsLog:
             self.file.close()
 
 
-def write_json(path: str, obj) -> None:
+METRIC_NUMBERS = ("train_loss", "val_loss", "lr", "tokens", "elapsed_s") + MEMORY_KEYS
+
+
+def metrics_record(raw: bytes) -> dict | None:
+    """A metrics.jsonl line as a record, or None for a line that is not one: cut short by a kill,
+    not UTF-8, not JSON, not an object with an integer step, or with a non-number where a number goes."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None
+    for key in METRIC_NUMBERS:
+        value = record.get(key)
+        if key in record and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return None
+    return record
+
+
+def write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # a full disk: no temp file left behind, the old file stays whole
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def git_state(path: str = ROOT) -> tuple[str | None, bool | None]:
@@ -380,11 +491,53 @@ def fail_non_finite(run_dir, cfg, model, step, reason, is_main):
     if bad and "parameter" not in reason:
         reason += f" (first non-finite parameter: {bad})"
     if is_main:
-        write_json(os.path.join(run_dir, "summary.json"), {"name": cfg.name, "status": "failed", "reason": reason,
-                                                           "steps": step - 1, "optimizer": cfg.optimizer_name})
-        print(f"error: {reason}; the last good checkpoint is kept", file=sys.stderr, flush=True)
+        write_summary_quietly(run_dir, {"name": cfg.name, "status": "failed", "reason": reason, "steps": step - 1,
+                                        "optimizer": cfg.optimizer_name})
+        if not launched_by_run_py():  # run.py prints the line itself, as the last thing printed
+            print(f"error: {reason}; the last good checkpoint is kept", file=sys.stderr, flush=True)
     shutdown_distributed()
-    sys.exit(3)
+    exit_process(EXIT_FAILED)
+
+
+# Exit codes of a run (run.py's, and a worker's when started without run.py): a worker started by
+# run.py exits 0 after a handled end (torchrun would print a ChildFailedError traceback, or restart
+# it, for any other code) and run.py reads the outcome from summary.json.
+EXIT_FAILED = 3  # the NaN guard, a full disk, an unusable checkpoint: "failed" in summary.json
+EXIT_STOPPED = 75  # a graceful stop (SIGTERM/SIGINT): "stopped" in summary.json, resumable (EX_TEMPFAIL)
+
+# Stop signals that arrive while the worker starts up (before train() runs) are kept here too.
+STOP_SIGNALS: list = []
+
+
+def launched_by_run_py() -> bool:
+    return bool(os.environ.get("MOFA_LAUNCHER_PID"))
+
+
+def exit_process(code: int) -> None:
+    """Exits without the interpreter's teardown (see main); 0 under run.py, which reports the outcome."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if launched_by_run_py() else code)
+
+
+def write_summary_quietly(run_dir: str, summary: dict) -> bool:
+    """summary.json if it can be written (a full disk may not let it)."""
+    try:
+        write_json(os.path.join(run_dir, "summary.json"), summary)
+        return True
+    except OSError:
+        return False
+
+
+def report_stop(run_dir: str, cfg, step: int, is_main: bool, signals: list) -> None:
+    """A graceful stop: "stopped" in summary.json (resumable; sweeps record it as stopped)."""
+    if not is_main:
+        return
+    name = signal.Signals(signals[0]).name if signals else "signal"
+    write_summary_quietly(run_dir, {"name": cfg.name, "status": "stopped", "reason": f"stopped by {name} at step {step}",
+                                    "steps": step, "optimizer": cfg.optimizer_name})
+    if not launched_by_run_py():
+        print(f"stopped by signal at step {step}, checkpoint written; resume with --resume", file=sys.stderr, flush=True)
 
 
 def exclude_from_ddp(model: torch.nn.Module, params: list) -> None:
@@ -491,7 +644,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     if is_main:  # after the optional imports (wandb, tqdm), so env.json lists their versions too
         write_json(os.path.join(run_dir, "env.json"), environment_info(device, world_size))
 
-    stop_signal = []
+    stop_signal = STOP_SIGNALS
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
@@ -600,8 +753,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
             paused += time.perf_counter() - pause_start
         step_start = timed_until + paused
         if stop_now:
-            if is_main:
-                print(f"stopped by signal at step {step}; checkpoint written, resume with --resume", file=sys.stderr)
+            report_stop(run_dir, cfg, step, is_main, stop_signal)
             break
     if progress is not None:
         progress.close()
@@ -637,14 +789,47 @@ def main():
     parser.add_argument("--run-dir", required=True, help="results/RUN holding config.json")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
     args = parser.parse_args()
-    train(args.run_dir, resume=args.resume)
+    import runlock
+
+    runlock.worker_dies_with_launcher()  # no trainer outlives its launcher
+    runlock.hold_as_worker(args.run_dir, int(os.environ.get("GROUP_RANK", "0")))  # kept until this process dies
+    try:
+        train(args.run_dir, resume=args.resume)
+    except RunFailed as e:
+        fail_run(args.run_dir, str(e))
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        fail_run(args.run_dir, f"cannot write to {e.filename or args.run_dir}: {e.strerror}; resume with --resume "
+                               "once there is space")
     # Every output is written and closed and the process group is left: skip the interpreter's
     # and C++ static teardown, where a communication thread's destructor can abort a finished
     # rank (SIGABRT, "terminate called without an active exception", seen rarely with gloo).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)
+
+
+def fail_run(run_dir: str, reason: str) -> None:
+    """A handled failure of every rank (RunFailed), or of rank 0 alone (a full disk): one line on
+    stderr (from run.py when it launched us), "failed" in summary.json if it can be written."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            with open(os.path.join(run_dir, "config.json")) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = {}
+        saved = saved if isinstance(saved, dict) else {}
+        write_summary_quietly(run_dir, {"name": saved.get("name"), "status": "failed", "reason": reason,
+                                        "optimizer": saved.get("optimizer_name")})
+        if not launched_by_run_py():
+            print(f"error: {reason}", file=sys.stderr, flush=True)
+    try:
+        shutdown_distributed()
+    except Exception:  # noqa: BLE001 - a peer already gone; the outcome is written
+        pass
+    exit_process(EXIT_FAILED)
 
 
 if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a stop before train() runs is kept
+        signal.signal(_sig, lambda signum, frame: STOP_SIGNALS.append(signum))
     main()

@@ -14,7 +14,9 @@ read back by the worker with `RunConfig.from_dict`.
 import copy
 import dataclasses
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -242,7 +244,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
         d = dict(d)
+        for key in ("name", "optimizer_name"):
+            if not isinstance(d.get(key), str):
+                raise ConfigError(f"{key} must be a string, got {_show(d.get(key))}")
         name, opt_name = d.pop("name"), d.pop("optimizer_name")
         if opt_name not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {opt_name!r}; choose one of {sorted(OPTIMIZERS)}")
@@ -258,6 +265,8 @@ class RunConfig:
 
     def validate(self):
         try:
+            for key in list(SECTIONS) + ["optimizer"]:
+                check_numbers(getattr(self, key), key)
             for key in SECTIONS:
                 getattr(self, key).validate()
             self.optimizer.validate()
@@ -312,6 +321,19 @@ class RunConfig:
             out.append(f"optimizer rank {rank} > min(m, n) = {width} of every hidden matrix: clipped to {width} per matrix")
         return out
 
+    def estimate_worker_bytes(self) -> tuple[int, int]:
+        """A lower bound on one worker's memory: (bytes, parameters). Parameters x 16 bytes (fp32
+        weight, gradient and up to two optimizer moments) plus one fp32 copy of the logits of the
+        larger of a training micro-batch and a validation batch. Activations are left out, so this
+        rejects only sizes no machine of the given memory could hold."""
+        m = self.model.resolved()
+        n_layer, n_embd, vocab, block = m["n_layer"], m["n_embd"], m["vocab_size"], m["block_size"]
+        params = n_layer * 12 * n_embd * n_embd + vocab * n_embd + block * n_embd
+        if self.model.arch == "speedrun":  # untied head and value-embedding tables
+            params += vocab * n_embd * (1 + m["num_value_embeds"])
+        logits = max(self.train.micro_batch_size, self.train.val_batch_size) * self.data.seq_len * vocab
+        return 16 * params + 4 * logits, params
+
     @property
     def grad_accum(self) -> int:
         return self.train.batch_size // (self.launch.world_size * self.train.micro_batch_size)
@@ -346,27 +368,66 @@ def _coerce(value, hint, path: str):
         return build_dataclass(hint, value, path)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {json.dumps(value)}")
+            raise ConfigError(f"{path} must be a list, got {_show(value)}")
         return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {json.dumps(value)}")
+            raise ConfigError(f"{path} must be true or false, got {_show(value)}")
         return value
     if hint is int:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite integer, got {_show(value)}")
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{path} must be an integer, got {json.dumps(value)}")
+            raise ConfigError(f"{path} must be an integer, got {_show(value)}")
+        if not -MAX_INT <= int(value) <= MAX_INT:
+            raise ConfigError(f"{path} must be an integer of at most 64 bits (|value| <= {MAX_INT}), got {_show(value)}")
         return int(value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path} must be a number, got {json.dumps(value)}")
-        return float(value)
+            raise ConfigError(f"{path} must be a number, got {_show(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite number, got {_show(value)}")
+        return value
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path} must be a string, got {json.dumps(value)}")
+            raise ConfigError(f"{path} must be a string, got {_show(value)}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value) or len(value) > 4096:
+            raise ConfigError(f"{path} must be a string of printable characters (at most 4096), got {_show(value)}")
         return value
     if hint is Any:
         return value
     raise TypeError(f"unsupported config type {hint} at {path}")
+
+
+MAX_INT = 2**63 - 1  # torch's int64: every integer a worker hands to torch must fit
+
+
+def _show(value, limit=80) -> str:
+    """A config value for a one-line message: JSON (NaN and Infinity as JSON writes them), cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_numbers(obj, path: str) -> None:
+    """Every number of a config section (nested dataclasses and lists included) is finite and fits
+    64 bits, whoever built it: what a worker or torch would reject is rejected here."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            check_numbers(getattr(obj, f.name), f"{path}.{f.name}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"{path} must be a finite number, got {_show(obj)}")
+    elif isinstance(obj, int) and not isinstance(obj, bool) and not -MAX_INT <= obj <= MAX_INT:
+        raise ValueError(f"{path} must be an integer of at most 64 bits (|value| <= {MAX_INT}), got {_show(obj)}")
 
 
 def _positive(key, value, allow_none=False):
@@ -385,14 +446,95 @@ def _choice(key, value, choices):
 # Layered loading
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a config or sweep file larger than this is not a config
+MAX_YAML_NODES = 100_000  # nodes of a YAML document with its aliases expanded (an alias bomb has billions)
+
+
+def read_text(path: str, what: str = "") -> str:
+    """A UTF-8 text file the harness reads, or a one-line ConfigError naming it and the problem."""
+    label = f"{what} {path}".strip()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{label} not found") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {label}: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{label} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; not a config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{label} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def parse_json(text: str, source: str):
+    """JSON text -> data, or a one-line ConfigError (also for numbers too long to convert and nesting
+    too deep for the parser)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source} is not valid JSON: {e}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{source} is not valid JSON: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is not valid JSON: nested too deeply") from None
+
+
+def read_json_file(path: str, what: str = "") -> dict:
+    """A JSON object from a file (config.json, summary.json, --config @file), or a one-line ConfigError."""
+    label = f"{what} {path}".strip()
+    data = parse_json(read_text(path, what), label)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _yaml_size(node, memo: dict, limit: int) -> int:
+    """Nodes of a composed YAML document with every alias expanded (aliases share node objects)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once (safe_load then rejects or builds it)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            total += _yaml_size(child, memo, limit)
+            if total > limit:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            total += _yaml_size(k, memo, limit) + _yaml_size(v, memo, limit)
+            if total > limit:
+                break
+    memo[key] = total
+    return total
+
+
+def safe_yaml(text: str, source: str):
+    """yaml.safe_load with limits: no alias bombs (expanded size), no nesting deep enough to
+    exhaust the parser, one-line errors naming `source`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _yaml_size(node, {}, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(f"{source} expands to more than {MAX_YAML_NODES} YAML nodes (aliases included); "
+                              "not a config file")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = safe_yaml(read_text(path, "config file"), path)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values")
@@ -408,12 +550,8 @@ def parse_overrides(text: str | None) -> dict:
         source = text[1:]
         if not os.path.isfile(source):
             raise ConfigError(f"--config file not found: {source}")
-        with open(source) as f:
-            text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{source} is not valid JSON: {e}") from None
+        text = read_text(source, "--config file")
+    data = parse_json(text, source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a JSON object, got {type(data).__name__}")
     return data
@@ -448,7 +586,7 @@ def resolve_config(optimizer: str, overrides: dict | None = None, preset: str | 
     data = load_yaml(os.path.join(CONFIG_DIR, "base.yaml"))
     data["optimizer"] = load_yaml(os.path.join(CONFIG_DIR, "optimizers", f"{optimizer}.yaml"))
     if preset:
-        preset_path = os.path.join(CONFIG_DIR, "presets", f"{preset}.yaml")
+        preset_path = preset_file(preset)
         if not os.path.isfile(preset_path):
             presets_dir = os.path.join(CONFIG_DIR, "presets")
             names = os.listdir(presets_dir) if os.path.isdir(presets_dir) else []
@@ -458,6 +596,22 @@ def resolve_config(optimizer: str, overrides: dict | None = None, preset: str | 
     data = deep_merge(data, split_overrides(overrides or {}))
     data.update(name=name, optimizer_name=optimizer, launch=launch or {})
     return RunConfig.from_dict(data)
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*")  # run, preset and sweep names: one path component
+
+
+def preset_file(preset: str) -> str:
+    """--preset NAME is configs/presets/NAME.yaml; a file elsewhere must be named on purpose, as a
+    path ending in .yaml or .yml (e.g. ./my-preset.yaml)."""
+    if preset.endswith((".yaml", ".yml")):
+        if not os.path.isfile(preset):
+            raise ConfigError(f"preset file not found: {preset}")
+        return preset
+    if not NAME.fullmatch(preset) or len(preset) > 200:
+        raise ConfigError(f"preset {preset!r} is not a preset name (letters, digits and . _ = , + -, in configs/presets); "
+                          "give a file elsewhere as a path ending in .yaml")
+    return os.path.join(CONFIG_DIR, "presets", f"{preset}.yaml")
 
 
 def resolve_path(path: str) -> str:

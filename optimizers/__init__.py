@@ -101,6 +101,9 @@ class MoFaSGDConfig(ScheduleConfig):
                 raise ValueError(f"optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.warmup_steps < 0:
             raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for key in ("eta1", "eta2"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"optimizer.{key} must be >= 0 (a weight of the step), got {getattr(self, key)}")
         if self.eps < 0 or self.max_value <= 0:
             raise ValueError(f"optimizer.eps must be >= 0 and optimizer.max_value > 0, got {self.eps}, {self.max_value}")
         if self.init not in ("weight_svd", "zero"):

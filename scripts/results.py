@@ -46,22 +46,38 @@ class Run:
                 and self.summary.get("steps") == self.config.get("train", {}).get("steps"))
 
 
+class RunReadError(FileNotFoundError):
+    """A run file that cannot be read; one line naming it (a FileNotFoundError, so the scripts that
+    report missing folders report it the same way)."""
+
+
 def read_jsonl(path: str) -> list[dict]:
+    """The records of a .jsonl file; lines that are not JSON objects (cut short by a kill, not
+    UTF-8, or anything else) are skipped, as a resume drops them."""
     rows = []
     if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    rows.append(json.loads(line))
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError, RecursionError):
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
     return rows
 
 
 def _read_json(path: str):
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunReadError(f"{path} is unreadable: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+    if not isinstance(data, dict):
+        raise RunReadError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_run(path: str) -> Run:

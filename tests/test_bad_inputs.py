@@ -38,6 +38,11 @@ def env(tmp_path_factory):
     for i in range(45):  # 45 x 50 tokens >= 2048 + 1, but one 33-token window each: 45 < 64 windows
         write_shard(str(bad / f"shortval_{i:06d}.bin"), np.arange(50))
     (root / "notadir").write_text("a file")
+    (bad / "latin1.json").write_bytes('{"lr": 0.1, "note": "caf\u00e9"}'.encode("latin-1"))
+    (bad / "bigint.json").write_text('{"lr": ' + "9" * 5000 + "}")
+    (bad / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (bad / "nan.json").write_text('{"lr": NaN}')
+    (bad / "huge.json").write_bytes(b" " * (17 * 2**20) + b"{}")
     results = root / "results"
     # an existing finished run that no bad input may touch
     ok = launch(["--optimizer", "adamw", "--name", "existing", "--config", json.dumps(tiny_overrides(corpus, steps=2))],
@@ -122,6 +127,54 @@ CASES = [
     ("no optimizer", lambda e: ["--config", tiny(e)], "--optimizer is required"),
     ("bad wandb mode", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, logging={"wandb": "cloud"})], "logging.wandb must be one of off, offline, online"),
     ("bad init", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, init="random")], "optimizer.init must be weight_svd or zero"),
+    # numbers a worker or torch would reject (issue 15): NaN, infinities, overflowing JSON, 64-bit overflow
+    ("NaN lr", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, lr=float("nan"))], "optimizer.lr must be a finite number, got NaN"),
+    ("Infinity lr", lambda e: ["--optimizer", "adamw", "--config", tiny(e, lr=float("inf"))], "optimizer.lr must be a finite number, got Infinity"),
+    ("1e400 lr", lambda e: ["--optimizer", "mfsgd", "--config", '{"lr": 1e400}'], "optimizer.lr must be a finite number"),
+    ("-Infinity eta1", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, eta1=float("-inf"))], "optimizer.eta1 must be a finite number"),
+    ("negative eta2", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, eta2=-0.5)], "optimizer.eta2 must be >= 0"),
+    ("NaN eps", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, eps=float("nan"))], "optimizer.eps must be a finite number"),
+    ("Infinity max_value", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, max_value=float("inf"))], "optimizer.max_value must be a finite number"),
+    ("NaN grad_clip", lambda e: ["--optimizer", "adamw", "--config", tiny(e, train__grad_clip=float("nan"))], "train.grad_clip must be a finite number"),
+    ("NaN adam beta", lambda e: ["--optimizer", "adamw", "--config", tiny(e, adam={"betas": [float("nan"), 0.9]})], "adam.betas[0] must be a finite number"),
+    ("Infinity adam lr", lambda e: ["--optimizer", "muon", "--config", tiny(e, adam={"embed_lr": float("inf")})], "adam.embed_lr must be a finite number"),
+    ("NaN galore scale", lambda e: ["--optimizer", "galore", "--config", tiny(e, group_params={"scale": float("nan")})], "optimizer.group_params.scale must be a finite number"),
+    ("NaN adafactor eps", lambda e: ["--optimizer", "adafactor", "--config", tiny(e, eps=[None, float("nan")])], "optimizer.eps[1] must be a finite number"),
+    ("seed 1e20", lambda e: ["--optimizer", "adamw", "--config", tiny(e, train__seed=1e20)], "train.seed must be an integer of at most 64 bits"),
+    ("seed 2**64", lambda e: ["--optimizer", "adamw", "--config", tiny(e, train__seed=2**64)], "train.seed must be an integer of at most 64 bits"),
+    ("Infinity steps", lambda e: ["--optimizer", "adamw", "--config", tiny(e, train__steps=float("inf"))], "train.steps must be a finite integer"),
+    ("n_layer 1e9", lambda e: ["--optimizer", "adamw", "--config", tiny(e, model={"preset": "cpu-tiny", "n_layer": 10**9})], "GiB per worker, more than"),
+    ("block_size 1e12", lambda e: ["--optimizer", "adamw", "--config", tiny(e, model={"preset": "cpu-tiny", "block_size": 10**12, "vocab_size": 256})], "GiB per worker, more than"),
+    ("vocab_size 1e12", lambda e: ["--optimizer", "adamw", "--config", tiny(e, model={"preset": "cpu-tiny", "vocab_size": 10**12})], "GiB per worker, more than"),
+    ("val_batch_size 1e9", lambda e: ["--optimizer", "adamw", "--config", tiny(e, train__val_batch_size=10**9)], "GiB per worker, more than"),
+    # launcher flags torchrun would reject or hang on
+    ("--max-restarts -1", lambda e: ["--optimizer", "adamw", "--max-restarts", "-1", "--config", tiny(e)], "--max-restarts must be in 0..1000, got -1"),
+    ("--master-port 0", lambda e: ["--optimizer", "adamw", "--master-port", "0", "--config", tiny(e)], "--master-port must be in 1..65535"),
+    ("--master-port 70000", lambda e: ["--optimizer", "adamw", "--master-port", "70000", "--config", tiny(e)], "--master-port must be in 1..65535"),
+    ("multi-node without --master-addr", lambda e: ["--optimizer", "adamw", "--nnodes", "2", "--config", tiny(e)], "--nnodes 2 needs --master-addr"),
+    ("bad --master-addr", lambda e: ["--optimizer", "adamw", "--nnodes", "2", "--master-addr", "a b", "--config", tiny(e)], "--master-addr must be a host name"),
+    ("absurd --nproc", lambda e: ["--optimizer", "adamw", "--nproc", "100000", "--config", tiny(e)], "--nproc 100000 is more than 4 workers per CPU core"),
+    ("node rank 1 rewrites a run", lambda e: ["--optimizer", "adamw", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1", "--name", "existing", "--config", tiny(e, lr=0.5, train__micro_batch_size=4)], "already exists in"),
+    # files the launcher reads
+    ("--config file not UTF-8", lambda e: ["--optimizer", "mfsgd", "--config", "@" + str(e["bad"] / "latin1.json")], "latin1.json is not UTF-8 text (byte 0xe9"),
+    ("--config 5000-digit integer", lambda e: ["--optimizer", "mfsgd", "--config", "@" + str(e["bad"] / "bigint.json")], "bigint.json is not valid JSON: Exceeds the limit"),
+    ("--config nested 100k deep", lambda e: ["--optimizer", "mfsgd", "--config", "@" + str(e["bad"] / "deep.json")], "deep.json is not valid JSON: nested too deeply"),
+    ("--config file with NaN", lambda e: ["--optimizer", "mfsgd", "--config", "@" + str(e["bad"] / "nan.json")], "optimizer.lr must be a finite number, got NaN"),
+    ("--config file too large", lambda e: ["--optimizer", "mfsgd", "--config", "@" + str(e["bad"] / "huge.json")], "huge.json is larger than 16 MiB"),
+    ("--config is a directory", lambda e: ["--optimizer", "mfsgd", "--config", "@" + str(e["bad"])], "--config file not found"),
+    ("--config inline 5000 digits", lambda e: ["--optimizer", "mfsgd", "--config", '{"rank": ' + "1" * 5000 + "}"], "--config is not valid JSON"),
+    # names and paths confined to their folders
+    ("run name ending in a newline", lambda e: ["--optimizer", "adamw", "--name", "x\n", "--config", tiny(e)], "may hold only letters"),
+    ("run name with a tab", lambda e: ["--optimizer", "adamw", "--name", "a\tb", "--config", tiny(e)], "may hold only letters"),
+    ("run name with a slash", lambda e: ["--optimizer", "adamw", "--name", "a/b", "--config", tiny(e)], "may hold only letters"),
+    ("run name ..", lambda e: ["--optimizer", "adamw", "--name", "..", "--config", tiny(e)], "may hold only letters"),
+    ("run name too long", lambda e: ["--optimizer", "adamw", "--name", "a" * 300, "--config", tiny(e)], "may hold only letters"),
+    ("--resume ../x", lambda e: ["--resume", "../results/existing"], "is not a run name"),
+    ("--resume a/b", lambda e: ["--resume", "sub/existing"], "is not a run name"),
+    ("--resume with a newline", lambda e: ["--resume", "existing\n"], "is not a run name"),
+    ("--preset ../x", lambda e: ["--optimizer", "adamw", "--preset", "../presets/nanogpt-paper", "--config", tiny(e)], "is not a preset name"),
+    ("--preset a/b", lambda e: ["--optimizer", "adamw", "--preset", "presets/x", "--config", tiny(e)], "is not a preset name"),
+    ("--preset missing .yaml path", lambda e: ["--optimizer", "adamw", "--preset", str(e["bad"] / "none.yaml"), "--config", tiny(e)], "preset file not found"),
 ]
 
 

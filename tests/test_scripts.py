@@ -80,7 +80,9 @@ def test_sweep_resume_decisions(tmp_path):
     cmd = sweep.run_command(spec, run, str(root), "resumable", overwrite=False)
     assert cmd[-2:] == ["--resume", "half"] and "--nproc" in cmd and "2" in cmd
     cmd = sweep.run_command(spec, dict(run, name="broken"), str(root), "broken", overwrite=False)
-    assert "--overwrite" in cmd and "--optimizer" in cmd and json.loads(cmd[cmd.index("--config") + 1]) == {"rank": 8}
+    # a broken run is restarted with --restart-broken (run.py re-checks it under the lock), never --overwrite
+    assert "--restart-broken" in cmd and "--overwrite" not in cmd and "--optimizer" in cmd
+    assert json.loads(cmd[cmd.index("--config") + 1]) == {"rank": 8}
 
 
 def test_sweep_skips_finished_runs(tmp_path, capsys):
