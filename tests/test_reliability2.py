@@ -324,7 +324,8 @@ def test_live_run_has_one_owner_and_its_workers_die_with_the_launcher(tmp_path, 
     """While a run trains, a second resume, an overwrite and a sweep are refused; SIGKILL to run.py
     alone ends torchrun and the workers (a graceful stop: "stopped" summary), and the resume then
     continues with every step once."""
-    cfg = tiny_overrides(corpus, steps=400, batch_size=8, micro_batch_size=4)
+    # far more steps than the checks below take on any machine: the run is still training when they end
+    cfg = tiny_overrides(corpus, steps=1_000_000, batch_size=8, micro_batch_size=4)
     cfg["train"].update(val_every=100, ckpt_every=5)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), "--optimizer", "adamw", "--name", "live",
                              "--config", json.dumps(cfg), "--results-dir", str(tmp_path)], cwd=ROOT,
