@@ -33,6 +33,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    loss_chunk_tokens: int = 0  # the head's loss in chunks of this many tokens (head_cross_entropy); 0: all at once
 
 
 # Presets: the GPT-2 sizes and two sizes that train in minutes on a laptop CPU.
@@ -45,6 +46,80 @@ PRESETS = {
     "speedrun": dict(n_layer=12, n_head=6, n_embd=768, block_size=1024),  # 275,742,772 parameters
     "speedrun-tiny": dict(n_layer=6, n_head=2, n_embd=64, block_size=256),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The language-model head's loss, optionally in chunks of tokens: the (tokens x vocab) logits are
+# the largest tensors of a small model's step (64K tokens x 50304 is 13 GB in fp32). Chunked, each
+# chunk's logits live only while its loss and gradients are computed (model key loss_chunk_tokens).
+
+
+def _head_logits(x: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """softcap(x W^T) in x's dtype (the weight cast to it, as CastedLinear; autocast applies as usual)."""
+    logits = F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def _loss_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softcap(x W^T) over the rows of x, `chunk` rows at a time.
+
+    Each chunk's gradients are formed in the forward pass right after its loss, while its logits
+    exist, so no logits are kept for backward and the head's matmul runs once: with
+    l = x W^T, z = c tanh(l / c), p = softmax(z),
+        dL/dl = (p - onehot(target)) (1 - (z / c)^2)     [the last factor 1 without a soft-cap]
+        dL/dx = dL/dl W,   dL/dW = sum over chunks of (dL/dl)^T x      (then / rows)
+    backward scales them by the incoming gradient. The softmax runs in fp32 (fp64 for fp64 input),
+    the matmuls in x's dtype, as the plain head does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, chunk):
+        w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+        dtype = _loss_dtype(x)
+        loss_sum = torch.zeros((), dtype=dtype, device=x.device)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device)
+        for start in range(0, x.size(0), chunk):
+            xc, tc = x[start:start + chunk], targets[start:start + chunk]
+            logits = _head_logits(xc, w, softcap)
+            z = logits.to(dtype)
+            dz = torch.log_softmax(z, dim=-1)
+            loss_sum -= dz.gather(1, tc[:, None]).sum()
+            dz.exp_()  # the softmax, in place
+            dz[torch.arange(len(tc), device=x.device), tc] -= 1
+            if softcap is not None:  # d/dl of c tanh(l / c) = 1 - (z / c)^2
+                dz.mul_(z.div(softcap).square_().neg_().add_(1))
+            dl = dz.to(logits.dtype)
+            grad_x[start:start + chunk] = dl @ w
+            grad_w += dl.T @ xc
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.rows, ctx.weight_dtype = x.size(0), weight.dtype
+        return loss_sum / x.size(0)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.rows
+        return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
+
+
+def head_cross_entropy(x, weight, targets, softcap=None, chunk=0) -> torch.Tensor:
+    """Mean cross-entropy of the head's logits softcap(x W^T), x (..., C), targets (...). chunk > 0:
+    `chunk` tokens at a time, no (tokens x vocab) tensor held (ChunkedHeadCrossEntropy when a
+    gradient is needed, a loss-only loop otherwise); 0: the plain way, all logits at once."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if chunk <= 0:
+        return F.cross_entropy(_head_logits(x, weight, softcap).to(_loss_dtype(x)), targets)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return ChunkedHeadCrossEntropy.apply(x, weight, targets, softcap, chunk)
+    total = torch.zeros((), dtype=_loss_dtype(x), device=x.device)
+    for start in range(0, x.size(0), chunk):
+        logits = _head_logits(x[start:start + chunk], weight, softcap).to(total.dtype)
+        total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
+    return total / x.size(0)
 
 
 class CausalSelfAttention(nn.Module):
@@ -135,11 +210,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        h = self.transformer.ln_f(x)
         if targets is None:
-            return logits, None
+            return self.lm_head(h), None
         # the (B, T, vocab) logits are not returned with the loss, so they are not kept alive
-        return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return None, head_cross_entropy(h, self.lm_head.weight, targets, chunk=self.config.loss_chunk_tokens)
 
 
 def build_model(preset: str | None = None, **overrides) -> GPT:
@@ -174,6 +249,7 @@ class SpeedrunConfig:
     skip_attn_layers: tuple[int, ...] | None = None
     bf16: bool = False  # the paper harness's precision: bf16 embeddings, residual stream and matmuls
     eot_token: int = EOT_TOKEN  # the token that starts a document (attention never crosses documents)
+    loss_chunk_tokens: int = 0  # the head's loss in chunks of this many tokens (head_cross_entropy); 0: all at once
 
     @property
     def head_dim(self) -> int:
@@ -435,13 +511,12 @@ class SpeedrunGPT(nn.Module):
             x = block(x, x0, ves[j] if j is not None else None, mask, self.rotary)
             if i < self.n_encoder:
                 skips.append(x)
-        logits = self.lm_head(rms_norm(x))
-        # tanh soft-cap: logits stay in (-c, c), which keeps the early, large-lr steps stable
-        c = self.config.logit_softcap
-        logits = (c * torch.tanh(logits / c)).float()
+        # the head's logits are tanh soft-capped: they stay in (-c, c), which keeps the early, large-lr
+        # steps stable; computed in the stream's dtype, the loss in fp32
+        h, c = rms_norm(x), self.config.logit_softcap
         if targets is None:
-            return logits, None
-        return None, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            return _head_logits(h, self.lm_head.weight, c).float(), None
+        return None, head_cross_entropy(h, self.lm_head.weight, targets, softcap=c, chunk=self.config.loss_chunk_tokens)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,19 +145,32 @@ def reset_peak_memory(device) -> None:
         pass
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status (VmRSS, VmHWM), in bytes; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_bytes(device) -> int:
     """Peak since the last reset_peak_memory: CUDA allocator peak (allocated tensors) on GPU,
     peak resident set size of this process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def current_memory_bytes(device) -> int:
+    """Memory held now: allocated CUDA tensors on GPU, the resident set size on CPU (0 if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def peak_memory_record(device, prefix: str = "") -> dict:
@@ -169,7 +182,8 @@ def peak_memory_record(device, prefix: str = "") -> dict:
     return record
 
 
-PEAK_KEYS = ("peak_mem_bytes", "peak_reserved_bytes", "val_peak_mem_bytes", "val_peak_reserved_bytes")
+PEAK_KEYS = ("peak_mem_bytes", "peak_reserved_bytes", "activation_peak_bytes", "val_peak_mem_bytes",
+             "val_peak_reserved_bytes")
 
 
 def update_peaks(peaks: dict, record: dict) -> None:
@@ -680,6 +694,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     step_start = time.perf_counter()
     while step < total_steps:
         scheduled = {**apply_group_schedules(hidden_opt, group_schedules, step), **set_window(step)}
+        held_before_forward = current_memory_bytes(device)
         reset_peak_memory(device)
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
@@ -694,6 +709,9 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
             # the batch-mean gradient (averaged over micro batches, DDP averages over ranks), x grad_scale
             (loss * (cfg.train.grad_scale / grad_accum)).backward()
             loss_sum += loss.detach()
+        # the forward+backward peak above what was held before it: activations and the head's logits
+        # (and the gradients made in backward)
+        activation_peak = peak_memory_bytes(device) - held_before_forward
         comm_hidden = kind_bytes["hidden"] if world_size > 1 else 0
         if comm_sketch:
             hidden_opt.sketch_gradients_()
@@ -727,7 +745,8 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         losses.append(train_loss)
         record = {"step": step, "train_loss": train_loss, "lr": lr, **scheduled,
                   "tokens": step * tokens_per_step, "elapsed_s": elapsed, "step_ms": step_time * 1000,
-                  "tokens_per_s": tokens_per_step / step_time, **peak_memory_record(device), **mem,
+                  "tokens_per_s": tokens_per_step / step_time, **peak_memory_record(device),
+                  "activation_peak_bytes": activation_peak, **mem,
                   "comm_bytes_hidden": comm_hidden, "comm_bytes_other": comm_other, "comm_bytes": comm_hidden + comm_other}
         last = step == total_steps
         if last or (cfg.train.val_every and step % cfg.train.val_every == 0):

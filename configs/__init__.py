@@ -45,6 +45,7 @@ class ModelConfig:
     block_size: int | None = None  # maximum context length
     vocab_size: int = 50304
     dropout: float = 0.0  # gpt2 only (the speedrun model has no dropout)
+    loss_chunk_tokens: int = 256  # the head's loss in chunks of this many tokens, no full logits held; 0: all at once
     num_value_embeds: int | None = None  # speedrun only: value-embedding tables, each used by one early and one late layer (null: 3)
     logit_softcap: float | None = None  # speedrun only: logits = c * tanh(logits / c) (null: 15)
     skip_attn_layers: list[int] | None = None  # speedrun only: layers with no attention (null: [7] at 12 layers, else none)
@@ -66,6 +67,8 @@ class ModelConfig:
         resolved = self.resolved()
         if resolved["n_embd"] % resolved["n_head"]:
             raise ValueError(f"model.n_embd ({resolved['n_embd']}) must be divisible by model.n_head ({resolved['n_head']})")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"model.loss_chunk_tokens must be >= 0 (0: off), got {self.loss_chunk_tokens}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.arch == "gpt2":
@@ -101,6 +104,7 @@ class ModelConfig:
             if getattr(self, key) is not None:
                 fields[key] = getattr(self, key)
         fields["vocab_size"] = self.vocab_size
+        fields["loss_chunk_tokens"] = self.loss_chunk_tokens
         if self.arch == "speedrun":
             for key in self.SPEEDRUN_ONLY:
                 value = getattr(self, key)

@@ -159,7 +159,7 @@ def test_create_model_and_config_validation():
     cfg = resolve_config("adamw", {"model": {"arch": "speedrun", "preset": "speedrun-tiny", "vocab_size": VOCAB}})
     fields = cfg.model.resolved()
     assert fields == dict(PRESETS["speedrun-tiny"], vocab_size=VOCAB, num_value_embeds=3, logit_softcap=15.0,
-                          skip_attn_layers=None, bf16=False)
+                          skip_attn_layers=None, bf16=False, loss_chunk_tokens=256)
     assert create_model(cfg.model.arch, **fields)(torch.zeros(1, 8, dtype=torch.long))[0].shape == (1, 8, VOCAB)
     assert "dropout" in resolve_config("adamw", {}).model.resolved()  # gpt2 keeps its fields
 
@@ -183,7 +183,8 @@ def test_nanogpt_paper_preset_resolves():
     cfg = resolve_config("mfsgd", {}, preset="nanogpt-paper")
     assert cfg.model.arch == "speedrun" and cfg.model.preset == "speedrun"
     assert cfg.model.resolved() == dict(n_layer=12, n_head=6, n_embd=768, block_size=65536, vocab_size=50304,
-                                        num_value_embeds=3, logit_softcap=15.0, skip_attn_layers=None, bf16=True)
+                                        num_value_embeds=3, logit_softcap=15.0, skip_attn_layers=None, bf16=True,
+                                        loss_chunk_tokens=1024)
     d = cfg.data
     assert (d.train_files, d.val_files) == ("data/fineweb10B/fineweb_train_*.bin", "data/fineweb10B/fineweb_val_*.bin")
     assert (d.layout, d.seq_len, d.val_tokens, d.shuffle) == ("stream", 65536, 10485760, False)
