@@ -195,6 +195,7 @@ def test_bf16_keeps_embeddings_and_the_residual_stream_in_bf16():
     assert abs(loss.item() - fp32(idx, targets, window_blocks=2)[1].item()) < 0.05
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")  # eager flex on purpose: the mask function alone
 @pytest.mark.parametrize("W", [None, 1, 3])
 def test_flex_block_mask_is_exact(W):
     """The BlockMask flex_attention uses on CUDA: every block pair holding an allowed query-key pair
