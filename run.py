@@ -165,9 +165,20 @@ def check_memory(cfg: RunConfig) -> None:
 WORKER_SHUTDOWN_TIMEOUT_S = 900
 
 
+def torchrun_accepts(option: str) -> bool:
+    """Whether this torch's torchrun knows `option`: torchrun rejects unknown options (torch 2.11's
+    has no --shutdown-timeout), so the launcher passes optional ones only where they exist."""
+    from torch.distributed.run import get_args_parser
+
+    _, unknown = get_args_parser().parse_known_args([f"{option}=1", "train_gpt.py"])
+    return not any(arg.startswith(option) for arg in unknown)
+
+
 def torchrun_command(args, launch: dict, run_dir: str, resume: bool) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch['nproc']}",
-           f"--max-restarts={args.max_restarts}", f"--shutdown-timeout={WORKER_SHUTDOWN_TIMEOUT_S}"]
+           f"--max-restarts={args.max_restarts}"]
+    if torchrun_accepts("--shutdown-timeout"):  # else torchrun's own 30 s grace for the stop checkpoint
+        cmd.append(f"--shutdown-timeout={WORKER_SHUTDOWN_TIMEOUT_S}")
     if launch["nnodes"] == 1:
         cmd.append("--standalone")
     else:

@@ -142,6 +142,21 @@ def spectral_scales(S: torch.Tensor, eps: float, max_value: float, use_ones: boo
     return torch.where(nonzero, S.reciprocal().clamp(max=max_value), torch.zeros_like(S))
 
 
+def gather_sharded_state(optimizer: Optimizer, state_dict: dict, owns, process_group=None) -> dict:
+    """`state_dict` (the optimizer's own) with every rank's parameter states: each rank contributes
+    the states of the parameters `owns(p)` says it holds (moved to the CPU). A collective: every rank
+    of `process_group` calls it and gets the whole."""
+    import torch.distributed as dist
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    mine = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in state_dict["state"][i].items()}
+            for i, p in enumerate(params) if owns(p) and i in state_dict["state"]}
+    parts = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(parts, mine, group=process_group)
+    state_dict["state"] = dict(sorted((i, state) for part in parts for i, state in part.items()))
+    return state_dict
+
+
 def assign_owners(sizes: list[int], world_size: int) -> list[int]:
     """Owner rank of each matrix for sharded optimizer work: largest first, each onto the rank with
     the least total size so far (ties: lower rank). Deterministic, so every rank derives the same
@@ -508,19 +523,10 @@ class MoFaSGD(Optimizer):
         """state_dict() holding every parameter's state. With shard=True each rank holds only its
         own matrices' factors, so this is a collective (every rank must call it; all get the
         result); otherwise it is state_dict()."""
-        import torch.distributed as dist
-
         full = self.state_dict()
         if self._owner_of is None:
             return full
-        params = [p for g in self.param_groups for p in g["params"]]
-        mine = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in full["state"][i].items()}
-                for i, p in enumerate(params) if self._owns(p) and i in full["state"]}
-        parts = [None] * self._world()[1]
-        dist.all_gather_object(parts, mine, group=self._process_group)
-        full["state"] = {i: part[i] for part in parts for i in sorted(part)}
-        full["state"] = dict(sorted(full["state"].items()))
-        return full
+        return gather_sharded_state(self, full, self._owns, self._process_group)
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ the result stays exactly torch's (2x the bytes of a bf16 update, reported as `ex
 import torch
 import torch.distributed as dist
 
-from optimizers.mofasgd import assign_owners
+from mofasgd.optimizer import assign_owners, gather_sharded_state
 
 
 class ShardedMuon(torch.optim.Muon):
@@ -86,13 +86,7 @@ class ShardedMuon(torch.optim.Muon):
         full = self.state_dict()
         if self._owner_of is None:
             return full
-        params = [p for group in self.param_groups for p in group["params"]]
-        mine = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in full["state"][i].items()}
-                for i, p in enumerate(params) if self._owns(p) and i in full["state"]}
-        parts = [None] * self._world_size
-        dist.all_gather_object(parts, mine, group=self._process_group)
-        full["state"] = dict(sorted((i, state) for part in parts for i, state in part.items()))
-        return full
+        return gather_sharded_state(self, full, self._owns, self._process_group)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -60,3 +60,22 @@ def tiny_double_model():
     for p in model.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
     return model
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants, from /proc (Linux)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree

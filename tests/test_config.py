@@ -113,3 +113,27 @@ def test_batch_not_divisible_by_ranks_suggests_a_micro_batch():
 def test_values_the_worker_would_crash_on_are_config_errors(optimizer, overrides, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         resolve_config(optimizer, overrides)
+
+
+def test_torchrun_options_follow_the_installed_torch(monkeypatch):
+    """--shutdown-timeout goes to torchrun only where torchrun has it (torch 2.11's rejects it)."""
+    import argparse
+
+    import torch.distributed.run as torchrun
+
+    import run
+
+    args = argparse.Namespace(max_restarts=0, node_rank=0, master_addr=None, master_port=29500)
+    launch = dict(nproc=1, nnodes=1)
+    assert any(a.startswith("--shutdown-timeout=") for a in run.torchrun_command(args, launch, "/r", False))
+
+    def older_parser():  # a torchrun without the option
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--nproc-per-node")
+        parser.add_argument("training_script")
+        parser.add_argument("training_script_args", nargs=argparse.REMAINDER)
+        return parser
+
+    monkeypatch.setattr(torchrun, "get_args_parser", older_parser)
+    cmd = run.torchrun_command(args, launch, "/r", False)
+    assert not any("shutdown" in a for a in cmd) and "--standalone" in cmd

@@ -19,7 +19,7 @@ import pytest
 import run
 import runlock
 from configs import SECTIONS, ConfigError, resolve_config
-from helpers import ROOT, launch, read_metrics, tiny_overrides, write_tiny_corpus
+from helpers import ROOT, launch, process_tree, read_metrics, tiny_overrides, write_tiny_corpus
 from optimizers import OPTIMIZERS
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -284,22 +284,6 @@ def test_sweep_skips_a_live_run_and_dry_run_says_so(done, tmp_path, capsys):
     assert "--restart-broken" in capsys.readouterr().out  # broken, and nobody owns it now
 
 
-def process_tree(root):
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
 
 
 def alive(pid):

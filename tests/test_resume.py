@@ -11,7 +11,7 @@ import time
 import pytest
 from unittest.mock import ANY
 
-from helpers import ROOT, launch, read_metrics, tiny_overrides, write_tiny_corpus
+from helpers import ROOT, launch, process_tree, read_metrics, tiny_overrides, write_tiny_corpus
 
 STEPS = 40
 
@@ -27,23 +27,6 @@ def config(corpus, **optimizer_keys):
     return cfg
 
 
-def process_tree(root: int) -> list[int]:
-    """root and all its descendants, from /proc (Linux)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
 
 
 def kill_after_step(args, results_dir, run_dir, step, timeout=120):
