@@ -74,6 +74,9 @@ def launch_settings(args) -> dict:
         raise LaunchError(f"--master-addr must be a host name or IP address, got {args.master_addr!r}")
     if not 1 <= args.master_port <= 65535:
         raise LaunchError(f"--master-port must be in 1..65535, got {args.master_port}")
+    if args.nnodes > 1 and not (getattr(args, "name", None) or getattr(args, "resume", None)):
+        # the default name holds each node's own clock: the nodes would write different folders
+        raise LaunchError(f"--nnodes {args.nnodes} needs --name NAME (or --resume NAME), the same on every node")
     if not 0 <= args.max_restarts <= 1000:
         raise LaunchError(f"--max-restarts must be in 0..1000, got {args.max_restarts}")
     if args.num_gpus is not None:

@@ -142,6 +142,18 @@ def spectral_scales(S: torch.Tensor, eps: float, max_value: float, use_ones: boo
     return torch.where(nonzero, S.reciprocal().clamp(max=max_value), torch.zeros_like(S))
 
 
+def check_orthonormal_factors(U: torch.Tensor, V: torch.Tensor, tolerance: float, shape: tuple) -> None:
+    """Raises when a batch of factors (B, m, r), (B, n, r) is not orthonormal to `tolerance`:
+    max |U^T U - I| or max |V^T V - I| above it (a failed QR or SVD, e.g. of an all-zero matrix on
+    a solver the CPU tests do not cover)."""
+    for name, Q in (("U", U), ("V", V)):
+        gram = Q.mT @ Q
+        error = (gram - torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)).abs().amax()
+        if not error <= tolerance:  # also catches NaN
+            raise RuntimeError(f"MoFaSGD: the factor {name} of a {shape[0]}x{shape[1]} matrix lost orthonormality: "
+                               f"max |{name}^T {name} - I| = {error.item():.3g} > check_orthonormal = {tolerance:g}")
+
+
 def gather_sharded_state(optimizer: Optimizer, state_dict: dict, owns, process_group=None) -> dict:
     """`state_dict` (the optimizer's own) with every rank's parameter states: each rank contributes
     the states of the parameters `owns(p)` says it holds (moved to the CPU). A collective: every rank
@@ -437,13 +449,18 @@ class MoFaSGD(Optimizer):
         memory_mode: str = "full",
         shard: bool = False,
         process_group=None,
+        check_orthonormal: float = 0.0,
     ):
         if memory_mode not in _MEMORY_MODES:
             raise ValueError(f"memory_mode must be one of {_MEMORY_MODES}, got {memory_mode!r}")
         if not isinstance(shard, bool):
             raise ValueError(f"shard must be a bool, got {shard!r}")
+        if not (_is_real_number(check_orthonormal) and check_orthonormal >= 0):
+            raise ValueError(f"check_orthonormal must be a number >= 0 (0: off), got {check_orthonormal!r}")
         self.memory_mode = memory_mode
         self.shard = shard
+        # > 0: after every factor update, max |U^T U - I| and max |V^T V - I| must stay below it
+        self.check_orthonormal = check_orthonormal
         self._process_group = process_group
         # Owner rank of each parameter (shard=True under an initialised process group), else None.
         self._owner_of: dict | None = None
@@ -736,6 +753,8 @@ class MoFaSGD(Optimizer):
             given = tuple(torch.stack([acc[k] for acc in accs]) for k in range(3))
 
         U_new, S_new, V_new, old_sketches = self._factor_update(U_old, S_old, V_old, gradients, beta, momentum, given)
+        if self.check_orthonormal:
+            check_orthonormal_factors(U_new, V_new, self.check_orthonormal, tuple(params[0].shape))
         for i, st in enumerate(states):
             # Clones, so each parameter owns its state (no storage shared across parameters).
             st["U"], st["S"], st["V"] = U_new[i].clone(), S_new[i].clone(), V_new[i].clone()

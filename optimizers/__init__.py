@@ -91,6 +91,7 @@ class MoFaSGDConfig(ScheduleConfig):
     memory_mode: str = "full"  # full, or sketch: no m x n gradient of a hidden matrix survives backward
     comm: str = "full"  # full (DDP all-reduces the gradients), or sketch: all-reduce (m + n) r + r^2 sketch numbers per matrix
     shard: bool = False  # each data-parallel rank updates only the matrices it owns; step factors are all-gathered
+    check_orthonormal: float = 0.0  # > 0: fail when a factor update leaves max |U^T U - I| (or V's) above this; 0: off
 
     def validate(self):
         super().validate()
@@ -101,6 +102,8 @@ class MoFaSGDConfig(ScheduleConfig):
                 raise ValueError(f"optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.warmup_steps < 0:
             raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.check_orthonormal < 0:
+            raise ValueError(f"optimizer.check_orthonormal must be >= 0 (0: off), got {self.check_orthonormal}")
         for key in ("eta1", "eta2"):
             if getattr(self, key) < 0:
                 raise ValueError(f"optimizer.{key} must be >= 0 (a weight of the step), got {getattr(self, key)}")
@@ -230,7 +233,7 @@ def _build_mofasgd(params, cfg: MoFaSGDConfig, device: str):
                    use_current_projection=cfg.use_current_projection,
                    use_ones_for_nonzero_s=cfg.use_ones_for_nonzero_s, nesterov=cfg.nesterov, eps=cfg.eps,
                    max_value=cfg.max_value, init=cfg.init, momentum=cfg.momentum, memory_mode=cfg.memory_mode,
-                   shard=cfg.shard)
+                   shard=cfg.shard, check_orthonormal=cfg.check_orthonormal)
 
 
 def _mofasgd_schedules(cfg: MoFaSGDConfig):

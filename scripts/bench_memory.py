@@ -92,9 +92,10 @@ def main(argv=None) -> int:
         out = subprocess.run([sys.executable, "-m", "scripts.bench_memory", "--one", variant, "--model", args.model,
                               "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--device", args.device,
                               "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT)
-        if out.returncode != 0:
-            print(f"{variant} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-            return 1
+        if out.returncode != 0:  # e.g. GaLore without galore-torch: the others are still measured
+            lines = out.stderr.strip().splitlines() or ["no output"]
+            print(f"{variant}: skipped ({lines[-1][:200]})", file=sys.stderr, flush=True)
+            continue
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"measured {variant}", file=sys.stderr, flush=True)
     base = results.get("adamw")

@@ -91,7 +91,9 @@ for p in $PARTS; do
         done
         for run in "${RUNS[@]}"; do
             keys='{}'
-            [ "$run" = mfsgd-sketch ] && keys='{"memory_mode": "sketch", "comm": "sketch"}'
+            # MoFaSGD's factors checked for orthonormality after every update (CUDA's QR/SVD paths)
+            [ "$run" = mfsgd ] && keys='{"check_orthonormal": 0.001}'
+            [ "$run" = mfsgd-sketch ] && keys='{"memory_mode": "sketch", "comm": "sketch", "check_orthonormal": 0.001}'
             part train $PY run.py --optimizer "${run%-sketch}" "${LAUNCH[@]}" "${PRESET[@]}" \
                 --results-dir "$OUT/runs" --name "$run" --overwrite --config "$(run_config "$keys")"
         done

@@ -153,6 +153,7 @@ CASES = [
     ("--master-port 70000", lambda e: ["--optimizer", "adamw", "--master-port", "70000", "--config", tiny(e)], "--master-port must be in 1..65535"),
     ("multi-node without --master-addr", lambda e: ["--optimizer", "adamw", "--nnodes", "2", "--config", tiny(e)], "--nnodes 2 needs --master-addr"),
     ("bad --master-addr", lambda e: ["--optimizer", "adamw", "--nnodes", "2", "--master-addr", "a b", "--config", tiny(e)], "--master-addr must be a host name"),
+    ("multi-node without --name", lambda e: ["--optimizer", "adamw", "--nnodes", "2", "--master-addr", "127.0.0.1", "--config", tiny(e)], "--nnodes 2 needs --name NAME"),
     ("absurd --nproc", lambda e: ["--optimizer", "adamw", "--nproc", "100000", "--config", tiny(e)], "--nproc 100000 is more than 4 workers per CPU core"),
     ("node rank 1 rewrites a run", lambda e: ["--optimizer", "adamw", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1", "--name", "existing", "--config", tiny(e, lr=0.5, train__micro_batch_size=4)], "already exists in"),
     # files the launcher reads

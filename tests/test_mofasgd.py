@@ -596,3 +596,38 @@ def test_group_hyperparameters_are_read_each_step():
     opt.step()
     assert max_abs(p.detach() - W_ref) < TOL
     assert max_abs(product(opt.state[p]["U"], opt.state[p]["S"], opt.state[p]["V"]) - M_ref) < TOL
+
+
+def test_orthonormality_check_passes_real_updates_and_catches_broken_factors(monkeypatch):
+    """check_orthonormal: real updates (also of all-zero weights and gradients, whose SVDs go to
+    degenerate solver paths) keep U and V orthonormal; a broken factor fails loudly."""
+    from mofasgd import MoFaSGD as PackageMoFaSGD
+
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(12, 8, dtype=torch.float64))
+    opt = PackageMoFaSGD([W], rank=4, check_orthonormal=1e-10)
+    for _ in range(3):
+        W.grad = torch.randn_like(W)
+        opt.step()
+    Z = torch.nn.Parameter(torch.zeros(6, 10))  # zero-initialised, like the speedrun's projections
+    zero = PackageMoFaSGD([Z], rank=3, check_orthonormal=1e-5)
+    for grad in (torch.zeros_like(Z), torch.randn_like(Z)):
+        Z.grad = grad
+        zero.step()
+    import mofasgd.optimizer as impl
+
+    real = impl._update_momentum_factors_impl
+
+    def broken(*args):  # a solver that returns a non-orthonormal U
+        U, S, V, fast = real(*args)
+        return 2 * U, S, V, fast
+
+    monkeypatch.setattr(impl, "_update_momentum_factors_impl", broken)
+    W.grad = torch.randn_like(W)
+    with pytest.raises(RuntimeError, match=r"the factor U of a 12x8 matrix lost orthonormality: max \|U\^T U - I\|"):
+        opt.step()
+    nan = torch.full((1, 5, 2), float("nan"))
+    with pytest.raises(RuntimeError, match="factor U of a 5x3 matrix"):
+        impl.check_orthonormal_factors(nan, torch.eye(3, 2)[None], 1e-3, (5, 3))
+    with pytest.raises(ValueError, match="check_orthonormal must be a number >= 0"):
+        PackageMoFaSGD([W], check_orthonormal=-1)

@@ -217,3 +217,18 @@ def test_paper_ranks_sweep_uses_the_published_per_rank_settings():
     g16, g32 = cfg["galore-rank16"].optimizer.group_params, cfg["galore-rank32"].optimizer.group_params
     assert (g16.rank, g16.update_proj_gap, g32.rank, g32.update_proj_gap) == (16, 150, 32, 75)
     assert all(c.data.layout == "stream" and c.model.arch == "speedrun" for c in cfg.values())
+
+
+def test_bench_memory_skips_what_cannot_be_built():
+    """A variant that fails to build (as GaLore without galore-torch) is skipped with one line; the
+    others are still measured and tabled."""
+    import subprocess
+
+    from helpers import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "scripts.bench_memory", "--model", "cpu-tiny", "--seq-len", "16",
+                          "--rank", "4", "--steps", "1", "--variants", "adamw,no-such-optimizer,mfsgd (full grads)"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "no-such-optimizer: skipped (" in out.stderr
+    assert "| adamw |" in out.stdout and "| mfsgd (full grads) |" in out.stdout
