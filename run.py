@@ -42,6 +42,9 @@ def parse_args(argv=None):
     devices = p.add_mutually_exclusive_group()
     devices.add_argument("--num-gpus", type=int, help="GPU workers per node (nccl)")
     devices.add_argument("--nproc", type=int, help="CPU workers per node (gloo); default 1")
+    p.add_argument("--distributed", action="store_true",
+                   help="a process group and DDP even with one worker (so one GPU exercises NCCL, DDP and the "
+                        "sketch/shard collectives)")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", help="node 0's address (needed with --nnodes > 1)")
@@ -97,7 +100,7 @@ def launch_settings(args) -> dict:
             raise LaunchError(f"--nproc {nproc} is more than 4 workers per CPU core ({cores} cores here)")
         device = "cpu"
     return dict(nproc=nproc, nnodes=args.nnodes, world_size=nproc * args.nnodes, device=device,
-                backend="nccl" if device == "cuda" else "gloo")
+                backend="nccl" if device == "cuda" else "gloo", distributed=bool(getattr(args, "distributed", False)))
 
 
 def default_run_name(optimizer: str, overrides: dict) -> str:

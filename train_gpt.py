@@ -48,7 +48,7 @@ def setup_distributed(cfg: RunConfig):
     if cfg.launch.device == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1:
+    if world_size > 1 or cfg.launch.distributed:
         dist.init_process_group(backend=cfg.launch.backend, device_id=device if device.type == "cuda" else None)
     if world_size != cfg.launch.world_size:
         raise SystemExit(f"error: launched with world size {world_size}, but config.json says {cfg.launch.world_size}")
@@ -597,7 +597,9 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     # memory_mode sketch + comm sketch: each matrix's sketches are all-reduced while backward
     # still runs, on a process group of their own (independent of the order of DDP's all-reduces)
     sketch_group, overlap_sketches = None, False
-    if world_size > 1:
+    # DDP and the collectives wherever there is a process group (run.py --distributed: also on one worker)
+    distributed = dist.is_initialized()
+    if distributed:
         if comm_sketch:
             # MoFaSGD's matrices leave DDP's reducer: their sketches are all-reduced instead
             exclude_from_ddp(model, [p for _, p in routing["hidden"]])
@@ -609,7 +611,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
                     gradient_as_bucket_view=True, broadcast_buffers=False)
     # bytes all-reduced per step by DDP (gradients in the parameter dtype), by parameter kind
     kind_bytes = {kind: sum(p.numel() * p.element_size() for _, p in ps) for kind, ps in routing.items()}
-    comm_other = (sum(kind_bytes.values()) - kind_bytes["hidden"]) if world_size > 1 else 0
+    comm_other = (sum(kind_bytes.values()) - kind_bytes["hidden"]) if distributed else 0
 
     train_files = find_shards(resolve_path(cfg.data.train_files))
     # on GPU: pinned batches, so the non_blocking copies below overlap the previous step's kernels
@@ -712,10 +714,10 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         # the forward+backward peak above what was held before it: activations and the head's logits
         # (and the gradients made in backward)
         activation_peak = peak_memory_bytes(device) - held_before_forward
-        comm_hidden = kind_bytes["hidden"] if world_size > 1 else 0
+        comm_hidden = kind_bytes["hidden"] if distributed else 0
         if comm_sketch:
             hidden_opt.sketch_gradients_()
-            comm_hidden = hidden_opt.all_reduce_sketches(sketch_group) if world_size > 1 else 0
+            comm_hidden = hidden_opt.all_reduce_sketches(sketch_group) if distributed else 0
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.train.grad_clip)
         lr = hidden_opt.param_groups[0]["lr"]

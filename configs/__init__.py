@@ -220,6 +220,7 @@ class LaunchConfig:
     world_size: int = 1
     device: str = "cpu"  # cpu or cuda: what the workers run on
     backend: str = "gloo"  # gloo on CPU, nccl on GPU
+    distributed: bool = False  # a process group and DDP even at world size 1 (run.py --distributed)
 
 
 SECTIONS = {
@@ -295,7 +296,8 @@ class RunConfig:
             if sketched and self.train.grad_clip > 0:
                 raise ValueError(f"train.grad_clip must be 0 with optimizer.{sketched[0]} sketch: the global gradient "
                                  "norm needs the full (averaged) gradients, which sketch mode never holds")
-            if getattr(self.optimizer, "memory_mode", "full") == "sketch" and self.launch.world_size > 1 \
+            if getattr(self.optimizer, "memory_mode", "full") == "sketch" and \
+                    (self.launch.world_size > 1 or self.launch.distributed) \
                     and self.optimizer.comm != "sketch":
                 raise ValueError("optimizer.memory_mode sketch on several ranks needs optimizer.comm sketch: "
                                  "the gradients are sketched before DDP could average them")

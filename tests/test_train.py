@@ -136,3 +136,22 @@ def test_checkpoints_are_ordered_by_step_number(tmp_path):
         (tmp_path / "checkpoints" / f"step_{step:07d}.pt").write_bytes(b"")
     assert [p.rsplit("/", 1)[1] for p in list_checkpoints(str(tmp_path))] == [
         "step_0000200.pt", "step_9999999.pt", "step_10000000.pt"]
+
+
+@pytest.mark.parametrize("optimizer,extra", [("mfsgd", {"rank": 4, "shard": True, "comm": "sketch", "memory_mode": "sketch"}),
+                                             ("muon", {})])
+def test_one_worker_with_a_process_group_trains_like_one_without(tmp_path, corpus, optimizer, extra):
+    """run.py --distributed: one worker still builds the process group, DDP, the overlapped sketch
+    all-reduces and the shard all-gathers (what a one-GPU check needs to exercise NCCL), with the
+    results of the plain one-worker run; the collectives' bytes are counted."""
+    runs = {}
+    for name, flags in (("plain", []), ("distributed", ["--distributed"])):
+        cfg = json.dumps(tiny_overrides(corpus, steps=3, **extra))
+        r = launch(["--optimizer", optimizer, "--name", name, "--config", cfg, *flags], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = [m for m in read_metrics(tmp_path / name) if "train_loss" in m]
+    for a, b in zip(runs["plain"], runs["distributed"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert all(m["comm_bytes"] == 0 for m in runs["plain"]) and all(m["comm_bytes"] > 0 for m in runs["distributed"])
+    config = json.loads((tmp_path / "distributed" / "config.json").read_text())
+    assert config["launch"]["distributed"] is True and config["launch"]["world_size"] == 1
