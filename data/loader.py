@@ -40,6 +40,19 @@ def _epoch_seed(seed, epoch):
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0])
 
 
+def micro_batch_size(batch_size, micro_step, grad_accum, rank, world_size):
+    """Sequences per micro batch when a step's batch is split over ranks and accumulation steps;
+    checks that (rank, micro_step) exists and the batch splits evenly."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if grad_accum < 1 or not 0 <= micro_step < grad_accum:
+        raise ValueError(f"micro_step {micro_step} is not in [0, grad_accum={grad_accum})")
+    if batch_size % (world_size * grad_accum) != 0:
+        raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} "
+                         f"x grad_accum {grad_accum} = {world_size * grad_accum}")
+    return batch_size // (world_size * grad_accum)
+
+
 class TokenLoader:
     """Training windows over a list of shards, addressed by global sequence index."""
 
@@ -121,14 +134,7 @@ class TokenLoader:
 
     def micro_batch(self, step, batch_size, micro_step, grad_accum, rank, world_size):
         """This rank's share of micro step `micro_step` of step `step`'s global batch."""
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if grad_accum < 1 or not 0 <= micro_step < grad_accum:
-            raise ValueError(f"micro_step {micro_step} is not in [0, grad_accum={grad_accum})")
-        if batch_size % (world_size * grad_accum) != 0:
-            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} "
-                             f"x grad_accum {grad_accum} = {world_size * grad_accum}")
-        mb = batch_size // (world_size * grad_accum)
+        mb = micro_batch_size(batch_size, micro_step, grad_accum, rank, world_size)
         start = step * batch_size + (micro_step * world_size + rank) * mb
         return self.sequences(range(start, start + mb))
 
@@ -178,12 +184,7 @@ class StreamLoader:
         """(x, y) of shape (mb, seq_len): this rank's micro step `micro_step` of step `step`."""
         if batch_size != self.batch_size:
             raise ValueError(f"the stream loader was built for batch_size {self.batch_size}, got {batch_size}")
-        if not 0 <= rank < world_size or not 0 <= micro_step < grad_accum:
-            raise ValueError(f"rank {rank} / micro_step {micro_step} out of range ({world_size} ranks, {grad_accum} steps)")
-        if batch_size % (world_size * grad_accum):
-            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} "
-                             f"x grad_accum {grad_accum} = {world_size * grad_accum}")
-        mb = batch_size // (world_size * grad_accum)
+        mb = micro_batch_size(batch_size, micro_step, grad_accum, rank, world_size)
         first = rank * (batch_size // world_size) + micro_step * mb  # sequence index within the step
         shard, offset = self.position(step)
         T = self.seq_len

@@ -7,6 +7,7 @@
 Needs only torch. The algorithm and implementation notes: mofasgd/optimizer.py.
 """
 
+from mofasgd import optimizer
 from mofasgd.optimizer import (
     MoFaSGD,
     assign_owners,
@@ -20,14 +21,4 @@ from mofasgd.schedule import BetaWarmup, linear_warmup
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MoFaSGD",
-    "BetaWarmup",
-    "linear_warmup",
-    "tangent_projection",
-    "gradient_sketches",
-    "update_momentum_factors",
-    "spectral_scales",
-    "orthogonal_complement_term",
-    "assign_owners",
-]
+__all__ = [*optimizer.__all__, "BetaWarmup", "linear_warmup"]

@@ -26,35 +26,28 @@ MODELS = {
 }
 
 
-def rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(name: str, chunk: int, steps: int) -> dict:
     import torch
 
     from model import PRESETS, create_model
+    from train_gpt import current_memory_bytes, peak_memory_bytes, reset_peak_memory
 
     arch, fields, batch, seq = MODELS[name]
     torch.manual_seed(0)
     model = create_model(arch, **PRESETS[fields["preset"]], vocab_size=50304, loss_chunk_tokens=chunk)
     idx = torch.randint(0, 50000, (batch, seq + 1))
     idx[:, ::300] = 50256  # documents (used by the speedrun model's attention mask)
+    cpu = torch.device("cpu")
     times, peaks = [], []
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
-        base = rss_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
+        base = current_memory_bytes(cpu)
+        reset_peak_memory(cpu)  # VmHWM := VmRSS
         start = time.perf_counter()
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
         times.append(time.perf_counter() - start)
-        peaks.append(rss_bytes("VmHWM") - base)
+        peaks.append(peak_memory_bytes(cpu) - base)
     return {"model": name, "chunk": chunk, "tokens": batch * seq, "loss": loss.item(),
             "tokens_per_s": batch * seq / statistics.median(times[1:] or times), "activation_peak": max(peaks[1:] or peaks)}
 

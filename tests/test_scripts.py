@@ -232,3 +232,17 @@ def test_bench_memory_skips_what_cannot_be_built():
     assert out.returncode == 0, out.stderr
     assert "no-such-optimizer: skipped (" in out.stderr
     assert "| adamw |" in out.stdout and "| mfsgd (full grads) |" in out.stdout
+
+
+def test_bench_head_loss_prints_the_side_by_side_table():
+    import subprocess
+
+    from helpers import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "scripts.bench_head_loss", "--models", "cpu-small", "--chunks", "0", "256",
+                          "--steps", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| off") or line.startswith("| 256")]
+    assert [r[1].strip() for r in rows] == ["off", "256"]
+    assert rows[0][3].strip() == "1.00x" and rows[0][5].strip() == "1.00x"
+    assert abs(float(rows[0][6]) - float(rows[1][6])) < 1e-5  # the same loss, chunked or not
