@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install lock data demo test bench package-check
+.PHONY: install lock data demo test test-compat bench package-check
 
 install: $(STAMP)
 
@@ -55,6 +55,16 @@ package-check: $(STAMP)
 
 test: data package-check
 	$(PY) -m pytest
+
+# The suite against the oldest supported torch (README, "Supported torch versions"): that torch in
+# build/torch-VERSION, put before the env's own on the path; every other package from the lock.
+# PyPI's Linux torch is a CUDA build: about 7 GB there, installed once (not part of `make test`).
+COMPAT_TORCH ?= 2.9.1
+COMPAT_DIR := build/torch-$(COMPAT_TORCH)
+test-compat: data
+	test -f $(COMPAT_DIR)/.installed || { $(PY) -m pip install --quiet --target $(COMPAT_DIR) torch==$(COMPAT_TORCH) $(TORCH_INDEX_ARG) && touch $(COMPAT_DIR)/.installed; }
+	PYTHONPATH=$(CURDIR)/$(COMPAT_DIR) $(PY) -c "import torch; assert torch.__version__.startswith('$(COMPAT_TORCH)'), torch.__version__; print('torch', torch.__version__)"
+	PYTHONPATH=$(CURDIR)/$(COMPAT_DIR) $(PY) -m pytest -p no:cacheprovider --deselect tests/test_package.py
 
 bench: $(STAMP)
 	$(PY) -m scripts.bench_optimizers

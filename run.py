@@ -49,6 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", help="node 0's address (needed with --nnodes > 1)")
     p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--rdzv", choices=("c10d", "static"), default="c10d",
+                   help="multi-node rendezvous: c10d (default; a failed node stops the others, --max-restarts restarts "
+                        "all nodes; rank 0 may be on any node) or static (rank 0 on node 0, no failure detection)")
+    p.add_argument("--node-wait", type=float, default=300.0, metavar="SECONDS",
+                   help="node ranks > 0: how long to wait for node 0's config.json in the run folder before writing "
+                        "their own (0 for a results dir not shared between nodes); default 300")
     p.add_argument("--max-restarts", type=int, default=0, help="passed to torchrun: restarts of failed workers")
     p.add_argument("--name", help="run name: the folder results/NAME (default: optimizer, rank and time)")
     p.add_argument("--results-dir", default=os.path.join(ROOT, "results"), help="where run folders go")
@@ -135,6 +141,25 @@ def check_data(cfg: RunConfig) -> None:
     val_sequences(files["val_files"], cfg.data.seq_len, cfg.data.val_tokens)
 
 
+def check_packages(cfg: RunConfig) -> None:
+    """Optional packages the run needs (galore-torch for GaLore, wandb for logging.wandb), checked
+    before launching: one line naming the package, not a traceback from every worker."""
+    import importlib.util
+
+    from optimizers import OPTIMIZERS
+
+    needed = []
+    if OPTIMIZERS[cfg.optimizer_name].package:
+        module, pip_name = OPTIMIZERS[cfg.optimizer_name].package
+        needed.append((module, pip_name, f"optimizer {cfg.optimizer_name}", "another optimizer"))
+    if cfg.logging.wandb != "off":
+        needed.append(("wandb", "wandb", f"logging.wandb {cfg.logging.wandb}", 'logging.wandb "off"'))
+    for module, pip_name, what, instead in needed:
+        if importlib.util.find_spec(module) is None:
+            raise LaunchError(f"{what} needs the package {pip_name}, which is not installed: pip install {pip_name}, "
+                              f"or use {instead}")
+
+
 def machine_memory_bytes(device: str) -> tuple[int, str] | None:
     """Memory one worker can have: (bytes, what) - a GPU's, or this machine's RAM; None if unknown."""
     if device == "cuda":
@@ -187,6 +212,9 @@ def torchrun_command(args, launch: dict, run_dir: str, resume: bool) -> list[str
         cmd.append(f"--shutdown-timeout={WORKER_SHUTDOWN_TIMEOUT_S}")
     if launch["nnodes"] == 1:
         cmd.append("--standalone")
+    elif args.rdzv == "c10d":  # the rendezvous assigns ranks and reports a node that fails or leaves
+        cmd += [f"--nnodes={launch['nnodes']}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={args.master_addr}:{args.master_port}", f"--rdzv-id={os.path.basename(run_dir)}"]
     else:
         cmd += [f"--nnodes={launch['nnodes']}", f"--node-rank={args.node_rank}",
                 f"--master-addr={args.master_addr}", f"--master-port={args.master_port}"]
@@ -261,6 +289,7 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
                 raise ConfigError(f"{config_path}: {e}") from None
             check_newest_checkpoint(run_dir, cfg)
             check_data(cfg)
+            check_packages(cfg)
             check_memory(cfg)
             if args.dry_run:
                 return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=True))
@@ -285,15 +314,18 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
     for warning in cfg.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     check_data(cfg)
+    check_packages(cfg)
     check_memory(cfg)
     run_dir = os.path.join(args.results_dir, name)
     if args.dry_run:
         return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=False))
-    if args.node_rank > 0:
-        node_config_matches(run_dir, cfg, args)  # before anything is created: a mismatch leaves the folder as it was
+    # node ranks > 0 wait for node 0 to create the folder and write config.json (a shared results
+    # dir); creating it first would make node 0 refuse it as an existing run
+    node0_wrote = args.node_rank > 0 and wait_for_node0_config(run_dir, cfg, args)
     lock_fd = claim_run_dir(run_dir, args, cfg)
     try:
-        write_config(run_dir, cfg, args)
+        if not node0_wrote:
+            write_config(run_dir, cfg)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -316,10 +348,34 @@ def node_config_matches(run_dir: str, cfg: RunConfig, args) -> bool:
     return same
 
 
-def write_config(run_dir: str, cfg: RunConfig, args) -> None:
+def wait_for_node0_config(run_dir: str, cfg: RunConfig, args) -> bool:
+    """Node ranks > 0: True once node 0's config.json (the same config) is in the run folder; False
+    after --node-wait seconds without one: the results dir is this node's own, not shared."""
+    deadline = time.monotonic() + args.node_wait
+    while not node_config_matches(run_dir, cfg, args):
+        if time.monotonic() >= deadline:
+            if args.node_wait > 0:
+                print(f"note: no config.json from node 0 in {run_dir} after {args.node_wait:g} s: this node writes "
+                      "its own (a results dir not shared between nodes)", file=sys.stderr)
+            return False
+        time.sleep(0.25)
+    return True
+
+
+def written_by_peer_node(run_dir: str, cfg: RunConfig) -> bool:
+    """A folder holding nothing but another node's lock files and this very config.json: a node rank
+    > 0 whose --node-wait ran out before this node started; node 0 takes it over as a new run."""
+    entries = [e for e in os.listdir(run_dir) if not runlock.is_lock_file(e)]
+    if entries != ["config.json"]:
+        return False
+    try:
+        return read_json_file(os.path.join(run_dir, "config.json")) == json.loads(json.dumps(cfg.to_dict()))
+    except ConfigError:
+        return False
+
+
+def write_config(run_dir: str, cfg: RunConfig) -> None:
     path = os.path.join(run_dir, "config.json")
-    if args.node_rank > 0 and node_config_matches(run_dir, cfg, args):
-        return  # node 0 wrote it
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:
@@ -397,7 +453,7 @@ def claim_run_dir(run_dir: str, args, cfg: RunConfig) -> int:
         raise LaunchError(f"cannot create the run dir {run_dir}: {e.strerror}") from None
     if not os.access(run_dir, os.W_OK):
         raise LaunchError(f"the run dir {run_dir} is not writable")
-    if created:
+    if created or written_by_peer_node(run_dir, cfg):
         return runlock.claim(run_dir)
     if not (args.overwrite or args.restart_broken):
         holder = runlock.holder(run_dir)
@@ -498,6 +554,7 @@ def main(argv=None) -> int:
     print(f"run dir: {run_dir}", file=sys.stderr)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     env[runlock.LAUNCHER_ENV] = str(os.getpid())
+    env[runlock.NODE_RANK_ENV] = str(args.node_rank)  # c10d numbers nodes its own way (GROUP_RANK)
     # torchrun: holds the folder's lock too (inherited), dies with us (SIGTERM: it stops the workers,
     # which write a stop checkpoint), and has a session of its own, so a Ctrl-C reaches only us and
     # we hand it to the workers (a signal to torchrun ends in its ChildFailedError traceback)

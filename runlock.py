@@ -30,6 +30,7 @@ import time
 OWNER_LOCK = ".lock"
 WORKERS_LOCK = ".workers.lock"
 LAUNCHER_ENV = "MOFA_LAUNCHER_PID"  # set by run.py for its workers
+NODE_RANK_ENV = "MOFA_NODE_RANK"  # run.py's --node-rank, whose lock files the node's workers hold
 LOCK_FILES = (OWNER_LOCK, WORKERS_LOCK)
 
 

@@ -64,6 +64,11 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor for a collective lives: the GPU under nccl, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -322,13 +327,34 @@ def save_checkpoint(run_dir, step, model, optimizers, schedulers, elapsed, keep,
             reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
             failure = f"cannot write the checkpoint of step {step} to {checkpoint_dir(run_dir)}: {reason}"
     if dist.is_initialized():  # every rank learns whether rank 0's write failed, and stops with it
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        flag = torch.tensor([1.0 if failure else 0.0], device=device)
-        dist.all_reduce(flag)
+        flag = all_reduce_sum(torch.tensor([1.0 if failure else 0.0], device=collective_device()))
         if flag.item() > 0 and failure is None:
             failure = f"rank 0 could not write the checkpoint of step {step}"
     if failure:
         raise RunFailed(f"{failure}; the older checkpoints are kept, resume with --resume once there is space")
+
+
+def agreed_resume_checkpoint(run_dir: str, rank: int) -> str | None:
+    """The checkpoint every rank resumes from: rank 0's newest, its step broadcast, so ranks whose
+    folders differ (nodes without a shared filesystem, a restart after a partial copy) never start
+    from different steps and hang in mismatched collectives. A rank without that step's file fails
+    the run on every rank, with the step and the folder it is missing from."""
+    checkpoints = list_checkpoints(run_dir)
+    if not dist.is_initialized():
+        return checkpoints[-1] if checkpoints else None
+    chosen = [checkpoint_step(checkpoints[-1]) if checkpoints else None]
+    dist.broadcast_object_list(chosen, src=0)
+    step = chosen[0]
+    if step is None:
+        return None
+    path = next((p for p in checkpoints if checkpoint_step(p) == step), None)
+    missing = all_reduce_sum(torch.tensor([0.0 if path else 1.0], device=collective_device()))
+    if missing.item() > 0:
+        where = f"rank {rank} has no {checkpoint_dir(run_dir)}/step_{step:07d}.pt" if path is None else \
+            f"{int(missing.item())} rank(s) lack the checkpoint of step {step}"
+        raise RunFailed(f"cannot resume at step {step}, rank 0's newest checkpoint: {where}; without a filesystem "
+                        f"shared by all nodes, copy rank 0's checkpoints folder to every node first")
+    return path
 
 
 def load_checkpoint(path: str, model, optimizers, schedulers, rank: int) -> tuple[int, float]:
@@ -565,6 +591,21 @@ def exclude_from_ddp(model: torch.nn.Module, params: list) -> None:
     DDP._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
+def wrap_data_parallel(model: torch.nn.Module, sketched_params: list, device) -> DDP:
+    """DDP over the model, but for `sketched_params` (MoFaSGD comm sketch), whose low-rank sketches
+    the optimizer all-reduces instead. Those all-reduces go to the default process group, DDP's
+    own: one NCCL communicator runs its collectives in the order they are issued, and every rank
+    issues DDP's bucket all-reduces and the sketch all-reduces in one order (both are launched
+    from backward's hooks, which fire in the same order on every rank). A second group would run
+    concurrently on its own stream, which torch documents as unsafe with NCCL (it can deadlock).
+    Gradients are views into DDP's buckets (no second gradient-sized copy); buffers (the rotary
+    tables) are the same on every rank, so none are broadcast per forward."""
+    if sketched_params:
+        exclude_from_ddp(model, sketched_params)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True, broadcast_buffers=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # The training loop
 
@@ -586,29 +627,20 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
     group_schedules = OPTIMIZERS[cfg.optimizer_name].schedules(cfg.optimizer)
 
     start_step, elapsed = 0, 0.0
-    checkpoints = list_checkpoints(run_dir) if resume else []
-    if checkpoints:
-        start_step, elapsed = load_checkpoint(checkpoints[-1], raw_model, optimizers, schedulers, rank)
+    checkpoint = agreed_resume_checkpoint(run_dir, rank) if resume else None
+    if checkpoint:
+        start_step, elapsed = load_checkpoint(checkpoint, raw_model, optimizers, schedulers, rank)
     if cfg.train.compile:
         model = torch.compile(model)
     eval_model = model  # validation runs through the compiled model too (not through DDP)
     routing = split_parameters(raw_model)
     comm_sketch = getattr(cfg.optimizer, "comm", "full") == "sketch"
-    # memory_mode sketch + comm sketch: each matrix's sketches are all-reduced while backward
-    # still runs, on a process group of their own (independent of the order of DDP's all-reduces)
-    sketch_group, overlap_sketches = None, False
     # DDP and the collectives wherever there is a process group (run.py --distributed: also on one worker)
     distributed = dist.is_initialized()
+    # memory_mode sketch + comm sketch: each matrix's sketches are all-reduced while backward still runs
+    overlap_sketches = distributed and comm_sketch and cfg.optimizer.memory_mode == "sketch"
     if distributed:
-        if comm_sketch:
-            # MoFaSGD's matrices leave DDP's reducer: their sketches are all-reduced instead
-            exclude_from_ddp(model, [p for _, p in routing["hidden"]])
-            sketch_group = dist.new_group()
-            overlap_sketches = cfg.optimizer.memory_mode == "sketch"
-        # gradients as views into DDP's buckets (no second gradient-sized copy); the speedrun's
-        # buffers (rotary tables) are the same on every rank, so none are broadcast per forward
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True, broadcast_buffers=False)
+        model = wrap_data_parallel(model, [p for _, p in routing["hidden"]] if comm_sketch else [], device)
     # bytes all-reduced per step by DDP (gradients in the parameter dtype), by parameter kind
     kind_bytes = {kind: sum(p.numel() * p.element_size() for _, p in ps) for kind, ps in routing.items()}
     comm_other = (sum(kind_bytes.values()) - kind_bytes["hidden"]) if distributed else 0
@@ -707,7 +739,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
             with (nullcontext() if sync else model.no_sync()), autocast:
                 _, loss = model(x, y, **forward_kwargs)
             if overlap_sketches and micro == grad_accum - 1:
-                hidden_opt.all_reduce_sketches_during_backward(sketch_group)
+                hidden_opt.all_reduce_sketches_during_backward()
             # the batch-mean gradient (averaged over micro batches, DDP averages over ranks), x grad_scale
             (loss * (cfg.train.grad_scale / grad_accum)).backward()
             loss_sum += loss.detach()
@@ -717,7 +749,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         comm_hidden = kind_bytes["hidden"] if distributed else 0
         if comm_sketch:
             hidden_opt.sketch_gradients_()
-            comm_hidden = hidden_opt.all_reduce_sketches(sketch_group) if distributed else 0
+            comm_hidden = hidden_opt.all_reduce_sketches() if distributed else 0
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.train.grad_clip)
         lr = hidden_opt.param_groups[0]["lr"]
@@ -813,7 +845,7 @@ def main():
     import runlock
 
     runlock.worker_dies_with_launcher()  # no trainer outlives its launcher
-    runlock.hold_as_worker(args.run_dir, int(os.environ.get("GROUP_RANK", "0")))  # kept until this process dies
+    runlock.hold_as_worker(args.run_dir, int(os.environ.get(runlock.NODE_RANK_ENV, "0")))  # kept until this process dies
     try:
         train(args.run_dir, resume=args.resume)
     except RunFailed as e:

@@ -332,7 +332,9 @@ def update_momentum_factors(U, S, V, GV, GtU, C, beta, momentum="sum", method="a
 # --------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a matrix's factors and of the step's math: fp64 for fp64 weights, else fp32
+    (bf16 and fp16 weights too: the QRs and the SVD need fp32)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -557,7 +559,7 @@ class MoFaSGD(Optimizer):
                     f"MoFaSGD: rank {rank} > min(m, n) for a {m}x{n} parameter; using rank {min(m, n)}"
                 )
             rank = min(m, n)
-        dtype = _compute_dtype(p.dtype)
+        dtype = factor_dtype(p.dtype)
         state = self.state[p]
         if group["init"] == "weight_svd":
             U_full, S_full, Vh_full = torch.linalg.svd(p.detach().to(dtype), full_matrices=False)
@@ -595,7 +597,7 @@ class MoFaSGD(Optimizer):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
-            dtype = _compute_dtype(p.dtype)
+            dtype = factor_dtype(p.dtype)
             for key in ("U", "S", "V"):
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
@@ -640,7 +642,8 @@ class MoFaSGD(Optimizer):
         all_reduce_sketches() waits for them. Launches follow one fixed order (the reverse of the
         parameter order, backward's usual order: a matrix ready early waits for its predecessors),
         so every rank issues the same sequence of collectives whatever order its hooks fire in.
-        Use a process group of its own (dist.new_group()) when DDP reduces other parameters."""
+        With DDP reducing other parameters, keep DDP's group (the default): NCCL runs one group's
+        collectives in issue order, while two groups used at once can deadlock."""
         if self.memory_mode != "sketch":
             raise RuntimeError("all_reduce_sketches_during_backward needs memory_mode='sketch'")
         order = [p for g in self.param_groups for p in g["params"]][::-1]
@@ -862,7 +865,7 @@ class MoFaSGD(Optimizer):
         sizes = [sum(math.prod(sh) for _, shapes in entries for sh in shapes) for entries in layout]
         if max(sizes) == 0:
             return 0
-        dtypes = {_compute_dtype(p.dtype) for entries in layout for p, _ in entries}
+        dtypes = {factor_dtype(p.dtype) for entries in layout for p, _ in entries}
         if len(dtypes) != 1:
             raise RuntimeError("MoFaSGD(shard=True) needs all parameters in one compute dtype (fp32 or fp64)")
         dtype = dtypes.pop()

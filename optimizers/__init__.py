@@ -271,12 +271,13 @@ class OptimizerSpec:
     config: type  # dataclass of the config keys
     build: Callable  # (hidden params, config, device) -> torch.optim.Optimizer
     schedules: Callable = lambda cfg: {}  # config -> {param-group key: fn(step) -> value}
+    package: tuple[str, str] | None = None  # (module, pip name) of an optional package it needs
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(AdamWConfig, _build_adamw),
     "mfsgd": OptimizerSpec(MoFaSGDConfig, _build_mofasgd, _mofasgd_schedules),
-    "galore": OptimizerSpec(GaLoreConfig, _build_galore),
+    "galore": OptimizerSpec(GaLoreConfig, _build_galore, package=("galore_torch", "galore-torch")),
     "muon": OptimizerSpec(MuonConfig, _build_muon, _muon_schedules),
     "adafactor": OptimizerSpec(AdafactorConfig, _build_adafactor),
 }

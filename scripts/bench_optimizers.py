@@ -22,7 +22,7 @@ import time
 import torch
 
 from mofasgd import MoFaSGD, spectral_scales
-from mofasgd.optimizer import _umf_householder
+from mofasgd.optimizer import _umf_householder, factor_dtype
 from optimizers import OPTIMIZERS, state_bytes
 
 GPT2_SMALL_SHAPES = "768x768,768x2304,768x3072,3072x768"
@@ -184,8 +184,10 @@ def adamw_factory(variant):
     return lambda params: torch.optim.AdamW(params, lr=2e-3, betas=(0.8, 0.95), weight_decay=0.0, **kwargs)
 
 
-def expected_mofasgd_bytes(shapes, rank, element_size):
-    """(m + n) r + r floats per matrix, plus one 4-byte step counter per matrix."""
+def expected_mofasgd_bytes(shapes, rank, param_dtype):
+    """(m + n) r + r numbers per matrix in the factors' dtype (fp32 for bf16 weights), plus one
+    4-byte step counter per matrix."""
+    element_size = torch.tensor([], dtype=factor_dtype(param_dtype)).element_size()
     total = 0
     for m, n in shapes:
         r = min(rank, m, n)
@@ -202,7 +204,6 @@ def fallback_note(optimizer):
 
 
 def run_per_shape(args, device, dtype):
-    element_size = torch.tensor([], dtype=dtype).element_size()
     print("| shape | rank | MoFaSGD ms | AdamW foreach ms | AdamW fused ms | MoFaSGD / AdamW foreach "
           "| MoFaSGD / AdamW fused | MoFaSGD state bytes | (m+n)r+r floats + step | AdamW state bytes "
           "| Householder fallbacks |")
@@ -217,7 +218,7 @@ def run_per_shape(args, device, dtype):
             assert held == opt.state_bytes()
             print(f"| {m}x{n} | {rank} | {ms:.2f} | {foreach_ms:.2f} | {fused_ms:.2f} "
                   f"| {ms / foreach_ms:.2f} | {ms / fused_ms:.2f} | {held:,} "
-                  f"| {expected_mofasgd_bytes([(m, n)], rank, element_size):,} | {adamw_bytes:,} "
+                  f"| {expected_mofasgd_bytes([(m, n)], rank, dtype):,} | {adamw_bytes:,} "
                   f"| {fallback_note(opt)} |", flush=True)
         del results
 
@@ -295,7 +296,7 @@ def run_whole_model(args, device, dtype):
     foreach_ms, fused_ms, mofasgd_ms = results[0][0], results[1][0], results[2][0]
     for name, (ms, opt) in zip(names, results):
         if isinstance(opt, MoFaSGD):
-            expected = mib(expected_mofasgd_bytes(shapes, rank, element_size))
+            expected = mib(expected_mofasgd_bytes(shapes, rank, dtype))
             if not isinstance(opt, ProjectorMoFaSGD):
                 name += f" (Householder fallbacks {fallback_note(opt)})"
         else:

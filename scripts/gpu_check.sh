@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, sized for a short lease of one GPU (about 8 minutes on an H200):
+# The GPU checks, in parts sized for a short lease of one GPU. Run them as three commands of at
+# most ~5 minutes each (estimates; each train run compiles the 278M-parameter model once):
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [PARTS]      # OUT_DIR default results/gpu-check
+#   bash scripts/gpu_check.sh OUT_DIR "bench memory"   # the optimizer-step and memory tables
+#   bash scripts/gpu_check.sh OUT_DIR train-a          # AdamW and MoFaSGD on the paper preset
+#   bash scripts/gpu_check.sh OUT_DIR train-b          # Muon, MoFaSGD sketch modes, GaLore
 #
-# PARTS (default "bench memory train", any subset, in that order):
+# OUT_DIR (default results/gpu-check) gets every table and log; each part adds to it, and the
+# summary table after a train part covers every run in OUT_DIR/runs so far. PARTS, in order:
 #   bench   optimizer-step table on CUDA: the 72-matrix GPT-2-small hidden set, fp32 (with the
 #           projector-forming reference) and bf16 parameters, MoFaSGD r=32 vs AdamW foreach/fused
 #   memory  bench_memory.py on CUDA (torch.cuda.max_memory_allocated), GPT-2 small, 1 x 1024
-#   train   shortened runs of the paper preset (its model, 64K-token document-masked streams with the
+#   train-a, train-b, train (both)
+#           shortened runs of the paper preset (its model, 64K-token document-masked streams with the
 #           sliding window (flex_attention), bf16 embeddings and stream, torch.compile,
-#           fused Adam for the non-hidden groups, nccl on one GPU) for AdamW, Muon, MoFaSGD,
-#           MoFaSGD with sketch memory + sketch all-reduce (overlapped with backward) and, when
-#           galore-torch is importable, GaLore; then one summary table (median ms/step, peak memory)
+#           fused Adam for the non-hidden groups, nccl on one GPU with --distributed: DDP, the sketch
+#           all-reduces and the shard all-gathers run for real): train-a AdamW and MoFaSGD, train-b
+#           Muon, MoFaSGD with sketch memory + sketch all-reduce (overlapped with backward) and,
+#           when galore-torch is importable, GaLore; then one summary table (median ms/step, peak memory)
 #
 # Data: the embedded corpus (`make data` here; a machine without internet needs data/shakespeare
 # copied over), so the train part measures speed and memory, not the paper's losses.
 # Every part logs to OUT_DIR/*.log as it goes; a failing part does not stop the next one, and the
-# exit status is the number of failed parts. GPU_CHECK_STEPS (default 30) sets the train steps,
-# GPU_CHECK_RUNS (default "adamw muon mfsgd mfsgd-sketch galore") the train runs, GPU_CHECK_DATA
+# exit status is the number of failed parts. GPU_CHECK_STEPS (default 20) sets the train steps,
+# GPU_CHECK_RUNS (default: the part's runs) the train runs, GPU_CHECK_DATA
 # (default data/shakespeare) the folder of train_*.bin / val_*.bin shards they read.
 # GPU_CHECK_DEVICE=cpu runs the same commands on CPU at toy size (what tests/test_scripts.py does).
 set -u -o pipefail  # pipefail: a part's status is its command's, not tee's
 OUT=${1:-results/gpu-check}
 PARTS=${2:-bench memory train}
 PY=${PY:-python3}
-STEPS=${GPU_CHECK_STEPS:-30}
+STEPS=${GPU_CHECK_STEPS:-20}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -81,7 +87,12 @@ for p in $PARTS; do
     memory)
         part memory $PY -m scripts.bench_memory --device $DEVICE "${MEMORY[@]}"
         ;;
-    train)
+    train|train-a|train-b)
+        case $p in
+            train-a) default_runs="adamw mfsgd" ;;
+            train-b) default_runs="muon mfsgd-sketch galore" ;;
+            *) default_runs="adamw mfsgd muon mfsgd-sketch galore" ;;
+        esac
         data=${GPU_CHECK_DATA:-data/shakespeare}
         if ! ls "$data"/train_*.bin "$data"/val_*.bin > /dev/null 2>&1; then
             echo "== train FAILED: no train_*.bin / val_*.bin shards in $data: build them with 'make data' (needs" \
@@ -90,7 +101,7 @@ for p in $PARTS; do
             continue
         fi
         RUNS=()
-        for run in ${GPU_CHECK_RUNS:-adamw muon mfsgd mfsgd-sketch galore}; do
+        for run in ${GPU_CHECK_RUNS:-$default_runs}; do
             if [ "$run" = galore ] && ! $PY -c 'import galore_torch' 2>/dev/null; then
                 echo "galore-torch not importable here: GaLore skipped" | tee -a "$OUT/train.log"
             else
@@ -109,7 +120,7 @@ for p in $PARTS; do
         cat "$OUT/summary.md" 2>/dev/null
         ;;
     *)
-        echo "unknown part '$p'; choose from: bench memory train" >&2; exit 2 ;;
+        echo "unknown part '$p'; choose from: bench memory train-a train-b train" >&2; exit 2 ;;
     esac
 done
 echo "gpu_check: $failed failed part(s); logs in $OUT"

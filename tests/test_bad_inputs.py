@@ -212,3 +212,21 @@ def test_rank_above_min_side_is_clipped_with_a_warning(env, capsys):
                      "--results-dir", str(env["results"])])
     assert code == 0
     assert "warning: optimizer rank 64 > min(m, n) = 32 of every hidden matrix: clipped to 32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer, keys, missing, needle", [
+    ("galore", {}, "galore_torch", "optimizer galore needs the package galore-torch, which is not installed"),
+    ("mfsgd", {"logging": {"wandb": "offline"}}, "wandb", "logging.wandb offline needs the package wandb"),
+])
+def test_missing_optional_package_is_one_line(env, capsys, monkeypatch, optimizer, keys, missing, needle):
+    """A machine without galore-torch or wandb (a GPU image, say): one line naming the package; the
+    optimizers and settings that do not need it still launch."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    argv = ["--optimizer", optimizer, "--config", tiny(env, **keys), "--results-dir", str(env["results"]), "--dry-run"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert run.main(["--optimizer", "adamw", "--config", tiny(env), "--results-dir", str(env["results"]), "--dry-run"]) == 0

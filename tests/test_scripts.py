@@ -154,6 +154,25 @@ def test_projector_forming_reference_gives_mofasgd_parameters(eta2, current_proj
         assert (fast - plain).abs().max().item() < 1e-10
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float64"])
+def test_bench_optimizers_expected_bytes_equal_the_state_held(dtype_name):
+    """The expected-bytes column counts the factors in their own dtype (fp32 for bf16 weights)."""
+    import torch
+
+    from mofasgd import MoFaSGD
+    from optimizers import state_bytes
+    from scripts.bench_optimizers import expected_mofasgd_bytes
+
+    dtype = getattr(torch, dtype_name)
+    shapes = [(24, 40), (40, 24), (8, 6)]
+    params = [torch.nn.Parameter(torch.randn(m, n).to(dtype)) for m, n in shapes]
+    opt = MoFaSGD(params, lr=0.01, rank=7)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert state_bytes(opt) == expected_mofasgd_bytes(shapes, 7, dtype)
+
+
 def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
     """scripts/gpu_check.sh at toy size on CPU: the launcher commands and config keys it builds are
     valid (its real use is on a GPU, which CI does not have)."""
@@ -167,7 +186,7 @@ def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
     env = dict(os.environ, GPU_CHECK_DEVICE="cpu", GPU_CHECK_STEPS="1", GPU_CHECK_RUNS="sgdx mfsgd-sketch",
                GPU_CHECK_DATA=str(tmp_path / "data"), PY=sys.executable)
     out = tmp_path / "check"
-    proc = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), str(out), "train"],
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), str(out), "train-b"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "gpu_check: 1 failed part(s)" in proc.stdout

@@ -92,3 +92,71 @@ def test_sketch_communication_equals_full_and_one_rank(tmp_path, corpus):
     assert full[1]["comm_bytes_hidden"] == 4 * sum(m * n for m, n in hidden_shapes)
     assert one[1]["comm_bytes"] == 0
     assert both[1]["grad_bytes"] < full[1]["grad_bytes"]  # hidden gradients never held
+
+
+def _collective_order_worker(rank, world, port, out):
+    """One rank of a 2-rank gloo group: DDP over a tiny GPT's other parameters, MoFaSGD's sketches
+    all-reduced during backward; logs every collective it issues, DDP's and the sketches'."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    import train_gpt
+    from optimizers import MoFaSGD as Optimizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = tiny_double_model()
+    hidden = [p for _, p in split_parameters(model)["hidden"]]
+    others = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    opt = Optimizer(hidden, lr=0.05, rank=4, beta=0.9, eta1=0.25, max_value=5, memory_mode="sketch")
+    ddp = train_gpt.wrap_data_parallel(model, hidden, torch.device("cpu"))
+    log = []
+
+    def logged_ddp_hook(state, bucket):
+        log.append(("ddp", bucket.index()))
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, logged_ddp_hook)
+    launch = Optimizer._launch_all_reduce
+
+    def logged_launch(self, p):
+        assert self._overlap["group"] is None  # DDP's (the default) group
+        log.append(("sketch", tuple(p.shape)))
+        launch(self, p)
+
+    Optimizer._launch_all_reduce = logged_launch
+    adam = torch.optim.SGD(others, lr=0.01)
+    gen = torch.Generator().manual_seed(1 + rank)
+    for _ in range(3):
+        x = torch.randint(0, 64, (4, 16), generator=gen)
+        opt.all_reduce_sketches_during_backward()
+        _, loss = ddp(x[:, :-1], x[:, 1:])
+        loss.backward()
+        log.append(("wait", opt.all_reduce_sketches()))
+        opt.step()
+        adam.step()
+        opt.zero_grad()
+        adam.zero_grad()
+    out[rank] = (log, [p.detach().clone() for p in model.parameters()])
+    dist.destroy_process_group()
+
+
+def test_sketch_and_ddp_collectives_share_one_group_in_one_order():
+    """Overlapped sketch all-reduces and DDP's bucket all-reduces go to one (the default) group,
+    issued in the same order on every rank, so NCCL's single stream cannot deadlock; the replicas
+    stay identical."""
+    import torch.multiprocessing as mp
+
+    from test_multinode import free_port
+
+    out = mp.Manager().dict()
+    mp.start_processes(_collective_order_worker, args=(2, free_port(), out), nprocs=2, start_method="spawn")
+    (log0, params0), (log1, params1) = out[0], out[1]
+    assert log0 == log1
+    assert {kind for kind, _ in log0} == {"ddp", "sketch", "wait"}
+    assert sum(kind == "sketch" for kind, _ in log0) == 3 * 8  # 8 hidden matrices, 3 steps
+    for a, b in zip(params0, params1):
+        assert torch.equal(a, b)
