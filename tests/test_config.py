@@ -69,7 +69,10 @@ def test_dry_run_prints_config_and_command(tmp_path, corpus):
                 json.dumps(tiny_overrides(corpus, micro_batch_size=4, rank=8))], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "torch.distributed.run" in r.stdout and "--nproc-per-node=2" in r.stdout
-    assert "--shutdown-timeout=900" in r.stdout  # time for the stop checkpoint after a signal
+    import run
+
+    # time for the stop checkpoint after a signal, where this torch's torchrun has the option
+    assert ("--shutdown-timeout=900" in r.stdout) == run.torchrun_accepts("--shutdown-timeout")
     assert '"rank": 8' in r.stdout
     assert not any(tmp_path.iterdir())  # nothing written
 
@@ -125,15 +128,19 @@ def test_torchrun_options_follow_the_installed_torch(monkeypatch):
 
     args = argparse.Namespace(max_restarts=0, node_rank=0, master_addr=None, master_port=29500)
     launch = dict(nproc=1, nnodes=1)
-    assert any(a.startswith("--shutdown-timeout=") for a in run.torchrun_command(args, launch, "/r", False))
 
-    def older_parser():  # a torchrun without the option
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--nproc-per-node")
-        parser.add_argument("training_script")
-        parser.add_argument("training_script_args", nargs=argparse.REMAINDER)
+    def parser_of(with_shutdown_timeout):  # torchrun 2.12+ has the option, 2.11 and older do not
+        def parser():
+            p = argparse.ArgumentParser()
+            p.add_argument("--nproc-per-node")
+            if with_shutdown_timeout:
+                p.add_argument("--shutdown-timeout")
+            p.add_argument("training_script")
+            p.add_argument("training_script_args", nargs=argparse.REMAINDER)
+            return p
         return parser
 
-    monkeypatch.setattr(torchrun, "get_args_parser", older_parser)
-    cmd = run.torchrun_command(args, launch, "/r", False)
-    assert not any("shutdown" in a for a in cmd) and "--standalone" in cmd
+    for has_option in (True, False):
+        monkeypatch.setattr(torchrun, "get_args_parser", parser_of(has_option))
+        cmd = run.torchrun_command(args, launch, "/r", False)
+        assert any(a.startswith("--shutdown-timeout=") for a in cmd) == has_option and "--standalone" in cmd
