@@ -265,3 +265,17 @@ def test_bench_head_loss_prints_the_side_by_side_table():
     assert [r[1].strip() for r in rows] == ["off", "256"]
     assert rows[0][3].strip() == "1.00x" and rows[0][5].strip() == "1.00x"
     assert abs(float(rows[0][6]) - float(rows[1][6])) < 1e-5  # the same loss, chunked or not
+
+
+def test_bench_head_loss_extrapolation_from_two_lengths(capsys):
+    """The per-token fit: plain slope 50 B, chunked slope 10 B, so the head holds 40 B per token;
+    at 10,000 tokens the plain head is 400,000 of 500,100 bytes, the 10-token chunk's 400 of 100,200."""
+    from scripts.bench_head_loss import per_token_fit, print_extrapolation
+
+    by_length = {1000: {0: 50_100, 10: 10_200}, 2000: {0: 100_100, 10: 20_200}}
+    assert per_token_fit(by_length, 0) == (100.0, 50.0) and per_token_fit(by_length, 10) == (200.0, 10.0)
+    print_extrapolation("m", by_length, 10_000)
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| off", "| 10 "))]
+    assert rows[0][1:3] == ["50", "40"] and rows[0][4] == f"{400_000 / 500_100:.1%}"
+    assert rows[1][1:3] == ["10", "40"] and rows[1][4] == f"{400 / 100_200:.1%}"
