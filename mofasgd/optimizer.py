@@ -146,9 +146,14 @@ def check_orthonormal_factors(U: torch.Tensor, V: torch.Tensor, tolerance: float
     """Raises when a batch of factors (B, m, r), (B, n, r) is not orthonormal to `tolerance`:
     max |U^T U - I| or max |V^T V - I| above it (a failed QR or SVD, e.g. of an all-zero matrix on
     a solver the CPU tests do not cover)."""
-    for name, Q in (("U", U), ("V", V)):
-        gram = Q.mT @ Q
-        error = (gram - torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)).abs().amax()
+    check_orthonormal_grams({"U": U.mT @ U, "V": V.mT @ V}, tolerance, shape)
+
+
+def check_orthonormal_grams(grams: dict, tolerance: float, shape: tuple) -> None:
+    """check_orthonormal_factors from the factors' Gram matrices Q^T Q (name -> (..., r, r)): a
+    row-sharded factor's Gram matrix is the all-reduced sum of its shards'."""
+    for name, gram in grams.items():
+        error = (gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)).abs().amax()
         if not error <= tolerance:  # also catches NaN
             raise RuntimeError(f"MoFaSGD: the factor {name} of a {shape[0]}x{shape[1]} matrix lost orthonormality: "
                                f"max |{name}^T {name} - I| = {error.item():.3g} > check_orthonormal = {tolerance:g}")
@@ -513,6 +518,8 @@ class MoFaSGD(Optimizer):
         for p in group["params"]:
             if p.dim() != 2:
                 raise ValueError(_unsupported_shape_message(tuple(p.shape)))
+            if _is_dtensor(p):
+                _check_row_sharded(p, getattr(self, "memory_mode", "full"), getattr(self, "shard", False))
         if getattr(self, "shard", False):
             self._owner_of = self._assign_owners()
 
@@ -551,6 +558,12 @@ class MoFaSGD(Optimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         m, n = p.shape
+        rank = min(group["rank"], m, n)
+        if _is_dtensor(p):  # FSDP2: U split by rows like the weight (mofasgd.row_sharded)
+            from mofasgd.row_sharded import init_row_sharded_state
+
+            self.state[p].update(init_row_sharded_state(p, rank, group["init"]))
+            return self.state[p]
         rank = group["rank"]
         if rank > min(m, n):
             if (m, n) not in self._rank_warned_shapes:
@@ -818,6 +831,9 @@ class MoFaSGD(Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, group)
+                if _is_dtensor(p):  # FSDP2's row-sharded weights: one matrix at a time, on local rows
+                    self._row_sharded_step(p, group)
+                    continue
                 key = (tuple(p.shape), p.dtype, p.device, state["U"].shape[1])
                 buckets.setdefault(key, []).append(p)
             for (shape, _, _, rank), params in buckets.items():
@@ -838,6 +854,13 @@ class MoFaSGD(Optimizer):
                     if p in updates:
                         self._apply_step(p, group, updates[p])
         return loss
+
+    def _row_sharded_step(self, p, group) -> None:
+        from mofasgd.row_sharded import row_sharded_step
+
+        fast = row_sharded_step(p, self.state[p], group, self.check_orthonormal)
+        self.cholesky_updates += int(fast)
+        self.householder_updates += int(not fast)
 
     def _exchange_step_factors(self, updates: dict) -> int:
         """shard=True: all-gathers every owner's step factors so each rank holds `updates` for all
@@ -903,6 +926,23 @@ class MoFaSGD(Optimizer):
                         del self.state[p]
         self.exchanged_bytes = send.numel() * send.element_size()
         return self.exchanged_bytes
+
+
+def _is_dtensor(p) -> bool:
+    return type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+
+
+def _check_row_sharded(p, memory_mode: str, shard: bool) -> None:
+    """DTensor parameters: only FSDP2's row split (Shard(0) on a 1-D mesh), in memory_mode full
+    without shard (FSDP already splits the factors with the rows)."""
+    from mofasgd.row_sharded import is_row_sharded
+
+    if not is_row_sharded(p):
+        raise ValueError(f"MoFaSGD supports DTensor parameters split by rows on a 1-D mesh (FSDP2's Shard(0)); "
+                         f"got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
+    if memory_mode != "full" or shard:
+        raise ValueError("MoFaSGD on FSDP2 (DTensor) parameters needs memory_mode='full' and shard=False: "
+                         "FSDP already splits the factors with the weight's rows")
 
 
 def _batched_sketches(gradients, U, V):
