@@ -410,7 +410,7 @@ def activation_terms(model: ModelDesc, setup: Setup) -> dict:
             formula = "8h (fp32 LN inputs) + 2 x 14h (bf16 casts, qkv, attention out, GELU in/out) + 4 (4 + heads)"
             e = 4
         else:
-            e = DTYPE_BYTES[pd or "fp32"]
+            e = DTYPE_BYTES[pd or model.params[0].dtype]
             per_layer = e * 16 * h + 4 * (4 + a)
             formula = (f"{e} x 16h + 4 x (4 + heads): LN inputs 2h, LN outputs 2h, qkv 3h, attention output h "
                        "(= the out-projection's input), MLP hidden 4h before and 4h after GELU; LN mean/rstd, "
@@ -453,21 +453,23 @@ def activation_terms(model: ModelDesc, setup: Setup) -> dict:
                     per_forward=per_forward, per_forward_formula=per_forward_formula)
     if model.arch == "llama":
         e = DTYPE_BYTES[pd or model.params[0].dtype]
-        kv_full = a * model.head_dim  # repeat_kv gives k and v every query head before SDPA
+        q_width, kv_width = a * model.head_dim, model.n_kv_head * model.head_dim
         # Hugging Face's eager RMSNorm: fp32 copy of the input (4h) and rsqrt (4), the normalised
         # value in the model dtype (saved by the gain's product) and the output (saved by the projections)
         norm = 4 * h + 4 + 2 * e * h
-        attn = e * (a * model.head_dim + 2 * kv_full + a * model.head_dim) + 4 * a
+        # SDPA with native GQA (transformers 5 on torch >= 2.5): rotated q, k and v at their own widths,
+        # the output (= o_proj's input) and the logsumexp
+        attn = e * (2 * q_width + 2 * kv_width) + 4 * a
         mlp = e * 4 * f
         per_layer = 2 * norm + attn + mlp
         formula = (f"2 x (4h + 4 + {e} x 2h) (two RMSNorms: fp32 input copy, rsqrt, normalised and scaled values) "
-                   f"+ {e} x 4h + 4 x heads (rotated q, k and v repeated to every head, attention output = "
-                   f"o_proj input; logsumexp) + {e} x 4f (gate, SiLU(gate), up, their product)")
-        per_token_global = 8 + 2 * model.head_dim * e + norm
+                   f"+ {e} x (2 q_width + 2 kv_width) + 4 x heads (rotated q and k, v, attention output = o_proj "
+                   f"input; logsumexp) + {e} x 4f (gate, SiLU(gate), up, their product)")
+        per_token_global = 8 + 4 * h + 4 + e * h  # the final norm's output is the head's input (in the head)
         return dict(e=e, layers=[per_layer] * model.n_layer, per_layer_formula=formula,
                     global_per_token=per_token_global,
-                    global_formula=f"8 (ids) + 2 x {e} x head_dim (RoPE cos, sin) + final RMSNorm 4h + 4 + {e} x 2h",
-                    per_forward=0, per_forward_formula="")
+                    global_formula=f"8 (ids) + final RMSNorm 4h + 4 + {e}h",
+                    per_forward=2 * T * model.head_dim * e, per_forward_formula="RoPE cos and sin 2 T head_dim")
     return dict(e=0, layers=[], per_layer_formula="not estimated: --shapes without a \"transformer\" entry",
                 global_per_token=0, global_formula="", per_forward=0, per_forward_formula="")
 
@@ -504,7 +506,7 @@ def head_bytes(model: ModelDesc, setup: Setup, chunk: int) -> dict:
     terms = activation_terms(model, setup)
     e = 2 if (model.arch == "gpt2" and setup.autocast == "bf16" and setup.param_dtype is None) else terms["e"]
     head = [p for p in model.params if p.kind == "head"] or [p for p in model.params if p.kind == "embed"]
-    wdtype = setup.param_dtype or (head[0].dtype if head else "fp32")
+    wdtype = setup.param_dtype or (head[0].dtype if head else model.params[0].dtype)
     cast = V * h * e if DTYPE_BYTES[wdtype] != e else 0  # the weight cast to the logits' dtype
     if chunk > 0:
         c = min(chunk, tokens)
@@ -722,8 +724,14 @@ def step_temporaries(model, opt, setup, hidden, gdt, pdt):
         r = min(opt.rank, m, n)
         svd = 4 * (m * n + m * k + k * n)  # first step, init weight_svd: fp32 copy, U, Vh of the weight
         apply = 4 * m * n if w != 4 else 0  # non-fp32 parameters get the update in fp32, rounded once
-        work = 4 * 16 * (m + n) * r  # the batched UMF's (B, m, r) / (B, n, r) work arrays (B bounded)
-        return max(svd, apply + work), "the first step's SVD of the largest weight (fp32: copy, U, Vh), later the factor update's work arrays"
+        # same-shape matrices are updated in batches of B <= 2^22 / ((m + n) r) (mofasgd/optimizer.py,
+        # _MAX_BATCH_ELEMENTS); the batch holds about 8 (B, m + n, r) arrays (old and new factors,
+        # sketches, the QR's work)
+        same = sum(1 for q in hidden if q.shape == p.shape)
+        batch = min(same, max(1, 2**22 // ((m + n) * r)))
+        work = 8 * batch * (m + n) * r * 4
+        return max(svd, apply + work), ("the first step's SVD of the largest weight (fp32 copy, U, Vh); later the "
+                                        "batched factor update's work arrays" + (" and the fp32 update" if apply else ""))
     if opt.name == "galore":
         return (4 * (m * n + m * k + k * n) if g != 4 else 4 * (m * k + k * n)) + 2 * m * n * g, \
             "a projector refresh: SVD of the largest gradient (U, Vh), and the projected-back update twice (m x n)"
@@ -833,7 +841,9 @@ def build(args):
     if len(sources) > 1 or (sources and args.preset):
         raise PlanError("give one model: a harness config (--preset/--config), --hf-config or --shapes")
 
-    from configs import ConfigError, parse_overrides, resolve_config, split_overrides
+    from configs import (CONFIG_DIR, ConfigError, build_dataclass, check_numbers, deep_merge, load_yaml, parse_overrides,
+                         resolve_config, split_overrides)
+    from optimizers import optimizer_config_class
 
     try:
         overrides = parse_overrides(args.config)
@@ -842,9 +852,10 @@ def build(args):
     layered = split_overrides(overrides)
     opt_overrides = layered.get("optimizer", {})
     sections = {k: v for k, v in layered.items() if k != "optimizer"}
-    if args.rank is not None:
-        opt_overrides = {**opt_overrides, **({"group_params": {**opt_overrides.get("group_params", {}), "rank": args.rank}}
-                                             if args.optimizer == "galore" else {"rank": args.rank} if args.optimizer == "mfsgd" else {})}
+    if args.rank is not None and args.optimizer == "galore":
+        opt_overrides = {**opt_overrides, "group_params": {**opt_overrides.get("group_params", {}), "rank": args.rank}}
+    elif args.rank is not None and args.optimizer == "mfsgd":
+        opt_overrides = {**opt_overrides, "rank": args.rank}
     if args.memory_mode is not None:
         if args.optimizer != "mfsgd":
             raise PlanError("--memory-mode applies to --optimizer mfsgd")
@@ -856,16 +867,22 @@ def build(args):
                         "--shapes give only optimizer keys")
     harness_cfg = None
     try:
-        if sources:
-            cfg = resolve_config(args.optimizer, {"optimizer": opt_overrides}, name="plan",
-                                 launch={**launch, "world_size": 1, "nproc": 1})
+        if sources:  # the optimizer's YAML and the optimizer keys alone (no harness model to check them against)
+            yaml_keys = load_yaml(os.path.join(CONFIG_DIR, "optimizers", f"{args.optimizer}.yaml"))
+            opt_cfg = build_dataclass(optimizer_config_class(args.optimizer), deep_merge(yaml_keys, opt_overrides),
+                                      "optimizer")
+            try:
+                check_numbers(opt_cfg, "optimizer")
+                opt_cfg.validate()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         else:
             cfg = resolve_config(args.optimizer, {**sections, "optimizer": opt_overrides}, preset=args.preset,
                                  name="plan", launch=launch)
-            harness_cfg = cfg
+            harness_cfg, opt_cfg = cfg, cfg.optimizer
     except ConfigError as e:
         raise PlanError(str(e)) from None
-    primary = opt_choice(args.optimizer, cfg.optimizer)
+    primary = opt_choice(args.optimizer, opt_cfg)
     rank = primary.rank if primary.rank is not None else (args.rank or 32)
 
     if args.hf_config:
