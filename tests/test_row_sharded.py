@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from helpers import tiny_double_model
 from optimizers import MoFaSGD, split_parameters
 
-STEPS, ACCUM, ROWS = 5, 2, 4  # ROWS sequences per micro-batch in all, split over the ranks
+STEPS, ACCUM, ROWS = 3, 2, 4  # ROWS sequences per micro-batch in all, split over the ranks
 
 CASES = {
     "weight_svd": dict(rank=4),
