@@ -24,6 +24,7 @@ import runlock
 from configs import NAME as RUN_NAME
 from configs import ConfigError, RunConfig, read_json_file, resolve_config, resolve_path
 from data.shards import ShardError, find_shards, open_shard, read_header
+from fileio import write_json
 from runlock import RunLockError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -376,14 +377,9 @@ def written_by_peer_node(run_dir: str, cfg: RunConfig) -> bool:
 
 def write_config(run_dir: str, cfg: RunConfig) -> None:
     path = os.path.join(run_dir, "config.json")
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, cfg.to_dict())
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise LaunchError(f"cannot write {path}: {e.strerror}") from None
 
 
@@ -531,8 +527,6 @@ def outcome(args, run_dir: str, rc: int, stopped: bool) -> int:
     try:  # a crash: its traceback is above; the summary says what happened
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = json.load(f)
-        from train_gpt import write_json
-
         write_json(path, {"name": saved.get("name"), "status": "failed", "reason": reason,
                           "optimizer": saved.get("optimizer_name")})
     except (OSError, ValueError, AttributeError):

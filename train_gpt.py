@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configs import ROOT, RunConfig, resolve_path
 from data.loader import StreamLoader, TokenLoader, val_sequences
 from data.shards import find_shards
+from fileio import write_atomic, write_json, write_text_atomic
 from model import WINDOW_BLOCK, create_model
 from optimizers import OPTIMIZERS, build_optimizers, split_parameters, state_bytes
 
@@ -247,22 +248,6 @@ class RunFailed(Exception):
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:  # a full disk (or a kill) mid-write: no temp file left behind
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def checkpoint_problem(state, path: str, model=None) -> str | None:
     """What makes a loaded checkpoint unusable (missing or mistyped keys, a step unlike its file
     name's, a model of other shapes than `model`'s), or None."""
@@ -319,7 +304,8 @@ def save_checkpoint(run_dir, step, model, optimizers, schedulers, elapsed, keep,
                 "schedulers": [s.state_dict() for s in schedulers],
                 "rng": rngs,
             }
-            atomic_torch_save(state, os.path.join(checkpoint_dir(run_dir), f"step_{step:07d}.pt"))
+            write_atomic(os.path.join(checkpoint_dir(run_dir), f"step_{step:07d}.pt"), lambda f: torch.save(state, f),
+                         binary=True)
             # older checkpoints past `keep`, and temp files left by a run killed mid-write
             for old in list_checkpoints(run_dir)[:-keep] + glob.glob(os.path.join(checkpoint_dir(run_dir), "*.tmp.*")):
                 os.remove(old)
@@ -442,24 +428,6 @@ def metrics_record(raw: bytes) -> dict | None:
         if key in record and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return None
     return record
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:  # a full disk: no temp file left behind, the old file stays whole
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def git_state(path: str = ROOT) -> tuple[str | None, bool | None]:
