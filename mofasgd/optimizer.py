@@ -458,7 +458,8 @@ class ShardedState:
                 for i, p in enumerate(params) if self._owns(p) and i in full["state"]}
         on_dst = self._shard_rank == dst
         parts = [None] * dist.get_world_size(self._process_group) if on_dst else None
-        dist.gather_object(mine, parts, group=self._process_group, group_dst=dst)
+        to = dst if self._process_group is None else dist.get_global_rank(self._process_group, dst)
+        dist.gather_object(mine, parts, dst=to, group=self._process_group)
         if on_dst:
             full["state"] = dict(sorted((i, state) for part in parts for i, state in part.items()))
         return full
