@@ -25,10 +25,10 @@ from configs import NAME as RUN_NAME
 from configs import ConfigError, RunConfig, read_json_file, resolve_config, resolve_path
 from data.shards import ShardError, find_shards, open_shard, read_header
 from fileio import write_json
+from outcome import EXIT_FAILED, EXIT_STOPPED
 from runlock import RunLockError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-EXIT_FAILED, EXIT_STOPPED = 3, 75  # as train_gpt.py's: "failed" / "stopped" in summary.json
 
 
 class LaunchError(ValueError):
@@ -395,8 +395,8 @@ def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
     to; one past config.json's train.steps is an error too."""
     import torch
 
+    from checkpoint import checkpoint_problem, checkpoint_step, list_checkpoints
     from model import create_model
-    from train_gpt import checkpoint_problem, checkpoint_step, list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
@@ -458,7 +458,7 @@ def claim_run_dir(run_dir: str, args, cfg: RunConfig) -> int:
     fd = runlock.claim(run_dir)  # the folder is ours from here on: what is checked stays true
     try:
         if args.restart_broken and not args.overwrite:
-            from train_gpt import list_checkpoints
+            from checkpoint import list_checkpoints
 
             summary = read_summary(run_dir)
             if summary is not None and summary.get("status") == "finished":

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from optimizers import OPTIMIZERS, check_betas, optimizer_config_class
+from optimizers import OPTIMIZERS, check_adam, optimizer_config_class
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(CONFIG_DIR)
@@ -192,10 +192,7 @@ class AdamConfig:
     def validate(self):
         for key in ("embed_lr", "head_lr", "scalar_lr"):
             _positive(f"adam.{key}", getattr(self, key))
-        check_betas("adam.betas", self.betas)
-        for key in ("eps", "weight_decay"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"adam.{key} must be >= 0, got {getattr(self, key)}")
+        check_adam("adam", self)
 
 
 @dataclass

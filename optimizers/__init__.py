@@ -58,19 +58,23 @@ class ScheduleConfig:
 
 
 @dataclass
-class AdamWConfig(ScheduleConfig):
-    lr: float = 0.002
-    betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
+class AdamKeys(ScheduleConfig):
+    """The keys and rules of an Adam (AdamW, GaLore's AdamW); each sets its own lr and betas."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    fused: bool = True  # torch's fused kernel (CPU and CUDA); false: the foreach kernel
 
     def validate(self):
         super().validate()
-        check_betas("optimizer.betas", self.betas)
-        for key in ("eps", "weight_decay"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
+        check_adam("optimizer", self)
+
+
+@dataclass
+class AdamWConfig(AdamKeys):
+    lr: float = 0.002
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
+    fused: bool = True  # torch's fused kernel (CPU and CUDA); false: the foreach kernel
 
 
 @dataclass
@@ -128,11 +132,9 @@ class GaLoreGroupParams:
 
 
 @dataclass
-class GaLoreConfig(ScheduleConfig):
+class GaLoreConfig(AdamKeys):
     lr: float = 0.008
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
     group_params: GaLoreGroupParams = field(default_factory=GaLoreGroupParams)
 
     @property
@@ -142,11 +144,6 @@ class GaLoreConfig(ScheduleConfig):
 
     def validate(self):
         super().validate()
-        check_betas("optimizer.betas", self.betas)
-        if self.eps < 0:
-            raise ValueError(f"optimizer.eps must be >= 0, got {self.eps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         self.group_params.validate()
 
 
@@ -196,9 +193,14 @@ class AdafactorConfig(ScheduleConfig):
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
 
 
-def check_betas(key, betas):
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{key} must be two numbers in [0, 1), got {betas}")
+def check_adam(section: str, cfg) -> None:
+    """Adam's rules, for every Adam of a run (AdamW's and GaLore's config, the `adam` section): betas
+    two numbers in [0, 1), eps and weight_decay >= 0."""
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {cfg.betas}")
+    for key in ("eps", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{section}.{key} must be >= 0, got {getattr(cfg, key)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ MODELS = {
 def measure(name: str, chunk: int, steps: int) -> dict:
     import torch
 
+    from memory import current_memory_bytes, peak_memory_bytes, reset_peak_memory
     from model import PRESETS, create_model
-    from train_gpt import current_memory_bytes, peak_memory_bytes, reset_peak_memory
 
     arch, fields, batch, seq = MODELS[name]
     torch.manual_seed(0)

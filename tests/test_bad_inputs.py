@@ -198,6 +198,7 @@ def test_case_count():
     assert len(CASES) >= 25
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,needle", [
     (["--optimizer", "mfsgd", "--config", "{oops"], "--config is not valid JSON"),
     (["--optimizer", "mfsgd", "--num-gpus", "2"], "this machine has none"),

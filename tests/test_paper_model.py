@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (EOT_TOKEN, WINDOW_BLOCK, create_model, dense_attention_mask, document_ids, flex_block_mask)
-from train_gpt import window_blocks_at
+from model import (EOT_TOKEN, WINDOW_BLOCK, create_model, dense_attention_mask, document_ids, flex_block_mask,
+                   window_blocks_at)
 
 VOCAB = 50304
 EOT = 63  # the small-vocabulary tests' document separator (GPT-2's, 50256, in the full-vocabulary ones)
