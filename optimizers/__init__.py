@@ -102,10 +102,11 @@ class MoFaSGDConfig(ScheduleConfig):
     def validate(self):
         super().validate()
         # the package's rules (mofasgd/hyperparameters.py), as the constructor checks them; the warmup's
-        # beta_start and beta_end obey beta's
+        # beta_start and beta_end obey beta's, as BetaWarmup checks them
         for key in ("rank", "beta", "beta_start", "beta_end", "warmup_steps", "eta1", "eta2", "eps", "max_value",
                     "check_orthonormal"):
-            condition = mofasgd_rules.broken_rule(key if key in mofasgd_rules.RULES else "beta", getattr(self, key))
+            rule = {"beta_start": "beta", "beta_end": "beta"}.get(key, key)
+            condition = mofasgd_rules.broken_rule(rule, getattr(self, key))
             if condition:
                 raise ValueError(f"optimizer.{key} must be {condition}, got {getattr(self, key)}")
         for key in ("memory_mode", "comm"):
