@@ -175,7 +175,7 @@ def pack_flat(tensors, length: int | None = None, dtype=None, device=None) -> to
     needed only when `tensors` may be empty."""
     parts = [t.reshape(-1) for t in tensors]
     total = sum(t.numel() for t in parts)
-    if length is not None and length > total or not parts:
+    if (length is not None and length > total) or not parts:
         like = parts[0] if parts else torch.empty(0, dtype=dtype, device=device)
         parts.append(like.new_zeros((length or 0) - total))
     return torch.cat(parts)
