@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install lock data demo test test-compat bench package-check
+.PHONY: install lock data demo test test-fast test-compat bench package-check
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ package-check: $(STAMP)
 
 test: data package-check
 	$(PY) -m pytest
+
+# The unit tests alone (pytest.ini's `slow` marker: no launches, subprocesses or multi-process runs):
+# under a minute on 2 cores, for the edit-test loop. `make test` stays the whole suite (CI's command).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # The suite against the oldest supported torch (README, "Supported torch versions"): that torch in
 # build/torch-VERSION, put before the env's own on the path; every other package from the lock.

@@ -168,7 +168,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class LanguageModel(nn.Module):
+    """What both models share: forward(idx, targets) -> (logits, None) or (None, loss) over at most
+    config.block_size tokens."""
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_length(self, idx: torch.Tensor) -> int:
+        """The sequence length of a (B, T) batch, which must fit the context."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        return T
+
+
+class GPT(LanguageModel):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -198,15 +213,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Returns (logits (B, T, vocab), None) without targets, (None, mean cross-entropy) with them."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(self.check_length(idx), device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
@@ -234,6 +243,16 @@ def build_model(preset: str | None = None, **overrides) -> GPT:
 # paper harness's, so its checkpoints load strictly (docs/paper-preset.md lists every choice).
 
 WINDOW_BLOCK = 128  # tokens per block of the sliding window (the paper harness's flex_attention block size)
+
+
+def window_blocks_at(step: int, total: int, window_tokens) -> int | None:
+    """The sliding window, in 128-token blocks, at `step` of `total`: grows linearly from
+    window_tokens[0] to window_tokens[1] tokens, floored to whole blocks (the paper harness's schedule,
+    128 -> 1856 tokens: 1 block at step 0, 14 at the end). None: no window."""
+    if window_tokens is None:
+        return None
+    x = step / total
+    return int(((1 - x) * window_tokens[0] + x * window_tokens[1]) // WINDOW_BLOCK)
 
 
 @dataclass
@@ -442,7 +461,7 @@ class ValueEmbeddings(nn.Module):
                                     for _ in range(config.num_value_embeds)])
 
 
-class SpeedrunGPT(nn.Module):
+class SpeedrunGPT(LanguageModel):
     def __init__(self, config: SpeedrunConfig):
         super().__init__()
         if config.n_embd % config.n_head or config.head_dim % 4:
@@ -482,9 +501,6 @@ class SpeedrunGPT(nn.Module):
             self.embed.bfloat16()
             self.value_embeds.bfloat16()
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def attention_mask(self, idx: torch.Tensor, window_blocks=None):
         """The document-causal (sliding-window) mask of a batch, shared by every layer."""
         docs = document_ids(idx, self.config.eot_token)
@@ -496,9 +512,7 @@ class SpeedrunGPT(nn.Module):
         """idx, targets (B, T) int64; window_blocks: the sliding window in 128-token blocks (an int
         or a 0-d integer tensor; None: the whole causal context). Returns (logits, None) without
         targets, (None, mean cross-entropy) with them: the (B, T, vocab) logits are not kept."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        self.check_length(idx)
         mask = self.attention_mask(idx, window_blocks)
         dtype = torch.bfloat16 if self.config.bf16 else self.embed.weight.dtype
         x = x0 = rms_norm(self.embed(idx).to(dtype))

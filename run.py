@@ -24,10 +24,11 @@ import runlock
 from configs import NAME as RUN_NAME
 from configs import ConfigError, RunConfig, read_json_file, resolve_config, resolve_path
 from data.shards import ShardError, find_shards, open_shard, read_header
+from fileio import write_json
+from outcome import EXIT_FAILED, EXIT_STOPPED
 from runlock import RunLockError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-EXIT_FAILED, EXIT_STOPPED = 3, 75  # as train_gpt.py's: "failed" / "stopped" in summary.json
 
 
 class LaunchError(ValueError):
@@ -376,14 +377,9 @@ def written_by_peer_node(run_dir: str, cfg: RunConfig) -> bool:
 
 def write_config(run_dir: str, cfg: RunConfig) -> None:
     path = os.path.join(run_dir, "config.json")
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, cfg.to_dict())
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise LaunchError(f"cannot write {path}: {e.strerror}") from None
 
 
@@ -399,8 +395,8 @@ def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
     to; one past config.json's train.steps is an error too."""
     import torch
 
+    from checkpoint import checkpoint_problem, checkpoint_step, list_checkpoints
     from model import create_model
-    from train_gpt import checkpoint_problem, checkpoint_step, list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
@@ -462,7 +458,7 @@ def claim_run_dir(run_dir: str, args, cfg: RunConfig) -> int:
     fd = runlock.claim(run_dir)  # the folder is ours from here on: what is checked stays true
     try:
         if args.restart_broken and not args.overwrite:
-            from train_gpt import list_checkpoints
+            from checkpoint import list_checkpoints
 
             summary = read_summary(run_dir)
             if summary is not None and summary.get("status") == "finished":
@@ -531,8 +527,6 @@ def outcome(args, run_dir: str, rc: int, stopped: bool) -> int:
     try:  # a crash: its traceback is above; the summary says what happened
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = json.load(f)
-        from train_gpt import write_json
-
         write_json(path, {"name": saved.get("name"), "status": "failed", "reason": reason,
                           "optimizer": saved.get("optimizer_name")})
     except (OSError, ValueError, AttributeError):

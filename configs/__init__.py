@@ -20,12 +20,12 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
-from optimizers import OPTIMIZERS, check_betas, optimizer_config_class
+from optimizers import OPTIMIZERS, check_adam, optimizer_config_class
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(CONFIG_DIR)
@@ -126,12 +126,11 @@ class DataConfig:
     # windows: independent seq_len-token windows (shuffled with `shuffle`); stream: each step reads
     # the next batch_size x seq_len tokens of the shards in order, one seq_len-token stream per
     # sequence, as the paper's harness (data/loader.py StreamLoader)
-    layout: str = "windows"
+    layout: Literal["windows", "stream"] = "windows"
 
     def validate(self):
         _positive("data.seq_len", self.seq_len)
         _positive("data.val_tokens", self.val_tokens)
-        _choice("data.layout", self.layout, ("windows", "stream"))
         if self.layout == "stream" and self.shuffle:
             raise ValueError("data.shuffle must be false with data.layout stream (the stream is read in order)")
         if self.val_tokens < self.seq_len:
@@ -146,8 +145,8 @@ class TrainConfig:
     seed: int = 1337
     val_every: int = 25  # evaluate every this many steps (and at step 0 and the last step); 0: only at the end
     val_batch_size: int = 32  # sequences per validation forward on one rank
-    device: str = "auto"  # auto: what the launcher runs on (--num-gpus: cuda, --nproc: cpu); cpu or cuda: insist on it
-    autocast: str = "none"  # none or bf16 (autocast of the forward pass; GPU)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: what the launcher runs on (--num-gpus: cuda, --nproc: cpu); cpu or cuda: insist on it
+    autocast: Literal["none", "bf16"] = "none"  # autocast of the forward pass (GPU)
     compile: bool = False  # torch.compile the model (slow to compile on CPU)
     grad_clip: float = 0.0  # clip the global gradient norm to this value; 0: off
     ckpt_every: int = 0  # write a checkpoint every this many steps; 0: only at the end
@@ -170,8 +169,6 @@ class TrainConfig:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size ({self.micro_batch_size})"
             )
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        _choice("train.autocast", self.autocast, ("none", "bf16"))
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
         if not 0 < self.grad_scale < float("inf"):
@@ -195,20 +192,17 @@ class AdamConfig:
     def validate(self):
         for key in ("embed_lr", "head_lr", "scalar_lr"):
             _positive(f"adam.{key}", getattr(self, key))
-        check_betas("adam.betas", self.betas)
-        for key in ("eps", "weight_decay"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"adam.{key} must be >= 0, got {getattr(self, key)}")
+        check_adam("adam", self)
 
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "off"  # off, offline (local files, sync later) or online
+    wandb: Literal["off", "offline", "online"] = "off"  # offline: local files, sync later
     wandb_project: str = "mofa"
     progress: bool = True  # tqdm progress bar on rank 0
 
     def validate(self):
-        _choice("logging.wandb", self.wandb, ("off", "offline", "online"))
+        """Nothing beyond the types: wandb's choices are its Literal's."""
 
 
 @dataclass
@@ -218,8 +212,8 @@ class LaunchConfig:
     nproc: int = 1  # processes per node
     nnodes: int = 1
     world_size: int = 1
-    device: str = "cpu"  # cpu or cuda: what the workers run on
-    backend: str = "gloo"  # gloo on CPU, nccl on GPU
+    device: Literal["cpu", "cuda"] = "cpu"  # what the workers run on
+    backend: Literal["gloo", "nccl"] = "gloo"  # gloo on CPU, nccl on GPU
     distributed: bool = False  # a process group and DDP even at world size 1 (run.py --distributed)
 
 
@@ -372,6 +366,10 @@ def _coerce(value, hint, path: str):
         return _coerce(value, inner[0], path)
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, path)
+    if origin is Literal:  # a choice: the schema names them
+        if not isinstance(value, str) or value not in args:
+            raise ConfigError(f"{path} must be {_choices(args)}, got {_show(value)}")
+        return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {_show(value)}")
@@ -443,9 +441,11 @@ def _positive(key, value, allow_none=False):
         raise ValueError(f"{key} must be > 0, got {value}")
 
 
-def _choice(key, value, choices):
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+def _choices(choices) -> str:
+    """A Literal type's choices as an error names them: "a or b", "one of a, b, c"."""
+    if len(choices) <= 2:
+        return " or ".join(choices)
+    return f"one of {', '.join(choices)}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from data.shards import ShardError, read_header, write_shard
+from fileio import write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "data", "shakespeare")
@@ -145,11 +146,7 @@ def build(out_dir, cache_dir):
 
     # the manifest goes last and atomically: its presence means the shards are complete
     manifest_path = os.path.join(out_dir, MANIFEST_FILE)
-    tmp_path = manifest_path + f".tmp{os.getpid()}"
-    with open(tmp_path, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-    os.replace(tmp_path, manifest_path)
+    write_json(manifest_path, manifest, indent=1)
     return manifest
 
 

@@ -13,9 +13,10 @@ truncated download or an interrupted write from the size alone.
 
 import glob
 import os
-import tempfile
 
 import numpy as np
+
+from fileio import write_atomic
 
 MAGIC = 20240520
 VERSION = 1
@@ -30,11 +31,9 @@ class ShardError(ValueError):
 
 
 def write_shard(path, tokens):
-    """Write `tokens` (any int array-like) as a shard at `path`, atomically.
-
-    The data goes to a temp file in the same directory, is fsynced, and then
-    os.replace()d over `path`, so a crash never leaves a half-written shard
-    behind under the real name."""
+    """Write `tokens` (any int array-like) as a shard at `path`, atomically
+    (fileio.write_atomic): a crash never leaves a half-written shard behind
+    under the real name."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ShardError(f"{path}: tokens must be a 1-D array, got shape {tokens.shape}")
@@ -43,21 +42,13 @@ def write_shard(path, tokens):
                          f"got range {int(tokens.min())}..{int(tokens.max())}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".bin")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o644)  # mkstemp makes files private (0600); shards are ordinary data
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+
+    write_atomic(path, write, binary=True)
 
 
 def read_header(path):

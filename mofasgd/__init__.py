@@ -10,10 +10,12 @@ Needs only torch. The algorithm and implementation notes: mofasgd/optimizer.py.
 from mofasgd import optimizer
 from mofasgd.optimizer import (
     MoFaSGD,
+    ShardedState,
     assign_owners,
     gradient_sketches,
     orthogonal_complement_term,
     spectral_scales,
+    state_bytes,
     tangent_projection,
     update_momentum_factors,
 )

@@ -56,8 +56,13 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
+from mofasgd import hyperparameters
+from mofasgd.hyperparameters import Init, MemoryMode, Momentum, check_choice, needs_full_gradient
+
 __all__ = [
     "MoFaSGD",
+    "ShardedState",
+    "state_bytes",
     "tangent_projection",
     "gradient_sketches",
     "update_momentum_factors",
@@ -66,10 +71,7 @@ __all__ = [
     "assign_owners",
 ]
 
-_INIT_CHOICES = ("weight_svd", "zero")
-_MOMENTUM_CHOICES = ("sum", "ema")
 _METHOD_CHOICES = ("auto", "cholesky", "householder")
-_MEMORY_MODES = ("full", "sketch")
 # Largest batch of same-shape matrices updated together, in elements of (m + n) r per matrix:
 # bounds the transient (B, m, r) / (B, n, r) work arrays at a few times 16 M elements.
 _MAX_BATCH_ELEMENTS = 1 << 22
@@ -159,21 +161,6 @@ def check_orthonormal_grams(grams: dict, tolerance: float, shape: tuple) -> None
                                f"max |{name}^T {name} - I| = {error.item():.3g} > check_orthonormal = {tolerance:g}")
 
 
-def gather_sharded_state(optimizer: Optimizer, state_dict: dict, owns, process_group=None) -> dict:
-    """`state_dict` (the optimizer's own) with every rank's parameter states: each rank contributes
-    the states of the parameters `owns(p)` says it holds (moved to the CPU). A collective: every rank
-    of `process_group` calls it and gets the whole."""
-    import torch.distributed as dist
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    mine = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in state_dict["state"][i].items()}
-            for i, p in enumerate(params) if owns(p) and i in state_dict["state"]}
-    parts = [None] * dist.get_world_size(process_group)
-    dist.all_gather_object(parts, mine, group=process_group)
-    state_dict["state"] = dict(sorted((i, state) for part in parts for i, state in part.items()))
-    return state_dict
-
-
 def assign_owners(sizes: list[int], world_size: int) -> list[int]:
     """Owner rank of each matrix for sharded optimizer work: largest first, each onto the rank with
     the least total size so far (ties: lower rank). Deterministic, so every rank derives the same
@@ -185,6 +172,63 @@ def assign_owners(sizes: list[int], world_size: int) -> list[int]:
         owners[i] = owner
         loads[owner] += sizes[i]
     return owners
+
+
+def pack_flat(tensors, length: int | None = None, dtype=None, device=None) -> torch.Tensor:
+    """The tensors' elements one after another in one flat buffer, zero-padded to `length` (one
+    collective for all of them; all_gather needs equal sizes on every rank). dtype and device are
+    needed only when `tensors` may be empty."""
+    parts = [t.reshape(-1) for t in tensors]
+    total = sum(t.numel() for t in parts)
+    if (length is not None and length > total) or not parts:
+        like = parts[0] if parts else torch.empty(0, dtype=dtype, device=device)
+        parts.append(like.new_zeros((length or 0) - total))
+    return torch.cat(parts)
+
+
+def unpack_flat(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """Views of `flat`'s consecutive slices with the given shapes: pack_flat undone."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[offset : offset + size].view(shape))
+        offset += size
+    return views
+
+
+def copy_from_flat(flat: torch.Tensor, tensors) -> None:
+    """Copies pack_flat(tensors)'s slices of `flat` (e.g. after an all-reduce) back into `tensors`."""
+    for t, view in zip(tensors, unpack_flat(flat, [t.shape for t in tensors])):
+        t.copy_(view)
+
+
+def _tensors_in(obj, depth=0):
+    """Tensors held by an optimizer state value: tensors, containers, or objects holding tensors
+    (GaLore's projector)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 4:
+        return
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for v in vars(obj).values():
+            yield from _tensors_in(v, depth + 1)
+
+
+def state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of optimizer state actually held, for any torch optimizer: distinct storages, so a
+    view of a large tensor counts the whole storage it pins."""
+    storages = {}
+    for state in optimizer.state.values():
+        for t in _tensors_in(state):
+            s = t.untyped_storage()
+            storages[(s.device, s.data_ptr()) if s.data_ptr() else id(s)] = s.nbytes()
+    return sum(storages.values())
 
 
 def _cholesky_qr2(W: torch.Tensor, basis: torch.Tensor, tolerance: float):
@@ -283,8 +327,7 @@ def _umf_householder(U, S, V, GV, GtU, C, beta):
 def _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method):
     """update_momentum_factors on a batch (B, m, r) ...; also returns a (B,) bool tensor telling
     which entries took the Cholesky fast path."""
-    if momentum not in _MOMENTUM_CHOICES:
-        raise ValueError(f"momentum must be one of {_MOMENTUM_CHOICES}, got {momentum!r}")
+    check_choice("momentum", momentum, Momentum)
     if method not in _METHOD_CHOICES:
         raise ValueError(f"method must be one of {_METHOD_CHOICES}, got {method!r}")
     if momentum == "ema":
@@ -343,29 +386,12 @@ def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _is_real_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _validate_hyperparameters(group: dict) -> None:
-    lr, rank, beta = group["lr"], group["rank"], group["beta"]
-    if not (_is_real_number(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    if not (_is_real_number(beta) and 0 <= beta < 1):
-        raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
-    for name in ("eta1", "eta2"):
-        if not _is_real_number(group[name]):
-            raise ValueError(f"{name} must be a finite number, got {group[name]!r}")
-    if not (_is_real_number(group["eps"]) and group["eps"] >= 0):
-        raise ValueError(f"eps must be a number >= 0, got {group['eps']!r}")
-    if not (_is_real_number(group["max_value"]) and group["max_value"] > 0):
-        raise ValueError(f"max_value must be a number > 0, got {group['max_value']!r}")
-    if group["init"] not in _INIT_CHOICES:
-        raise ValueError(f"init must be one of {_INIT_CHOICES}, got {group['init']!r}")
-    if group["momentum"] not in _MOMENTUM_CHOICES:
-        raise ValueError(f"momentum must be one of {_MOMENTUM_CHOICES}, got {group['momentum']!r}")
+    """The rules of mofasgd/hyperparameters.py, for a param group."""
+    for name in ("lr", "rank", "beta", "eta1", "eta2", "eps", "max_value"):
+        hyperparameters.check(name, group[name])
+    check_choice("init", group["init"], Init)
+    check_choice("momentum", group["momentum"], Momentum)
     for name in ("use_current_projection", "use_ones_for_nonzero_s", "nesterov"):
         if not isinstance(group[name], bool):
             raise ValueError(f"{name} must be a bool, got {group[name]!r}")
@@ -397,7 +423,54 @@ def _warn_at_caller(message: str, category=UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
-class MoFaSGD(Optimizer):
+class ShardedState:
+    """Optimizer state split over data-parallel ranks: each parameter has one owner rank
+    (`assign_owners`, size-balanced and deterministic), which alone runs its update and keeps its
+    state. Mixed into MoFaSGD (shard=True) and the mofa harness's ShardedMuon; the subclass sets
+    `shard` and `_process_group` and calls `_assign_owners()` once its param groups exist."""
+
+    _owner_of: dict | None = None  # parameter -> owner rank while sharding, else None
+    _shard_rank = 0  # this rank in the sharding group
+    exchanged_bytes = 0  # bytes this rank contributed to the last step's exchange
+
+    def _assign_owners(self) -> None:
+        """Owners over the process group; nothing is sharded without an initialised one."""
+        import torch.distributed as dist
+
+        if not (self.shard and dist.is_available() and dist.is_initialized()):
+            self._owner_of = None
+            return
+        self._shard_rank = dist.get_rank(self._process_group)
+        params = [p for g in self.param_groups for p in g["params"]]
+        owners = assign_owners([p.numel() for p in params], dist.get_world_size(self._process_group))
+        self._owner_of = dict(zip(params, owners))
+
+    def _owns(self, p) -> bool:
+        return self._owner_of is None or self._owner_of[p] == self._shard_rank
+
+    def consolidated_state_dict(self, dst: int = 0) -> dict:
+        """state_dict() holding every parameter's state, gathered on rank `dst` of the sharding
+        group alone (whoever writes the checkpoint): a collective that every rank calls. The other
+        ranks get their own state_dict(), which load_state_dict() also takes. Without sharding it is
+        state_dict() everywhere."""
+        full = self.state_dict()
+        if self._owner_of is None:
+            return full
+        import torch.distributed as dist
+
+        params = [p for g in self.param_groups for p in g["params"]]
+        mine = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in full["state"][i].items()}
+                for i, p in enumerate(params) if self._owns(p) and i in full["state"]}
+        on_dst = self._shard_rank == dst
+        parts = [None] * dist.get_world_size(self._process_group) if on_dst else None
+        to = dst if self._process_group is None else dist.get_global_rank(self._process_group, dst)
+        dist.gather_object(mine, parts, dst=to, group=self._process_group)
+        if on_dst:
+            full["state"] = dict(sorted((i, state) for part in parts for i, state in part.items()))
+        return full
+
+
+class MoFaSGD(ShardedState, Optimizer):
     """Momentum Factorized SGD for 2-D weights (see the module docstring for the algorithm).
 
     The defaults are the paper's NanoGPT values (configs/optimizers/mfsgd.yaml, tested equal):
@@ -451,28 +524,22 @@ class MoFaSGD(Optimizer):
         nesterov: bool = False,
         eps: float = 1e-10,
         max_value: float = 5.0,
-        init: str = "weight_svd",
-        momentum: str = "sum",
-        memory_mode: str = "full",
+        init: Init = "weight_svd",
+        momentum: Momentum = "sum",
+        memory_mode: MemoryMode = "full",
         shard: bool = False,
         process_group=None,
         check_orthonormal: float = 0.0,
     ):
-        if memory_mode not in _MEMORY_MODES:
-            raise ValueError(f"memory_mode must be one of {_MEMORY_MODES}, got {memory_mode!r}")
+        check_choice("memory_mode", memory_mode, MemoryMode)
         if not isinstance(shard, bool):
             raise ValueError(f"shard must be a bool, got {shard!r}")
-        if not (_is_real_number(check_orthonormal) and check_orthonormal >= 0):
-            raise ValueError(f"check_orthonormal must be a number >= 0 (0: off), got {check_orthonormal!r}")
+        hyperparameters.check("check_orthonormal", check_orthonormal)
         self.memory_mode = memory_mode
         self.shard = shard
         # > 0: after every factor update, max |U^T U - I| and max |V^T V - I| must stay below it
         self.check_orthonormal = check_orthonormal
         self._process_group = process_group
-        # Owner rank of each parameter (shard=True under an initialised process group), else None.
-        self._owner_of: dict | None = None
-        self._shard_rank = 0
-        self.exchanged_bytes = 0  # bytes of step factors this rank contributed at the last step
         # Gradient sketches (G V, G^T U, U^T G V) summed over micro-batches, per parameter, until
         # step() consumes them; filled by the backward hooks (memory_mode="sketch") or by
         # sketch_gradients_(). Not part of the state: they never outlive a step.
@@ -510,7 +577,7 @@ class MoFaSGD(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate_hyperparameters(group)
-        if getattr(self, "memory_mode", "full") == "sketch" and (group["eta2"] != 0 or group["nesterov"]):
+        if getattr(self, "memory_mode", "full") == "sketch" and needs_full_gradient(group["eta2"], group["nesterov"]):
             raise ValueError(
                 "memory_mode='sketch' needs eta2 == 0 and nesterov=False: both use the full gradient "
                 "(the complement term, and a second factor update against the new factors)"
@@ -521,38 +588,7 @@ class MoFaSGD(Optimizer):
             if _is_dtensor(p):
                 _check_row_sharded(p, getattr(self, "memory_mode", "full"), getattr(self, "shard", False))
         if getattr(self, "shard", False):
-            self._owner_of = self._assign_owners()
-
-    # -- sharded optimizer work ----------------------------------------------------------------
-
-    def _world(self):
-        """(this rank, world size) of the sharding group, or None when not sharding."""
-        import torch.distributed as dist
-
-        if not (self.shard and dist.is_available() and dist.is_initialized()):
-            return None
-        return dist.get_rank(self._process_group), dist.get_world_size(self._process_group)
-
-    def _assign_owners(self):
-        world = self._world()
-        if world is None:
-            return None
-        self._shard_rank = world[0]
-        params = [p for g in self.param_groups for p in g["params"]]
-        owners = assign_owners([p.numel() for p in params], world[1])
-        return {p: owner for p, owner in zip(params, owners)}
-
-    def _owns(self, p) -> bool:
-        return self._owner_of is None or self._owner_of[p] == self._shard_rank
-
-    def consolidated_state_dict(self) -> dict:
-        """state_dict() holding every parameter's state. With shard=True each rank holds only its
-        own matrices' factors, so this is a collective (every rank must call it; all get the
-        result); otherwise it is state_dict()."""
-        full = self.state_dict()
-        if self._owner_of is None:
-            return full
-        return gather_sharded_state(self, full, self._owns, self._process_group)
+            self._assign_owners()
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -587,18 +623,8 @@ class MoFaSGD(Optimizer):
         return state
 
     def state_bytes(self) -> int:
-        """Bytes held by all state tensors (each distinct storage counted once)."""
-        seen = set()
-        total = 0
-        for state in self.state.values():
-            for value in state.values():
-                if torch.is_tensor(value):
-                    storage = value.untyped_storage()
-                    key = (storage.data_ptr(), value.device)
-                    if key not in seen:
-                        seen.add(key)
-                        total += storage.nbytes()
-        return total
+        """Bytes held by all state tensors (each distinct storage counted once): `state_bytes(self)`."""
+        return state_bytes(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch.optim casts floating state to each param's dtype (bf16 params would get bf16
@@ -665,7 +691,7 @@ class MoFaSGD(Optimizer):
     def _launch_all_reduce(self, p) -> None:
         import torch.distributed as dist
 
-        flat = torch.cat([t.reshape(-1) for t in self._sketches[p]])
+        flat = pack_flat(self._sketches[p])
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._overlap["group"], async_op=True)
         self._overlap["pending"].append((p, flat, work))
 
@@ -688,10 +714,7 @@ class MoFaSGD(Optimizer):
         for p, flat, work in overlap["pending"]:
             work.wait()
             flat.div_(world)
-            offset = 0
-            for t in self._sketches[p]:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+            copy_from_flat(flat, self._sketches[p])
             sent += flat.numel() * flat.element_size()
         self._overlap = None
         return sent
@@ -700,7 +723,7 @@ class MoFaSGD(Optimizer):
         """Folds the full gradients still held by this optimizer's parameters into sketches and
         frees them (for low-rank communication without the backward hooks)."""
         for group in self.param_groups:
-            if group["eta2"] != 0 or group["nesterov"]:
+            if needs_full_gradient(group["eta2"], group["nesterov"]):
                 raise ValueError("sketched gradients need eta2 == 0 and nesterov=False")
             for p in group["params"]:
                 if p.grad is not None:
@@ -723,14 +746,11 @@ class MoFaSGD(Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p in self._sketches]
         if not params:
             return 0
-        flat = torch.cat([t.reshape(-1) for p in params for t in self._sketches[p]])
+        sketches = [t for p in params for t in self._sketches[p]]
+        flat = pack_flat(sketches)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat.div_(dist.get_world_size(group))
-        offset = 0
-        for p in params:
-            for t in self._sketches[p]:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+        copy_from_flat(flat, sketches)
         return flat.numel() * flat.element_size()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -874,7 +894,7 @@ class MoFaSGD(Optimizer):
         """
         import torch.distributed as dist
 
-        me, world = self._world()
+        me, world = self._shard_rank, dist.get_world_size(self._process_group)
         layout = [[] for _ in range(world)]  # per owner: (param, group, shapes)
         for group in self.param_groups:
             old_projection = group["eta2"] != 0 and not group["use_current_projection"]
@@ -893,12 +913,7 @@ class MoFaSGD(Optimizer):
             raise RuntimeError("MoFaSGD(shard=True) needs all parameters in one compute dtype (fp32 or fp64)")
         dtype = dtypes.pop()
         device = layout[me][0][0].device if layout[me] else next(p for e in layout for p, _ in e).device
-        send = torch.zeros(max(sizes), dtype=dtype, device=device)
-        offset = 0
-        for p, shapes in layout[me]:
-            for t in updates[p][: len(shapes)]:
-                send[offset : offset + t.numel()].copy_(t.reshape(-1))
-                offset += t.numel()
+        send = pack_flat([t for p, shapes in layout[me] for t in updates[p][: len(shapes)]], max(sizes), dtype, device)
         received = [torch.empty_like(send) for _ in range(world)]
         dist.all_gather(received, send, group=self._process_group)
         for owner, entries in enumerate(layout):
@@ -906,14 +921,10 @@ class MoFaSGD(Optimizer):
                 for p, shapes in entries:  # drop the old sketches: non-owners cannot have them
                     updates[p] = updates[p][: len(shapes)]
                 continue
-            offset = 0
+            views = iter(unpack_flat(received[owner], [sh for _, shapes in entries for sh in shapes]))
             for p, shapes in entries:
-                parts = []
-                for sh in shapes:
-                    size = math.prod(sh)
-                    parts.append(received[owner][offset : offset + size].view(sh))
-                    offset += size
-                updates[p] = tuple(parts)
+                parts = tuple(next(views) for _ in shapes)
+                updates[p] = parts
                 state = self.state.get(p)
                 if state:
                     if p in self._sketches:

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mofasgd import hyperparameters
+
 __all__ = ["BetaWarmup", "linear_warmup"]
 
 
 def linear_warmup(start: float, end: float, steps: int) -> Callable[[int], float]:
     """The warmup rule: step -> start + (end - start) * step / steps for step < steps, then end
     (end from step 0 when steps is 0)."""
-    if steps < 0:
-        raise ValueError(f"warmup steps must be >= 0, got {steps}")
+    hyperparameters.check("warmup_steps", steps, "warmup steps")
 
     def value(step: int) -> float:
         return end if steps == 0 or step >= steps else start + (end - start) * step / steps
@@ -52,8 +53,7 @@ class BetaWarmup:
     def __init__(self, optimizer=None, start: float = 0.65, end: float = 0.85, steps: int = 300,
                  key: str = "beta"):
         for name, v in (("start", start), ("end", end)):
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"BetaWarmup {name} must be in [0, 1), got {v}")
+            hyperparameters.check("beta", v, f"BetaWarmup {name}")
         self.optimizer, self.start, self.end, self.steps, self.key = optimizer, start, end, steps, key
         self._rule = linear_warmup(start, end, steps)
         self.last_step = 0

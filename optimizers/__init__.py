@@ -21,14 +21,18 @@ See docs/optimizers.md for the keys, defaults and formulas.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
 
 from mofasgd import BetaWarmup, MoFaSGD, linear_warmup
+from mofasgd import hyperparameters as mofasgd_rules
+from mofasgd.hyperparameters import Init, MemoryMode, Momentum, needs_full_gradient
+from mofasgd.optimizer import ShardedState, state_bytes
 
-__all__ = ["MoFaSGD", "OPTIMIZERS", "OptimizerSpec", "split_parameters", "build_optimizers", "state_bytes"]
+__all__ = ["MoFaSGD", "OPTIMIZERS", "OptimizerSpec", "RunOptimizers", "split_parameters", "build_optimizers",
+           "state_bytes", "lr_multiplier", "apply_group_schedules"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +46,7 @@ class ScheduleConfig:
     lr: float = 0.01
     cooldown_frac: float = 0.4  # linear decay to 0 over this last fraction of the steps
     lr_warmup_steps: int = 0  # linear learning-rate warmup from 0 over this many first steps
-    scheduler_name: str = "original"  # the paper harness's name for flat + linear cooldown; the only one
+    scheduler_name: Literal["original"] = "original"  # the paper harness's name for flat + linear cooldown; the only one
 
     def validate(self):
         if self.lr <= 0:
@@ -51,24 +55,26 @@ class ScheduleConfig:
             raise ValueError(f"optimizer.cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"optimizer.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
-        if self.scheduler_name != "original":
-            raise ValueError(f"optimizer.scheduler_name must be 'original', got {self.scheduler_name!r}")
 
 
 @dataclass
-class AdamWConfig(ScheduleConfig):
-    lr: float = 0.002
-    betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
+class AdamKeys(ScheduleConfig):
+    """The keys and rules of an Adam (AdamW, GaLore's AdamW); each sets its own lr and betas."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    fused: bool = True  # torch's fused kernel (CPU and CUDA); false: the foreach kernel
 
     def validate(self):
         super().validate()
-        check_betas("optimizer.betas", self.betas)
-        for key in ("eps", "weight_decay"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
+        check_adam("optimizer", self)
+
+
+@dataclass
+class AdamWConfig(AdamKeys):
+    lr: float = 0.002
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.95])
+    fused: bool = True  # torch's fused kernel (CPU and CUDA); false: the foreach kernel
 
 
 @dataclass
@@ -86,42 +92,27 @@ class MoFaSGDConfig(ScheduleConfig):
     beta_start: float = 0.65
     beta_end: float = 0.85
     nesterov: bool = False
-    init: str = "weight_svd"
-    momentum: str = "sum"
-    memory_mode: str = "full"  # full, or sketch: no m x n gradient of a hidden matrix survives backward
-    comm: str = "full"  # full (DDP all-reduces the gradients), or sketch: all-reduce (m + n) r + r^2 sketch numbers per matrix
+    init: Init = "weight_svd"
+    momentum: Momentum = "sum"
+    memory_mode: MemoryMode = "full"  # full, or sketch: no m x n gradient of a hidden matrix survives backward
+    comm: Literal["full", "sketch"] = "full"  # full (DDP all-reduces the gradients), or sketch: all-reduce (m + n) r + r^2 sketch numbers per matrix
     shard: bool = False  # each data-parallel rank updates only the matrices it owns; step factors are all-gathered
     check_orthonormal: float = 0.0  # > 0: fail when a factor update leaves max |U^T U - I| (or V's) above this; 0: off
 
     def validate(self):
         super().validate()
-        if self.rank < 1:
-            raise ValueError(f"optimizer.rank must be >= 1, got {self.rank}")
-        for key in ("beta", "beta_start", "beta_end"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.check_orthonormal < 0:
-            raise ValueError(f"optimizer.check_orthonormal must be >= 0 (0: off), got {self.check_orthonormal}")
-        for key in ("eta1", "eta2"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"optimizer.{key} must be >= 0 (a weight of the step), got {getattr(self, key)}")
-        if self.eps < 0 or self.max_value <= 0:
-            raise ValueError(f"optimizer.eps must be >= 0 and optimizer.max_value > 0, got {self.eps}, {self.max_value}")
-        if self.init not in ("weight_svd", "zero"):
-            raise ValueError(f"optimizer.init must be weight_svd or zero, got {self.init!r}")
-        if self.momentum not in ("sum", "ema"):
-            raise ValueError(f"optimizer.momentum must be sum or ema, got {self.momentum!r}")
+        # the package's rules (mofasgd/hyperparameters.py), as the constructor checks them; the warmup's
+        # beta_start and beta_end obey beta's, as BetaWarmup checks them
+        for key in ("rank", "beta", "beta_start", "beta_end", "warmup_steps", "eta1", "eta2", "eps", "max_value",
+                    "check_orthonormal"):
+            rule = {"beta_start": "beta", "beta_end": "beta"}.get(key, key)
+            condition = mofasgd_rules.broken_rule(rule, getattr(self, key))
+            if condition:
+                raise ValueError(f"optimizer.{key} must be {condition}, got {getattr(self, key)}")
         for key in ("memory_mode", "comm"):
-            if getattr(self, key) not in ("full", "sketch"):
-                raise ValueError(f"optimizer.{key} must be full or sketch, got {getattr(self, key)!r}")
-            if getattr(self, key) == "sketch" and (self.eta2 != 0 or self.nesterov):
+            if getattr(self, key) == "sketch" and needs_full_gradient(self.eta2, self.nesterov):
                 raise ValueError(f"optimizer.eta2 must be 0 and optimizer.nesterov false with {key} sketch: "
                                  f"both need the full gradient, which sketch mode never holds")
-
-
-GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 
 
 @dataclass
@@ -131,7 +122,7 @@ class GaLoreGroupParams:
     rank: int = 32  # dimension of the gradient subspace (galore-torch uses min(rank, m, n))
     update_proj_gap: int = 75  # steps between SVD refreshes of the projector
     scale: float = 0.25  # the projected-back update is multiplied by this
-    proj_type: str = "std"  # std, reverse_std, right, left or full (galore_projector.py)
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"  # galore_projector.py's
 
     def validate(self, path="optimizer.group_params"):
         for key in ("rank", "update_proj_gap"):
@@ -139,16 +130,12 @@ class GaLoreGroupParams:
                 raise ValueError(f"{path}.{key} must be >= 1, got {getattr(self, key)}")
         if self.scale <= 0:
             raise ValueError(f"{path}.scale must be > 0, got {self.scale}")
-        if self.proj_type not in GALORE_PROJ_TYPES:
-            raise ValueError(f"{path}.proj_type must be one of {', '.join(GALORE_PROJ_TYPES)}; got {self.proj_type!r}")
 
 
 @dataclass
-class GaLoreConfig(ScheduleConfig):
+class GaLoreConfig(AdamKeys):
     lr: float = 0.008
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
     group_params: GaLoreGroupParams = field(default_factory=GaLoreGroupParams)
 
     @property
@@ -158,11 +145,6 @@ class GaLoreConfig(ScheduleConfig):
 
     def validate(self):
         super().validate()
-        check_betas("optimizer.betas", self.betas)
-        if self.eps < 0:
-            raise ValueError(f"optimizer.eps must be >= 0, got {self.eps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         self.group_params.validate()
 
 
@@ -173,7 +155,7 @@ class MuonConfig(ScheduleConfig):
     nesterov: bool = True
     ns_steps: int = 5  # Newton-Schulz iterations
     weight_decay: float = 0.0  # torch.optim.Muon's own default is 0.1; the paper's harness used none
-    adjust_lr_fn: str = "original"  # original: lr * sqrt(max(1, m/n)) (Keller Jordan's); match_rms_adamw
+    adjust_lr_fn: Literal["original", "match_rms_adamw"] = "original"  # original: lr * sqrt(max(1, m/n)) (Keller Jordan's)
     momentum_warmup_steps: int = 300  # momentum goes linearly momentum_start -> momentum; 0: constant
     momentum_start: float = 0.85
     shard: bool = True  # on several ranks, each orthogonalises its share of the matrices (optimizers/muon.py)
@@ -187,9 +169,7 @@ class MuonConfig(ScheduleConfig):
             raise ValueError(f"optimizer.ns_steps must be >= 1 (and < 100, torch's limit), got {self.ns_steps}")
         if self.weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.adjust_lr_fn not in ("original", "match_rms_adamw"):
-            raise ValueError(f"optimizer.adjust_lr_fn must be original or match_rms_adamw, got {self.adjust_lr_fn!r}")
-        if self.momentum_warmup_steps < 0:
+        if mofasgd_rules.broken_rule("warmup_steps", self.momentum_warmup_steps):  # linear_warmup's rule
             raise ValueError(f"optimizer.momentum_warmup_steps must be >= 0, got {self.momentum_warmup_steps}")
 
 
@@ -214,9 +194,14 @@ class AdafactorConfig(ScheduleConfig):
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
 
 
-def check_betas(key, betas):
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{key} must be two numbers in [0, 1), got {betas}")
+def check_adam(section: str, cfg) -> None:
+    """Adam's rules, for every Adam of a run (AdamW's and GaLore's config, the `adam` section): betas
+    two numbers in [0, 1), eps and weight_decay >= 0."""
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {cfg.betas}")
+    for key in ("eps", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{section}.{key} must be >= 0, got {getattr(cfg, key)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,32 +324,89 @@ def build_optimizers(model: nn.Module, name: str, cfg, adam_cfg, device: str = "
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory accounting
+# Schedules and the run's optimizers
 
 
-def _tensors_in(obj, depth=0):
-    """Tensors held by an optimizer state value: tensors, containers, or objects holding tensors."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth > 4:
-        return
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v, depth + 1)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        for v in vars(obj).values():
-            yield from _tensors_in(v, depth + 1)
+def lr_multiplier(step: int, total: int, warmup: int, cooldown_frac: float) -> float:
+    """Optional linear warmup, flat, then linear decay to 0 over the last cooldown_frac of steps
+    (the paper harness's 'original' schedule)."""
+    factor = 1.0
+    if step < warmup:
+        factor = (step + 1) / warmup
+    if cooldown_frac > 0 and step >= total * (1 - cooldown_frac):
+        # min: when the warmup reaches into the cooldown, the lr follows the lower of the two lines
+        factor = min(factor, max(0.0, (total - step) / (total * cooldown_frac)))
+    return factor
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state actually held: distinct storages, so a view of a large tensor
-    counts the whole storage it pins."""
-    storages = {}
-    for state in optimizer.state.values():
-        for t in _tensors_in(state):
-            s = t.untyped_storage()
-            storages[s.data_ptr() if s.data_ptr() else id(s)] = s.nbytes()
-    return sum(storages.values())
+def apply_group_schedules(optimizer, schedules: dict, step: int) -> dict:
+    """Writes scheduled hyperparameters (e.g. MoFaSGD's beta) into every param group."""
+    values = {key: fn(step) for key, fn in schedules.items()}
+    for group in optimizer.param_groups:
+        group.update(values)
+    return values
+
+
+def full_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict() with every parameter's state: a sharded optimizer's is gathered
+    to rank 0 (a collective, ShardedState.consolidated_state_dict), any other's is its own."""
+    if isinstance(optimizer, ShardedState):
+        return optimizer.consolidated_state_dict(dst=0)
+    return optimizer.state_dict()
+
+
+class RunOptimizers:
+    """A run's optimizers: the chosen one on the hidden matrices, AdamW on the rest, their
+    learning-rate schedules (LambdaLR) and the per-step hyperparameter schedules of the hidden
+    optimizer (MoFaSGD's beta warmup, Muon's momentum warmup). What the training loop steps and a
+    checkpoint saves."""
+
+    def __init__(self, hidden, adam, lr_schedule: Callable[[int], float], group_schedules: dict | None = None):
+        self.hidden, self.adam = hidden, adam
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule) for opt in (hidden, adam)]
+        self.group_schedules = group_schedules or {}
+
+    @classmethod
+    def for_run(cls, model: nn.Module, cfg, device: str = "cpu") -> "RunOptimizers":
+        """The optimizers of a RunConfig: routing, builders and schedules from its sections."""
+        hidden, adam = build_optimizers(model, cfg.optimizer_name, cfg.optimizer, cfg.adam, device)
+        steps, warmup, cooldown = cfg.train.steps, cfg.optimizer.lr_warmup_steps, cfg.optimizer.cooldown_frac
+        return cls(hidden, adam, lambda step: lr_multiplier(step, steps, warmup, cooldown),
+                   OPTIMIZERS[cfg.optimizer_name].schedules(cfg.optimizer))
+
+    @property
+    def lr(self) -> float:
+        """The hidden optimizer's learning rate (the one metrics.jsonl logs)."""
+        return self.hidden.param_groups[0]["lr"]
+
+    @property
+    def exchanged_bytes(self) -> int:
+        """Bytes this rank contributed to the sharded hidden optimizer's exchange at the last step."""
+        return self.hidden.exchanged_bytes if isinstance(self.hidden, ShardedState) else 0
+
+    def apply_schedules(self, step: int) -> dict:
+        """Writes step `step`'s scheduled hyperparameters into the hidden optimizer; returns them."""
+        return apply_group_schedules(self.hidden, self.group_schedules, step)
+
+    def step(self) -> None:
+        """Both optimizers' steps, then the learning-rate schedules' (a collective when sharded)."""
+        for opt in (self.hidden, self.adam):
+            opt.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def zero_grad(self) -> None:
+        for opt in (self.hidden, self.adam):
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        """{"optimizers": [hidden, adam], "schedulers": [...]} with every parameter's state on rank
+        0 (a collective: every rank calls it)."""
+        return {"optimizers": [full_state_dict(opt) for opt in (self.hidden, self.adam)],
+                "schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for opt, saved in zip((self.hidden, self.adam), state["optimizers"]):
+            opt.load_state_dict(saved)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)

@@ -32,8 +32,8 @@ MODELS = {
 def measure(name: str, chunk: int, steps: int, seq_len: int | None = None) -> dict:
     import torch
 
+    from memory import current_memory_bytes, peak_memory_bytes, reset_peak_memory
     from model import PRESETS, create_model
-    from train_gpt import current_memory_bytes, peak_memory_bytes, reset_peak_memory
 
     arch, fields, batch, seq = MODELS[name]
     if seq_len:

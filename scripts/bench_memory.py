@@ -33,9 +33,9 @@ def measure(variant: str, model_preset: str, seq_len: int, rank: int, device: st
     import torch
 
     from configs import resolve_config
+    from memory import memory_parts, peak_memory_bytes
     from model import create_model
     from optimizers import build_optimizers, split_parameters
-    from train_gpt import memory_parts, peak_memory_bytes
 
     name, overrides = VARIANTS[variant]
     overrides = json.loads(json.dumps(overrides).replace("null", str(rank)))

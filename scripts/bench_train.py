@@ -2,9 +2,10 @@
 
     python -m scripts.bench_train [--optimizer adamw] [--steps 40] [--repeats 3] [--config JSON]
 
-Both run in this process on the same model, optimizers, batch shape and seeds, and both leave out
-their first WARMUP steps (optimizer state creation; the compile, with train.compile). The harness
-number is train_gpt.train()'s own step times from metrics.jsonl (data loading, schedules,
+Both run on the same model, optimizers, batch shape and seeds (the bare loop in this process, the
+harness as the worker itself, `python train_gpt.py --run-dir`, in a child process), and both leave
+out their first WARMUP steps (optimizer state creation; the compile, with train.compile). The harness
+number is the worker's own step times from metrics.jsonl (data loading, schedules,
 metrics.jsonl writes, memory accounting, progress bar; validation and checkpoints are not in them);
 the bare loop reuses one batch and does nothing else. With `{"train": {"compile": true}}` the bare
 loop compiles its model too. Repeats alternate the two so machine noise hits both alike; the
@@ -12,9 +13,9 @@ medians are compared.
 """
 
 import argparse
-import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,21 +26,21 @@ import torch
 from configs import deep_merge, parse_overrides, resolve_config, resolve_path
 from data.loader import TokenLoader
 from data.shards import find_shards
+from fileio import write_json
 from model import create_model
 from optimizers import build_optimizers
 from scripts.results import read_jsonl
-from train_gpt import train
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARMUP = 2  # steps left out of both numbers
 
 
 def harness_tokens_per_s(cfg, workdir: str, repeat: int) -> float:
     run_dir = os.path.join(workdir, f"harness{repeat}")
     os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f)
-    train(run_dir)
+    write_json(os.path.join(run_dir, "config.json"), cfg.to_dict())
+    subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), "--run-dir", run_dir], check=True)
     step_ms = [row["step_ms"] for row in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
                if row["step"] > WARMUP and "step_ms" in row]
     return len(step_ms) * cfg.train.batch_size * cfg.data.seq_len / (sum(step_ms) / 1000)
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     print("| loop | tokens/s (median) | all repeats |")
     print("|---|---|---|")
     print(f"| bare fwd/bwd/step | {b:,.0f} | {', '.join(f'{v:,.0f}' for v in bare)} |")
-    print(f"| harness (train_gpt.train) | {h:,.0f} | {', '.join(f'{v:,.0f}' for v in harness)} |")
+    print(f"| harness (train_gpt.py) | {h:,.0f} | {', '.join(f'{v:,.0f}' for v in harness)} |")
     print(f"\nharness overhead: {100 * (b - h) / b:+.1f}% (goal: <= 3%)")
     return 0
 

@@ -39,16 +39,16 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `python scripts/sweep.py`: this checkout's modules, whatever the env's .pth names
 
 import runlock
 from configs import NAME, ConfigError, read_json_file, read_text, safe_yaml
+from outcome import EXIT_STOPPED
 
-SECTION_NAMES = ("model", "data", "train", "adam", "logging", "optimizer")
 TOP_KEYS = ("name", "launch", "preset", "config", "runs")
 # run.py arguments the sweep sets itself for every run
 RESERVED_ARGS = ("--name", "--resume", "--overwrite", "--restart-broken", "--results-dir", "--optimizer", "--config",
                  "--preset", "--dry-run")
-EXIT_STOPPED = 75  # run.py's exit code for a graceful stop
 
 
 class SweepError(ValueError):

@@ -179,6 +179,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,argv,needle", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(env, capsys, name, argv, needle):
     before = tree_digest(env["results"])
@@ -198,6 +199,7 @@ def test_case_count():
     assert len(CASES) >= 25
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,needle", [
     (["--optimizer", "mfsgd", "--config", "{oops"], "--config is not valid JSON"),
     (["--optimizer", "mfsgd", "--num-gpus", "2"], "this machine has none"),
@@ -207,6 +209,7 @@ def test_real_cli(env, argv, needle):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_rank_above_min_side_is_clipped_with_a_warning(env, capsys):
     code = run.main(["--optimizer", "mfsgd", "--dry-run", "--config", tiny(env, rank=64),
                      "--results-dir", str(env["results"])])
@@ -214,6 +217,7 @@ def test_rank_above_min_side_is_clipped_with_a_warning(env, capsys):
     assert "warning: optimizer rank 64 > min(m, n) = 32 of every hidden matrix: clipped to 32" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, keys, missing, needle", [
     ("galore", {}, "galore_torch", "optimizer galore needs the package galore-torch, which is not installed"),
     ("mfsgd", {"logging": {"wandb": "offline"}}, "wandb", "logging.wandb offline needs the package wandb"),

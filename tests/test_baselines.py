@@ -43,6 +43,7 @@ def hidden_class(name):
 # Imports and routing
 
 
+@pytest.mark.slow
 def test_importing_optimizers_and_configs_imports_no_heavy_dependency():
     code = ("import sys, optimizers, configs; configs.resolve_config('galore', {}); "
             "print(','.join(m for m in ('galore_torch', 'transformers', 'bitsandbytes', 'wandb') if m in sys.modules))")
@@ -235,7 +236,7 @@ def test_bad_baseline_config_values(name, overrides, needle):
 
 
 def test_muon_momentum_warmup_schedule():
-    from train_gpt import apply_group_schedules
+    from optimizers import apply_group_schedules
 
     schedules = OPTIMIZERS["muon"].schedules(default_config("muon"))
     assert set(schedules) == {"momentum"}
@@ -379,6 +380,7 @@ def e2e_runs(tmp_path_factory, corpus):
     return results, done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(E2E))
 def test_two_rank_run_through_the_launcher(e2e_runs, name):
     results, done = e2e_runs

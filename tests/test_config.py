@@ -64,6 +64,7 @@ def corpus(tmp_path_factory):
     return write_tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
+@pytest.mark.slow
 def test_dry_run_prints_config_and_command(tmp_path, corpus):
     r = launch(["--optimizer", "mfsgd", "--dry-run", "--nproc", "2", "--config",
                 json.dumps(tiny_overrides(corpus, micro_batch_size=4, rank=8))], tmp_path)
@@ -77,6 +78,7 @@ def test_dry_run_prints_config_and_command(tmp_path, corpus):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_dry_run_of_a_resume_launches_nothing(tmp_path, corpus):
     """--resume RUN --dry-run prints the saved config and the resume command, and neither starts the
     workers nor touches the run."""

@@ -7,8 +7,7 @@ from model import GPT, GPTConfig, PRESETS, build_model
 from optimizers import build_optimizers, split_parameters
 from optimizers import AdamWConfig, MoFaSGDConfig
 from configs import AdamConfig
-from train_gpt import apply_group_schedules, lr_multiplier
-from optimizers import linear_warmup
+from optimizers import apply_group_schedules, linear_warmup, lr_multiplier
 
 
 def tiny_model(**kw):

@@ -631,3 +631,34 @@ def test_orthonormality_check_passes_real_updates_and_catches_broken_factors(mon
         impl.check_orthonormal_factors(nan, torch.eye(3, 2)[None], 1e-3, (5, 3))
     with pytest.raises(ValueError, match="check_orthonormal must be a number >= 0"):
         PackageMoFaSGD([W], check_orthonormal=-1)
+
+
+def test_config_and_constructor_apply_the_same_rules():
+    """Each rule of mofasgd/hyperparameters.py is checked by both layers, each naming the key its way."""
+    import re
+
+    from configs import ConfigError, resolve_config
+    from mofasgd.hyperparameters import RULES
+
+    bad = {"lr": 0.0, "rank": 0, "beta": 1.0, "eta1": -0.1, "eta2": -0.1, "eps": -1e-3, "max_value": 0.0,
+           "check_orthonormal": -1.0}
+    assert set(bad) | {"warmup_steps"} == set(RULES)
+    for key, value in bad.items():
+        with pytest.raises(ValueError, match=f"^{key} must be .*{re.escape(RULES[key][0])}"):
+            MoFaSGD([torch.nn.Parameter(torch.zeros(4, 4))], **{key: value})
+        with pytest.raises(ConfigError, match=f"optimizer.{key} must be {re.escape(RULES[key][0])}"):
+            resolve_config("mfsgd", {key: value})
+
+
+def test_pack_and_unpack_flat_buffers():
+    from mofasgd.optimizer import copy_from_flat, pack_flat, unpack_flat
+
+    tensors = [torch.arange(6.0).view(2, 3), torch.tensor([7.0]), torch.arange(4.0).view(4, 1)]
+    flat = pack_flat(tensors, length=16)
+    assert flat.shape == (16,) and flat[11:].eq(0).all()
+    for a, b in zip(unpack_flat(flat, [t.shape for t in tensors]), tensors):
+        assert torch.equal(a, b)
+    targets = [torch.zeros_like(t) for t in tensors]
+    copy_from_flat(flat, targets)
+    assert all(torch.equal(a, b) for a, b in zip(targets, tensors))
+    assert pack_flat([], length=3, dtype=torch.float64, device="cpu").tolist() == [0.0, 0.0, 0.0]

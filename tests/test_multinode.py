@@ -31,6 +31,7 @@ def losses(run_dir):
     return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in read_metrics(run_dir)]
 
 
+@pytest.mark.slow
 def test_two_nodes_on_c10d_equal_one_node_with_two_workers(tmp_path):
     """Node 1 starts first (it waits for node 0's folder instead of creating it), the c10d
     rendezvous joins them, and the run is bit-identical to --nproc 2 on one node."""
@@ -70,6 +71,7 @@ def test_node_zero_takes_over_a_folder_a_peer_node_made(tmp_path):
         run.prepare_run(run.parse_args(common + ["--node-rank", "0"]))
 
 
+@pytest.mark.slow
 def test_static_rendezvous_is_still_available(tmp_path):
     import run
 
@@ -84,7 +86,8 @@ def test_static_rendezvous_is_still_available(tmp_path):
 def _agree(rank, world, port, dirs, steps_per_rank, out):
     import torch.distributed as dist
 
-    import train_gpt
+    from checkpoint import agreed_resume_checkpoint, checkpoint_step
+    from outcome import RunFailed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -93,13 +96,14 @@ def _agree(rank, world, port, dirs, steps_per_rank, out):
     for step in steps_per_rank[rank]:
         open(os.path.join(ckpt, f"step_{step:07d}.pt"), "wb").close()
     try:
-        path = train_gpt.agreed_resume_checkpoint(dirs[rank], rank)
-        out[rank] = ("ok", train_gpt.checkpoint_step(path) if path else None)
-    except train_gpt.RunFailed as e:
+        path = agreed_resume_checkpoint(dirs[rank], rank)
+        out[rank] = ("ok", checkpoint_step(path) if path else None)
+    except RunFailed as e:
         out[rank] = ("failed", str(e))
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps_per_rank, expected", [
     ([[4, 8], [4, 8, 12]], [("ok", 8), ("ok", 8)]),  # rank 1's newer file is ignored: rank 0 decides
     ([[], [4]], [("ok", None), ("ok", None)]),  # rank 0 has none: every rank starts fresh

@@ -46,7 +46,7 @@ def test_constructor_defaults_are_mfsgd_yaml():
 
 
 def test_beta_warmup_rule_and_loop_match_the_harness():
-    from train_gpt import apply_group_schedules
+    from optimizers import apply_group_schedules
 
     rule = BetaWarmup(start=0.65, end=0.85, steps=300)
     assert rule(0) == 0.65 and rule(150) == pytest.approx(0.75) and rule(300) == 0.85 and rule(10_000) == 0.85
@@ -105,6 +105,7 @@ def run_example(name, tmp_path, *args):
                           capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_plain_loop_example(tmp_path):
     r = run_example("plain_loop.py", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -114,6 +115,7 @@ def test_plain_loop_example(tmp_path):
     assert "Warning" not in r.stderr
 
 
+@pytest.mark.slow
 def test_hf_trainer_example(tmp_path):
     r = run_example("hf_trainer.py", tmp_path, "--steps", "60", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -121,8 +123,9 @@ def test_hf_trainer_example(tmp_path):
     assert "beta now 0.850" in r.stdout
 
 
+@pytest.mark.slow
 def test_git_state_reports_local_changes(tmp_path):
-    from train_gpt import git_state
+    from metrics import git_state
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,

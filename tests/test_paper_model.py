@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (EOT_TOKEN, WINDOW_BLOCK, create_model, dense_attention_mask, document_ids, flex_block_mask)
-from train_gpt import window_blocks_at
+from model import (EOT_TOKEN, WINDOW_BLOCK, create_model, dense_attention_mask, document_ids, flex_block_mask,
+                   window_blocks_at)
 
 VOCAB = 50304
 EOT = 63  # the small-vocabulary tests' document separator (GPT-2's, 50256, in the full-vocabulary ones)
@@ -95,6 +95,7 @@ def reference_loss(state: dict, idx, targets, window_blocks, n_head, eot=EOT, so
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eots", [(100, 200, 301, 450), ()], ids=["documents", "one-document"])
 def test_model_equals_the_dense_reference(eots):
     model = small_model()
@@ -124,6 +125,7 @@ def test_gpt2_vocabulary_and_end_of_text_token():
     assert create_model("speedrun", n_layer=2, n_head=1, n_embd=8, num_value_embeds=0).config.eot_token == 50256
 
 
+@pytest.mark.slow
 def test_window_blocks_as_a_tensor_and_batches_of_streams():
     """A 0-d tensor window (what the training loop passes, so a compiled model does not recompile as
     it grows) and B > 1 streams, each with its own documents, give the per-stream results."""
@@ -151,6 +153,7 @@ def test_state_dict_keys_are_the_paper_harness_keys():
     assert shapes["blocks.0.attn.lambdas"] == (2,) and shapes["skip_weights"] == (6,)
 
 
+@pytest.mark.slow
 def test_an_official_checkpoint_loads_strictly_and_evaluates():
     """A checkpoint saved by a compiled model (keys prefixed `_orig_mod.`) loads after stripping the
     prefix, into a fresh model, and gives the saved model's loss."""
@@ -179,6 +182,7 @@ def test_initialisation_is_the_paper_harness_one():
     assert sum(b.attn is None for b in model.blocks) == 1 and model.blocks[7].attn is None
 
 
+@pytest.mark.slow
 def test_bf16_keeps_embeddings_and_the_residual_stream_in_bf16():
     model = small_model(bf16=True)
     assert model.embed.weight.dtype == torch.bfloat16

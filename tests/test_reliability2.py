@@ -119,6 +119,7 @@ def test_every_number_field_rejects_non_finite_and_overflow(bad):
 # 3. Files the harness reads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,content,needle", [
     ("not UTF-8", b'{"name": "caf\xe9"}', "is not UTF-8 text"),
     ("not JSON", b'{"name": ', "is not valid JSON"),
@@ -135,6 +136,7 @@ def test_resume_with_bad_config_json(done, tmp_path, capsys, name, content, need
     assert digest(r) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,needle", [
     (lambda c: c["optimizer"].update(lr=float("nan")), "optimizer.lr must be a finite number"),
     (lambda c: c["train"].update(steps=2), "is at step 6, past train.steps=2"),
@@ -151,6 +153,7 @@ def test_resume_with_edited_config_json(done, tmp_path, capsys, change, needle):
     assert digest(r) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state,needle", [
     ({"step": 6}, "no 'elapsed_s' entry"),
     ([1, 2, 3], "holds a list, not a checkpoint"),
@@ -177,8 +180,9 @@ def test_resume_with_a_checkpoint_without_its_keys(done, tmp_path, capsys, state
     assert digest(r) == before
 
 
+@pytest.mark.slow
 def test_checkpoint_names_without_a_step_are_not_checkpoints(done, tmp_path):
-    from train_gpt import list_checkpoints
+    from checkpoint import list_checkpoints
 
     r = copy_run(done, tmp_path)
     for bad in ("step_.pt", "step_abc.pt", "step_12x.pt", "step_-1.pt"):
@@ -188,6 +192,7 @@ def test_checkpoint_names_without_a_step_are_not_checkpoints(done, tmp_path):
     assert run.main(["--resume", "r", "--results-dir", str(tmp_path), "--dry-run"]) == 0
 
 
+@pytest.mark.slow
 def test_bad_metrics_lines_and_summary_are_recovered(done, tmp_path):
     """Lines that are valid JSON but not records, or not UTF-8, are dropped as a cut line is; an
     unreadable summary.json is a warning; the resume (at the final checkpoint) restores both."""
@@ -212,6 +217,7 @@ def test_bad_metrics_lines_and_summary_are_recovered(done, tmp_path):
 # 1. One owner per run folder
 
 
+@pytest.mark.slow
 def test_a_held_folder_refuses_every_other_claimant(done, tmp_path, capsys, corpus):
     r = copy_run(done, tmp_path)
     fd = runlock.claim(str(r))
@@ -232,6 +238,7 @@ def test_a_held_folder_refuses_every_other_claimant(done, tmp_path, capsys, corp
     assert sweep.run_state(str(r)) == "resumable"
 
 
+@pytest.mark.slow
 def test_workers_of_an_earlier_launch_block_a_claim(done, tmp_path, capsys):
     """Orphaned workers (their launcher gone) still hold the workers lock: no resume, no overwrite."""
     r = copy_run(done, tmp_path)
@@ -249,6 +256,7 @@ def test_workers_of_an_earlier_launch_block_a_claim(done, tmp_path, capsys):
     assert sweep.run_state(str(r)) == "resumable"
 
 
+@pytest.mark.slow
 def test_restart_broken_never_replaces_a_run_with_a_checkpoint(done, tmp_path, capsys, corpus):
     r = copy_run(done, tmp_path)
     before = digest(r)
@@ -262,6 +270,7 @@ def test_restart_broken_never_replaces_a_run_with_a_checkpoint(done, tmp_path, c
     assert digest(r) == before
 
 
+@pytest.mark.slow
 def test_sweep_skips_a_live_run_and_dry_run_says_so(done, tmp_path, capsys):
     sw = tmp_path / "sw.yaml"
     sw.write_text("name: s\nruns:\n  - optimizer: adamw\n    name: live\n")
@@ -303,6 +312,7 @@ def wait_for_step(path, step, proc, timeout=120):
     raise AssertionError("the run did not reach step %d" % step)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux")
 def test_live_run_has_one_owner_and_its_workers_die_with_the_launcher(tmp_path, corpus):
     """While a run trains, a second resume, an overwrite and a sweep are refused; SIGKILL to run.py
@@ -352,12 +362,14 @@ def test_full_disk_while_checkpointing(tmp_path, corpus, monkeypatch):
     older checkpoints untouched."""
     import torch
 
-    import train_gpt
+    from checkpoint import save_checkpoint
+    from optimizers import RunOptimizers
+    from outcome import RunFailed
 
     model = torch.nn.Linear(4, 4)
-    opts = [torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1)]
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in opts]
-    train_gpt.save_checkpoint(str(tmp_path), 3, model, opts, scheds, 1.0, 2, 0, 1)
+    opts = RunOptimizers(torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1),
+                         lambda s: 1.0)
+    save_checkpoint(str(tmp_path), 3, model, opts, 1.0, 2, 0, 1)
     old = (tmp_path / "checkpoints" / "step_0000003.pt").read_bytes()
     real_save = torch.save
 
@@ -368,14 +380,15 @@ def test_full_disk_while_checkpointing(tmp_path, corpus, monkeypatch):
             raise exc
 
         monkeypatch.setattr(torch, "save", failing_save)
-        with pytest.raises(train_gpt.RunFailed) as e:
-            train_gpt.save_checkpoint(str(tmp_path), 6, model, opts, scheds, 2.0, 2, 0, 1)
+        with pytest.raises(RunFailed) as e:
+            save_checkpoint(str(tmp_path), 6, model, opts, 2.0, 2, 0, 1)
         assert "cannot write the checkpoint of step 6" in str(e.value) and "\n" not in str(e.value)
         assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000003.pt"]
         assert (tmp_path / "checkpoints" / "step_0000003.pt").read_bytes() == old
     monkeypatch.setattr(torch, "save", real_save)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as a full disk")
 def test_full_disk_run_fails_with_one_line_and_resumes(tmp_path, corpus):
     """A file-size limit (EFBIG, as a full disk) hits the first checkpoint: exit 3, one last line,
@@ -407,6 +420,7 @@ def test_full_disk_run_fails_with_one_line_and_resumes(tmp_path, corpus):
 # 5. Graceful stops in sweeps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sweep_records_a_graceful_stop_as_stopped(tmp_path, corpus, sig):
     cfg = tiny_overrides(corpus, steps=300)
@@ -471,6 +485,7 @@ def test_bad_sweep_files(tmp_path, capsys, text, needle):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_sweep_state_of_unreadable_run_files(done, tmp_path):
     """A corrupt summary.json never makes a run look finished, and never a traceback."""
     r = copy_run(done, tmp_path, unfinish=False)

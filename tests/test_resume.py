@@ -51,6 +51,7 @@ def kill_after_step(args, results_dir, run_dir, step, timeout=120):
     return sum(1 for _ in open(path)) - 1  # last step written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,nproc,extra", [
     ("adamw", 1, {}), ("mfsgd", 1, {"rank": 4}), ("mfsgd", 2, {"rank": 4}),
     ("mfsgd", 2, {"rank": 4, "memory_mode": "sketch", "comm": "sketch"}),
@@ -80,6 +81,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, ext
     assert again.returncode == 2 and "already finished" in again.stderr
 
 
+@pytest.mark.slow
 def test_crashed_worker_restarts_and_resumes(tmp_path, corpus):
     cfg = config(corpus, rank=4)
     ref = launch(["--optimizer", "mfsgd", "--name", "ref", "--config", json.dumps(cfg)], tmp_path)
@@ -94,6 +96,7 @@ def test_crashed_worker_restarts_and_resumes(tmp_path, corpus):
     assert [m.get("train_loss") for m in a] == [m.get("train_loss") for m in b]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_reason(tmp_path, corpus):
     cfg = config(corpus)
     cfg["lr"] = 1e30  # AdamW on the hidden matrices blows up at once
@@ -113,6 +116,7 @@ def test_non_finite_loss_stops_with_reason(tmp_path, corpus):
         assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
+@pytest.mark.slow
 def test_resuming_at_the_last_checkpoint_rebuilds_the_summary(tmp_path, corpus):
     """Killed after the final checkpoint but before summary.json (and with a metrics line cut short
     by the kill): the resume runs no step, and its summary matches the uninterrupted run's, best
@@ -134,6 +138,7 @@ def test_resuming_at_the_last_checkpoint_rebuilds_the_summary(tmp_path, corpus):
     assert [m["step"] for m in read_metrics(tmp_path / "end")] == list(range(7))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, corpus):
     cfg = config(corpus)
     cfg["train"]["steps"] = 6
@@ -150,6 +155,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, corpus):
     assert "\n" not in line and "is corrupt" in line and "step_0000003.pt exists" in line
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_and_resumes(tmp_path, corpus):
     """Preemption: SIGTERM to run.py reaches the workers, which finish the step, write a checkpoint
     and stop; the resumed run then equals the uninterrupted one."""

@@ -85,6 +85,7 @@ def test_sweep_resume_decisions(tmp_path):
     assert json.loads(cmd[cmd.index("--config") + 1]) == {"rank": 8}
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_runs(tmp_path, capsys):
     (tmp_path / "sw.yaml").write_text("name: s\nruns:\n  - optimizer: adamw\n")
     make_run(tmp_path / "results" / "s", "adamw", "adamw", None)
@@ -173,6 +174,7 @@ def test_bench_optimizers_expected_bytes_equal_the_state_held(dtype_name):
     assert state_bytes(opt) == expected_mofasgd_bytes(shapes, 7, dtype)
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
     """scripts/gpu_check.sh at toy size on CPU: the launcher commands and config keys it builds are
     valid (its real use is on a GPU, which CI does not have)."""
@@ -198,6 +200,7 @@ def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
     assert bad.returncode == 2 and "unknown part 'nonsense'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_bench_train_prints_both_loops(tmp_path, capsys):
     """bench_train.py on a tiny model: the harness's own step times (metrics.jsonl, warm-up left
     out) against the bare loop, both positive, in one table."""
@@ -238,6 +241,7 @@ def test_paper_ranks_sweep_uses_the_published_per_rank_settings():
     assert all(c.data.layout == "stream" and c.model.arch == "speedrun" for c in cfg.values())
 
 
+@pytest.mark.slow
 def test_bench_memory_skips_what_cannot_be_built():
     """A variant that fails to build (as GaLore without galore-torch) is skipped with one line; the
     others are still measured and tabled."""
@@ -253,6 +257,7 @@ def test_bench_memory_skips_what_cannot_be_built():
     assert "| adamw |" in out.stdout and "| mfsgd (full grads) |" in out.stdout
 
 
+@pytest.mark.slow
 def test_bench_head_loss_prints_the_side_by_side_table():
     import subprocess
 

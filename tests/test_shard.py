@@ -151,6 +151,7 @@ def sharded_runs(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_equals_unsharded(sharded_runs, case):
     ref_model, ref_opt = train(CASES[case], shard=False)
@@ -178,12 +179,14 @@ def test_sharded_equals_unsharded(sharded_runs, case):
     assert all(out["exchanged_bytes"] > 0 for out in ranks)
 
 
+@pytest.mark.slow
 def test_sharded_resume_from_consolidated_state(sharded_runs):
     ref_model, _ = train({}, shard=False)
     for a, b in zip(sharded_runs[0]["resumed"]["params"], ref_model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_sketch_all_reduce_during_backward_equals_after(sharded_runs):
     """Sketch all-reduces launched from the backward hooks give the parameters of the one flat
     all-reduce after backward (2 ranks with different data), also combined with shard=True."""
@@ -201,6 +204,7 @@ def test_sketch_all_reduce_during_backward_equals_after(sharded_runs):
     assert any(not torch.equal(a, b) for a, b in zip(flat, alone))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["muon", "muon-resumed"])
 def test_sharded_muon_equals_torch_muon(sharded_runs, case):
     """Each of 2 gloo ranks orthogonalises its share of the matrices: the parameters equal
@@ -242,6 +246,7 @@ def corpus(tmp_path_factory):
     return write_tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
+@pytest.mark.slow
 def test_worker_shard_matches_unsharded_with_two_ranks(tmp_path, corpus):
     """run.py with 2 gloo ranks: shard=true gives the unsharded run's losses and halves the
     hidden optimizer state per rank; composes with comm sketch."""

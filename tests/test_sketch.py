@@ -68,6 +68,7 @@ def test_config_errors_for_sketch_modes():
         resolve_config("mfsgd", {"memory_mode": "sketch"}, launch={"world_size": 2, "nproc": 2})
 
 
+@pytest.mark.slow
 def test_sketch_communication_equals_full_and_one_rank(tmp_path, corpus):
     """2 ranks with comm sketch (+ memory sketch) == 2 ranks with DDP's full all-reduce == 1 rank
     with 2 accumulation steps, over 10 steps; the sketch all-reduce moves far fewer bytes."""
@@ -102,8 +103,8 @@ def _collective_order_worker(rank, world, port, out):
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    import train_gpt
     from optimizers import MoFaSGD as Optimizer
+    from parallel import wrap_data_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -112,7 +113,7 @@ def _collective_order_worker(rank, world, port, out):
     hidden = [p for _, p in split_parameters(model)["hidden"]]
     others = [p for p in model.parameters() if all(p is not h for h in hidden)]
     opt = Optimizer(hidden, lr=0.05, rank=4, beta=0.9, eta1=0.25, max_value=5, memory_mode="sketch")
-    ddp = train_gpt.wrap_data_parallel(model, hidden, torch.device("cpu"))
+    ddp = wrap_data_parallel(model, hidden, torch.device("cpu"))
     log = []
 
     def logged_ddp_hook(state, bucket):
@@ -144,6 +145,7 @@ def _collective_order_worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sketch_and_ddp_collectives_share_one_group_in_one_order():
     """Overlapped sketch all-reduces and DDP's bucket all-reduces go to one (the default) group,
     issued in the same order on every rank, so NCCL's single stream cannot deadlock; the replicas

@@ -204,6 +204,7 @@ def test_nanogpt_paper_preset_resolves():
     assert resolve_config("mfsgd", {}, preset="nanogpt-paper", launch=gpus(4)).grad_accum == 2
 
 
+@pytest.mark.slow
 def test_three_step_training_through_the_launcher(tmp_path):
     corpus = write_tiny_corpus(str(tmp_path / "corpus"))
     cfg = tiny_overrides(corpus, steps=3, rank=4)
@@ -252,6 +253,7 @@ def paper_layout_overrides(directory, steps=3, model=None, **train):
     }
 
 
+@pytest.mark.slow
 def test_paper_layout_trains_through_the_launcher(tmp_path):
     """The paper's layout on CPU: in-order streams holding several documents, the growing sliding
     window (logged per step), validation with the window of its step, peaks of steps and validation."""
@@ -272,6 +274,7 @@ def test_paper_layout_trains_through_the_launcher(tmp_path):
     assert summary["val_peak_mem_bytes"] == max(m["val_peak_mem_bytes"] for m in metrics if "val_loss" in m)
 
 
+@pytest.mark.slow
 def test_grad_scale_multiplies_the_gradient(tmp_path):
     """train.grad_scale 2 (the harness's 4-GPU gradient): AdamW's first moment after one step is
     exactly twice that of grad_scale 1, for the hidden matrices and the rest alike."""

@@ -13,6 +13,7 @@ def corpus(tmp_path_factory):
     return write_tiny_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,extra", [("adamw", {}), ("mfsgd", {"rank": 4, "lr": 0.02})])
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, corpus, optimizer, extra):
     """A 2-rank run (1 micro step each) and a 1-rank run with 2 accumulation steps see the same
@@ -34,6 +35,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, corpus, optimizer,
     assert (c1["launch"]["world_size"], c2["launch"]["world_size"]) == (1, 2)
 
 
+@pytest.mark.slow
 def test_outputs_and_refusal_to_overwrite(tmp_path, corpus):
     cfg = tiny_overrides(corpus, steps=3)
     args = ["--optimizer", "adamw", "--name", "run", "--config", json.dumps(cfg)]
@@ -77,6 +79,7 @@ def test_outputs_and_refusal_to_overwrite(tmp_path, corpus):
     assert [m["step"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(tmp_path, corpus, monkeypatch):
     """train.compile (torch.compile of the model, a GPU speed-up) changes how the model computes,
     not what: the same run compiled and eager gives the same losses to float tolerance. The CPU
@@ -102,6 +105,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, corpus, monkeypatch)
                 assert abs(eager - compiled) < 1e-4, (step, eager, compiled)
 
 
+@pytest.mark.slow
 def test_excluded_parameters_leave_ddp_also_for_a_compiled_model(tmp_path):
     """comm sketch takes the hidden matrices out of DDP's all-reduce. DDP matches names in the
     module it wraps, which for a compiled model carry an "_orig_mod." prefix: the exclusion must
@@ -112,7 +116,7 @@ def test_excluded_parameters_leave_ddp_also_for_a_compiled_model(tmp_path):
 
     from model import GPT, GPTConfig
     from optimizers import split_parameters
-    from train_gpt import exclude_from_ddp
+    from parallel import exclude_from_ddp
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
@@ -129,7 +133,7 @@ def test_excluded_parameters_leave_ddp_also_for_a_compiled_model(tmp_path):
 
 
 def test_checkpoints_are_ordered_by_step_number(tmp_path):
-    from train_gpt import list_checkpoints
+    from checkpoint import list_checkpoints
 
     (tmp_path / "checkpoints").mkdir()
     for step in (9_999_999, 10_000_000, 200):  # past the 7-digit padding, text order would be wrong
@@ -138,6 +142,7 @@ def test_checkpoints_are_ordered_by_step_number(tmp_path):
         "step_0000200.pt", "step_9999999.pt", "step_10000000.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,extra", [("mfsgd", {"rank": 4, "shard": True, "comm": "sketch", "memory_mode": "sketch"}),
                                              ("muon", {})])
 def test_one_worker_with_a_process_group_trains_like_one_without(tmp_path, corpus, optimizer, extra):

@@ -1,0 +1,104 @@
+"""Data parallelism for the worker: the process group, the small collectives the harness needs, DDP
+over the model, and how a step's gradients are averaged (and the bytes that costs each rank)."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def setup_distributed(cfg):
+    """Initialises the process group when launched by torchrun (or with launch.distributed);
+    returns (rank, world_size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if cfg.launch.device == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 or cfg.launch.distributed:
+        dist.init_process_group(backend=cfg.launch.backend, device_id=device if device.type == "cuda" else None)
+    if world_size != cfg.launch.world_size:
+        raise SystemExit(f"error: launched with world size {world_size}, but config.json says {cfg.launch.world_size}")
+    return rank, world_size, device
+
+
+def shutdown_distributed() -> None:
+    """Leaves the process group together: without the barrier a rank that finishes early (rank 0
+    still writing the last checkpoint) can tear gloo's connections down under a peer, which then
+    aborts ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """Where a small tensor for a collective lives: the GPU under nccl, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def exclude_from_ddp(model: torch.nn.Module, params: list) -> None:
+    """Marks `params` for DDP to leave alone (no gradient all-reduce). DDP matches by name in the
+    module it wraps, so the names are looked up there by identity: a compiled model's parameters
+    are named "_orig_mod.<name>", and the plain names would silently match nothing."""
+    ids = {id(p) for p in params}
+    names = [name for name, p in model.named_parameters() if id(p) in ids]
+    if len(names) != len(ids):
+        raise RuntimeError(f"exclude_from_ddp: found {len(names)} of {len(ids)} parameters in the model")
+    DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
+def wrap_data_parallel(model: torch.nn.Module, sketched_params: list, device) -> DDP:
+    """DDP over the model, but for `sketched_params` (MoFaSGD comm sketch), whose low-rank sketches
+    the optimizer all-reduces instead. Those all-reduces go to the default process group, DDP's
+    own: one NCCL communicator runs its collectives in the order they are issued, and every rank
+    issues DDP's bucket all-reduces and the sketch all-reduces in one order (both are launched
+    from backward's hooks, which fire in the same order on every rank). A second group would run
+    concurrently on its own stream, which torch documents as unsafe with NCCL (it can deadlock).
+    Gradients are views into DDP's buckets (no second gradient-sized copy); buffers (the rotary
+    tables) are the same on every rank, so none are broadcast per forward."""
+    if sketched_params:
+        exclude_from_ddp(model, sketched_params)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True, broadcast_buffers=False)
+
+
+@dataclass(frozen=True)
+class GradientExchange:
+    """How a step's gradients are averaged over the ranks, and the bytes each rank sends for it:
+    DDP all-reduces the gradients in backward (in the parameters' dtype), but with MoFaSGD's
+    `comm: sketch` the hidden matrices leave DDP and the optimizer all-reduces their sketches."""
+
+    distributed: bool  # a process group: DDP and the collectives (run.py --distributed: also on one worker)
+    sketch: bool  # comm sketch
+    overlap: bool  # comm and memory_mode sketch: each matrix's sketches all-reduced while backward still runs
+    hidden_bytes: int  # DDP's all-reduce of the hidden matrices' gradients, per step (0 on one worker)
+    other_bytes: int  # DDP's all-reduce of every other gradient, per step (0 on one worker)
+
+    @classmethod
+    def for_run(cls, cfg, routing: dict) -> "GradientExchange":
+        """From a RunConfig and the model's parameter routing (optimizers.split_parameters)."""
+        distributed = dist.is_initialized()
+        sketch = getattr(cfg.optimizer, "comm", "full") == "sketch"
+        kind_bytes = {kind: sum(p.numel() * p.element_size() for _, p in ps) for kind, ps in routing.items()}
+        other = sum(kind_bytes.values()) - kind_bytes["hidden"]
+        return cls(distributed, sketch, distributed and sketch and cfg.optimizer.memory_mode == "sketch",
+                   kind_bytes["hidden"] if distributed else 0, other if distributed else 0)
+
+    def average_hidden_gradients(self, hidden_opt) -> int:
+        """After backward: with comm sketch, folds the hidden gradients into the optimizer's
+        sketches and averages those over the ranks; returns the bytes this rank sent for the hidden
+        matrices (DDP already averaged their gradients when not sketching)."""
+        if not self.sketch:
+            return self.hidden_bytes
+        hidden_opt.sketch_gradients_()
+        return hidden_opt.all_reduce_sketches() if self.distributed else 0
