@@ -15,7 +15,7 @@ total, for the chosen optimizer, then one table of AdamW, MoFaSGD (full gradient
 GaLore, Muon and Adafactor side by side. --json prints the same as one JSON object.
 
 Parameters, gradients and optimizer state follow the harness's accounting exactly
-(train_gpt.memory_parts: bytes of distinct storages; tests/test_plan_memory.py compares them byte
+(memory.memory_parts: bytes of distinct storages; tests/test_plan_memory.py compares them byte
 for byte with real optimizers after a step). Activations and the head are estimates from the
 tensors a forward saves for backward, per layer and token; the formulas are printed with the
 numbers and written out in docs/memory-planner.md.

@@ -218,6 +218,7 @@ def test_rank_above_min_side_is_clipped_with_a_warning(env, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, keys, missing, needle", [
     ("galore", {}, "galore_torch", "optimizer galore needs the package galore-torch, which is not installed"),
     ("mfsgd", {"logging": {"wandb": "offline"}}, "wandb", "logging.wandb offline needs the package wandb"),

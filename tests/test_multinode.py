@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from helpers import ROOT, launch, read_metrics, tiny_overrides, write_tiny_corpus
 
+pytestmark = pytest.mark.slow  # launches, rendezvous and process groups
+
 
 def free_port() -> int:
     with socket.socket() as s:

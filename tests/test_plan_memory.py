@@ -1,6 +1,6 @@
 """scripts/plan_memory.py against the harness: parameters, gradients and optimizer state byte for
 byte (real models and optimizers built with the harness's own builders, one step taken, counted by
-train_gpt.memory_parts); activations against the tensors a real forward saves for backward; the
+memory.memory_parts); activations against the tensors a real forward saves for backward; the
 LLaMA fixture against transformers' own model; the CLI's errors and outputs; and the total against
 the peak memory of real runs through run.py on 1 and 2 CPU ranks."""
 
@@ -18,7 +18,7 @@ from helpers import ROOT, launch, read_metrics, write_tiny_corpus
 from model import create_model
 from optimizers import build_optimizers
 from scripts import plan_memory as pm
-from train_gpt import memory_parts
+from memory import memory_parts
 
 LLAMA = os.path.join(ROOT, "configs", "hf", "llama-3.1-8b.json")
 VOCAB = 256
@@ -188,6 +188,7 @@ def run_cli(*args):
                           text=True, timeout=120)
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 @pytest.mark.parametrize("args, needle", [
     (["--optimizer", "sgdx"], "unknown optimizer 'sgdx'; choose one of adafactor, adamw, galore, mfsgd, muon"),
     (["--hf-config", "/nonexistent/config.json"], "--hf-config file not found: /nonexistent/config.json"),
@@ -207,6 +208,7 @@ def test_bad_input_is_one_line_naming_what_is_accepted(args, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out.stderr
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_table_and_json_for_the_llama_fixture():
     args = ["--hf-config", LLAMA, "--micro-batch", "1", "--seq-len", "1024", "--rank", "32"]
     table = run_cli(*args)
@@ -227,6 +229,7 @@ def test_table_and_json_for_the_llama_fixture():
     assert rows["mfsgd r=32 sketch"]["total_bytes"] < rows["mfsgd r=32"]["total_bytes"] < rows["adamw"]["total_bytes"]
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_shapes_input():
     out = run_cli("--shapes", '{"hidden": ["96x32*3", [32, 96]], "embed": ["100x32"], "scalar": [32]}', "--json",
                   "--optimizer", "adamw")
@@ -254,6 +257,7 @@ PEAK_RUNS = [
 PEAK_MODEL = {"preset": None, "n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 256, "vocab_size": 50304}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, ranks, opt", PEAK_RUNS, ids=[f"{n}-{r}rank" for n, r, _ in PEAK_RUNS])
 def test_total_within_ten_percent_of_a_real_runs_peak(tmp_path, name, ranks, opt):
     data = write_tiny_corpus(tmp_path / "data", train_tokens=60_000)

@@ -79,6 +79,7 @@ def fsdp_results():
     return out[0], out[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_row_sharded_mofasgd_equals_unsharded(fsdp_results, case):
     model = tiny_double_model()

@@ -146,6 +146,7 @@ def _collective_order_worker(rank, world, port, out):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_sketch_and_ddp_collectives_share_one_group_in_one_order():
     """Overlapped sketch all-reduces and DDP's bucket all-reduces go to one (the default) group,
     issued in the same order on every rank, so NCCL's single stream cannot deadlock; the replicas
