@@ -492,6 +492,23 @@ def environment_info(device, world_size: int) -> dict:
     return info
 
 
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def start_wandb(cfg: RunConfig, run_dir: str):
+    """The run's wandb run, files under RUN/wandb/. Its id is made once and kept in RUN/wandb_id.txt,
+    so a resumed run (or a restarted worker) continues the same wandb run (resume="allow")."""
+    import wandb
+
+    id_path = os.path.join(run_dir, WANDB_ID_FILE)
+    run_id = open(id_path).read().strip() if os.path.exists(id_path) else ""
+    if not re.fullmatch(r"[a-z0-9]{8,64}", run_id):
+        run_id = os.urandom(8).hex()  # wandb ids: letters and digits
+        write_text_atomic(id_path, run_id + "\n")
+    return wandb.init(project=cfg.logging.wandb_project, name=cfg.name, id=run_id, dir=run_dir,
+                      mode=cfg.logging.wandb, config=cfg.to_dict(), resume="allow")
+
+
 def first_non_finite_parameter(model) -> str | None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
@@ -645,12 +662,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
 
     # resuming from step k keeps metrics lines up to k; starting from scratch starts a new file
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), is_main, start_step if start_step > 0 else None)
-    wandb_run = None
-    if is_main and cfg.logging.wandb != "off":
-        import wandb
-
-        wandb_run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=run_dir,
-                               mode=cfg.logging.wandb, config=cfg.to_dict(), resume="allow")
+    wandb_run = start_wandb(cfg, run_dir) if is_main and cfg.logging.wandb != "off" else None
 
     progress = None
     if is_main and cfg.logging.progress:
