@@ -7,7 +7,7 @@ A group is the runs whose configs differ only in train.seed (scripts/results.py)
     loss.png    val loss vs step, vs tokens and vs wall-clock; smoothed train loss vs step: per group
                 the mean over its finished seeds, with a shaded band over the seeds (min-max, or the
                 95% CI of the mean with --band ci); runs that did not finish are drawn thin and
-                dashed, left out of the mean, and listed under the figure
+                dotted, left out of the mean, and listed under the figure
     ranks.png   final val loss vs rank per optimizer (mean with a 95% CI error bar over seeds),
                 peak memory and hidden-matrix optimizer state vs rank (only when a run has a rank);
                 where several groups share an optimizer and rank (a learning-rate grid), the one
@@ -76,7 +76,7 @@ def mean_curve(runs: list[Run], y: str, x: str, band: str):
     return xs, mean, None if single else low, None if single else high
 
 
-def left_out_note(groups: list[Group], include_unfinished: bool, drawn: str = "dashed, ") -> str | None:
+def left_out_note(groups: list[Group], include_unfinished: bool, drawn: str = "dotted, ") -> str | None:
     """The runs not in any mean, for a line under the figure."""
     if include_unfinished:
         return None
@@ -134,10 +134,11 @@ def plot_losses(groups: list[Group], path: str, band: str = "minmax", include_un
         ax.set_title(title)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
-    # start the y axis near the interesting part: the first evaluation dwarfs the rest
+    # zoom on where the groups differ: the first evaluations (~ln(vocab) = 10.8) dwarf the rest
     if finals:
+        spread = max(finals) - min(finals)
         for ax, _, _, _ in panels:
-            ax.set_ylim(min(finals) - 0.3, max(finals) + 2.0)
+            ax.set_ylim(min(finals) - max(0.1, 0.3 * spread), max(finals) + max(0.6, 3 * spread))
     what = "min-max over seeds" if band == "minmax" else "95% CI of the mean over seeds"
     fig.suptitle(f"mean over seeds per group; band: {what}", fontsize=10)
     fig.tight_layout()

@@ -504,7 +504,8 @@ def main(argv=None) -> int:
     redone = set()  # --overwrite: each run is redone once per invocation
 
     def execute(run: dict) -> str:
-        """Runs (or, with --dry-run, prints) one run; its outcome: ok, stopped, failed, skipped, planned."""
+        """Runs (or, with --dry-run, prints) one run; its outcome: ok, stopped, failed, skipped, planned or
+        not started (a stop came first)."""
         nonlocal child
         i = next(counter)
         tag = f"[{i}/{max(planned, i)}]"
@@ -539,12 +540,7 @@ def main(argv=None) -> int:
         child = subprocess.Popen(cmd, env=dict(os.environ, **{SWEEP_ENV: "1"}))
         if stops:  # a stop that came while it was being started: it never saw the signal
             child.send_signal(signal.SIGTERM)
-        while True:
-            try:
-                rc = child.wait()
-                break
-            except KeyboardInterrupt:  # only if a handler was replaced; keep waiting for the graceful stop
-                continue
+        rc = child.wait()
         child = None
         done_times.append(time.time() - t0)
         if rc == 0:
