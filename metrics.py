@@ -3,6 +3,7 @@ training clock, and env.json (the software and machine it ran on). Rank 0 writes
 keep logs that write nothing."""
 
 import json
+import re
 import os
 import platform
 import subprocess
@@ -242,3 +243,20 @@ def environment_info(device, world_size: int) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def start_wandb(cfg, run_dir: str):
+    """The run's wandb run, files under RUN/wandb/. Its id is made once and kept in RUN/wandb_id.txt,
+    so a resumed run (or a restarted worker) continues the same wandb run (resume="allow")."""
+    import wandb
+
+    id_path = os.path.join(run_dir, WANDB_ID_FILE)
+    run_id = open(id_path).read().strip() if os.path.exists(id_path) else ""
+    if not re.fullmatch(r"[a-z0-9]{8,64}", run_id):
+        run_id = os.urandom(8).hex()  # wandb ids: letters and digits
+        write_text_atomic(id_path, run_id + "\n")
+    return wandb.init(project=cfg.logging.wandb_project, name=cfg.name, id=run_id, dir=run_dir,
+                      mode=cfg.logging.wandb, config=cfg.to_dict(), resume="allow")

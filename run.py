@@ -10,33 +10,59 @@ overrides -> results/RUN/config.json -> `torch.distributed.run` workers running 
 (gloo on CPU, nccl on GPU). Bad input exits with a one-line error and code 2.
 """
 
-import argparse
-import json
-import os
-import re
-import shutil
 import signal
-import subprocess
 import sys
-import time
 
-import runlock
-from configs import NAME as RUN_NAME
-from configs import ConfigError, RunConfig, read_json_file, resolve_config, resolve_path
-from data.shards import ShardError, find_shards, open_shard, read_header
-from fileio import write_json
-from outcome import EXIT_FAILED, EXIT_STOPPED
-from runlock import RunLockError
+# A stop (Ctrl-C, SIGTERM) from the first line on is recorded, not a KeyboardInterrupt traceback in
+# the imports below (torch takes seconds): a stop before the workers start ends the launch with one
+# line; one after is handed to the workers, which stop gracefully.
+STOPS: list[int] = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_sig, lambda signum, frame: STOPS.append(signum))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import runlock  # noqa: E402
+from configs import NAME as RUN_NAME  # noqa: E402
+from configs import ConfigError, RunConfig, read_json_file, resolve_config, resolve_path  # noqa: E402
+from data.shards import ShardError, find_shards, open_shard, read_header  # noqa: E402
+from fileio import write_json  # noqa: E402
+from outcome import EXIT_FAILED, EXIT_STOPPED  # noqa: E402
+from runlock import RunLockError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SWEEP_ENV = "MOFA_SWEEP"  # set by scripts/sweep.py: the sweep says how to resume, not run.py
 
 
 class LaunchError(ValueError):
     """A bad command line or environment; one line."""
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train GPT-2 with MoFaSGD, GaLore, AdamW, Muon or Adafactor.")
+def names_in(folder: str) -> list[str]:
+    """NAME of every NAME.yaml in a configs/ folder."""
+    path = os.path.join(ROOT, "configs", folder)
+    return sorted(f[:-5] for f in os.listdir(path) if f.endswith(".yaml")) if os.path.isdir(path) else []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from model import PRESETS
+
+    epilog = (f"optimizers (configs/optimizers/NAME.yaml): {', '.join(names_in('optimizers'))}\n"
+              f"presets (configs/presets/NAME.yaml): {', '.join(names_in('presets')) or 'none'}\n"
+              f"model sizes (model.preset): {', '.join(PRESETS)}\n\n"
+              "example: MoFaSGD at rank 16 on the embedded corpus, 300 steps, 2 CPU workers:\n"
+              "  python run.py --optimizer mfsgd --nproc 2 --config '{\"rank\": 16, \"train\": {\"steps\": 300, "
+              "\"micro_batch_size\": 4}}'\n\n"
+              "Every config key: README.md, \"Config keys\". Exit codes: 0 finished, 2 bad input, 3 failed, 75 stopped.")
+    p = argparse.ArgumentParser(description="Train GPT-2 with MoFaSGD, GaLore, AdamW, Muon or Adafactor.", epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", help="optimizer name: a file configs/optimizers/NAME.yaml")
     p.add_argument("--config", help="JSON overrides, or @file.json; flat keys are optimizer keys")
     p.add_argument("--preset", help="a file configs/presets/NAME.yaml merged over the base config")
@@ -60,12 +86,18 @@ def parse_args(argv=None):
     p.add_argument("--name", help="run name: the folder results/NAME (default: optimizer, rank and time)")
     p.add_argument("--results-dir", default=os.path.join(ROOT, "results"), help="where run folders go")
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN",
-                   help="continue RUN (or --name) from its newest checkpoint")
+                   help="continue RUN (or --name) from its newest checkpoint, with the same number of workers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     p.add_argument("--restart-broken", action="store_true",
                    help="start an existing run again only if it has no checkpoint and did not finish (what sweeps use)")
+    p.add_argument("--drop-checkpoints", action="store_true",
+                   help="delete the run's checkpoints/ once it has finished (a stopped or failed run keeps them)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the command; run nothing")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def cuda_device_count() -> int:
@@ -282,7 +314,13 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
             saved_launch = saved.get("launch")
             saved_world = saved_launch.get("world_size") if isinstance(saved_launch, dict) else None
             if saved_world is not None and saved_world != launch["world_size"]:
-                raise LaunchError(f"{resume_name!r} ran on {saved_world} workers; resume it with the same number")
+                # the checkpoint holds one RNG state per rank and the run's bit-exact continuation
+                # assumes the same reduction layout: a resume keeps the world size
+                how = "--num-gpus" if (saved_launch.get("device") == "cuda") else "--nproc"
+                per_node = saved_world // max(1, saved_launch.get("nnodes") or 1)
+                raise LaunchError(f"{resume_name!r} ran on {saved_world} workers (config.json launch.world_size) and "
+                                  f"resumes only on as many: --resume {resume_name} {how} {per_node}"
+                                  + (f" on each of {saved_launch.get('nnodes')} nodes" if (saved_launch.get("nnodes") or 1) > 1 else ""))
             saved["launch"] = launch
             try:
                 cfg = RunConfig.from_dict(saved)
@@ -514,8 +552,9 @@ def outcome(args, run_dir: str, rc: int, stopped: bool) -> int:
             results = "" if default else f" --results-dir {args.results_dir}"
         else:  # resumed from an explicit path
             target, results = (run_dir if os.path.isabs(run_dir) else "./" + run_dir), ""
-        print(f"stopped by signal at step {summary.get('steps')}, checkpoint written; resume with: python run.py "
-              f"--resume {target} {device}{results}", file=sys.stderr, flush=True)
+        if not os.environ.get(SWEEP_ENV):  # a sweep prints its own line: rerun the sweep
+            print(f"stopped by signal at step {summary.get('steps')}, checkpoint written; resume with: python run.py "
+                  f"--resume {target} {device}{results}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
     if status == "failed":
         reason = summary.get("reason") or f"the workers exited with code {rc}"
@@ -535,8 +574,40 @@ def outcome(args, run_dir: str, rc: int, stopped: bool) -> int:
     return rc if rc not in (0, 2, EXIT_FAILED, EXIT_STOPPED) else 1
 
 
+def drop_checkpoints(run_dir: str) -> bool:
+    """Deletes the checkpoints/ of a finished run, under the run folder's lock (never a run another
+    process holds or one that did not finish: those need their checkpoints to resume). True if
+    something was deleted."""
+    path = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(path):
+        return False
+    try:
+        fd = runlock.claim(run_dir)
+    except RunLockError:
+        return False
+    try:
+        summary = read_summary(run_dir)
+        if summary is None or summary.get("status") != "finished":  # checked under the lock
+            return False
+        shutil.rmtree(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def stopped_before_start(args, run_dir: str) -> int:
+    """A stop that came before the workers started: nothing trained; one line, exit 75."""
+    if not os.environ.get(SWEEP_ENV):
+        resumable = os.path.exists(os.path.join(run_dir, "config.json"))
+        print("stopped before training started, nothing trained" +
+              (f"; resume with: python run.py --resume {os.path.basename(run_dir)}" if resumable else ""),
+              file=sys.stderr, flush=True)
+    return EXIT_STOPPED
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stops = STOPS if argv is None else []  # as a script: the stops recorded since its first line
     try:
         cmd, run_dir, lock_fd = prepare_run(args)
     except (ConfigError, ShardError, LaunchError, RunLockError) as e:
@@ -544,6 +615,9 @@ def main(argv=None) -> int:
         return 2
     if not cmd:
         return 0
+    if stops:
+        os.close(lock_fd)
+        return stopped_before_start(args, run_dir)
     runlock.write_holder(lock_fd)
     print(f"run dir: {run_dir}", file=sys.stderr)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -552,7 +626,7 @@ def main(argv=None) -> int:
     # torchrun: holds the folder's lock too (inherited), dies with us (SIGTERM: it stops the workers,
     # which write a stop checkpoint), and has a session of its own, so a Ctrl-C reaches only us and
     # we hand it to the workers (a signal to torchrun ends in its ChildFailedError traceback)
-    stops, signalled = [], set()
+    signalled = set()
     try:
         child = subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,), start_new_session=True,
                                  preexec_fn=runlock.torchrun_preexec(os.getpid()))
@@ -560,16 +634,19 @@ def main(argv=None) -> int:
         os.close(lock_fd)  # torchrun holds it now: the folder stays claimed as long as torchrun lives
 
     def deliver(resend=False):
-        workers = runlock.child_pids(child.pid)
-        for pid in workers:
-            if (resend or pid not in signalled) and caught_signals(pid) & (1 << (stops[-1] - 1)):
-                try:  # only once the worker handles it: before that it would die, not stop
-                    os.kill(pid, stops[-1])
+        # Whatever stop we got, the workers get SIGTERM: Python turns SIGINT into KeyboardInterrupt
+        # from a process's first instant, so a worker still importing torch would die with a
+        # traceback (and torchrun add its own); SIGTERM shows up as caught only once train_gpt.py's
+        # stop handler is in place, and until then it is held back here.
+        for pid in runlock.child_pids(child.pid):
+            if (resend or pid not in signalled) and caught_signals(pid) & (1 << (signal.SIGTERM - 1)):
+                try:
+                    os.kill(pid, signal.SIGTERM)
                     signalled.add(pid)
                 except ProcessLookupError:
                     pass
         if caught_signals(child.pid) == -1:  # no /proc: torchrun passes it on
-            child.send_signal(stops[-1])
+            child.send_signal(signal.SIGTERM)
 
     def forward(signum, frame):  # a stop sent to the launcher alone reaches the workers too
         stops.append(signum)
@@ -584,7 +661,10 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             if stops:
                 deliver()
-    return outcome(args, run_dir, rc, bool(stops))
+    code = outcome(args, run_dir, rc, bool(stops))
+    if code == 0 and args.drop_checkpoints and drop_checkpoints(run_dir):
+        print(f"checkpoints of {os.path.basename(run_dir)} dropped (--drop-checkpoints)", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from data.loader import StreamLoader, TokenLoader, val_sequences
 from data.shards import find_shards
 from fileio import write_json
 from memory import current_memory_bytes, memory_parts, peak_memory_bytes, peak_memory_record, reset_peak_memory
-from metrics import MetricsLog, RunLog, StepClock, environment_info
+from metrics import MetricsLog, RunLog, StepClock, environment_info, start_wandb
 from model import create_model, window_blocks_at
 from optimizers import RunOptimizers, split_parameters, state_bytes
 from outcome import DISK_ERRNOS, EXIT_FAILED, RunFailed, exit_process, launched_by_run_py, write_summary_quietly
@@ -160,12 +160,7 @@ def open_log(run: Run) -> RunLog:
     file), wandb, the progress bar and env.json, on rank 0; elsewhere a log that writes nothing."""
     cfg, run_dir, is_main = run.cfg, run.run_dir, run.is_main
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), is_main, run.start_step if run.start_step > 0 else None)
-    wandb_run = None
-    if is_main and cfg.logging.wandb != "off":
-        import wandb
-
-        wandb_run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=run_dir,
-                               mode=cfg.logging.wandb, config=cfg.to_dict(), resume="allow")
+    wandb_run = start_wandb(cfg, run_dir) if is_main and cfg.logging.wandb != "off" else None
 
     progress = None
     if is_main and cfg.logging.progress:

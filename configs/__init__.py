@@ -13,6 +13,7 @@ read back by the worker with `RunConfig.from_dict`.
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -351,9 +352,28 @@ def build_dataclass(cls, data: dict, path: str):
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in hints:
-            raise ConfigError(f"unknown config key '{path}.{key}'; valid keys: {', '.join(names)}")
+            raise ConfigError(f"unknown config key '{path}.{key}'{key_suggestion(cls, path, key, data[key])}; "
+                              f"valid keys: {', '.join(names)}")
     values = {key: _coerce(data[key], hints[key], f"{path}.{key}") for key in data}
     return cls(**values)
+
+
+def key_suggestion(cls, path: str, key, value) -> str:
+    """' (did you mean ...?)' for an unknown key: the same key one level down (GaLore's flat `rank`
+    is group_params.rank), a section name misspelt as an optimizer key (trian -> train), or the
+    closest valid key (difflib); '' when nothing is close."""
+    key = str(key)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type) and key in {g.name for g in dataclasses.fields(f.type)}:
+            return f" (did you mean {path}.{f.name}.{key}? write {{\"{f.name}\": {{\"{key}\": ...}}}})"
+    if path == "optimizer":
+        section = difflib.get_close_matches(key, list(SECTIONS), n=1, cutoff=0.6)
+        if section:
+            inner = f".{next(iter(value))}" if isinstance(value, dict) and value else ""
+            return f" (did you mean {section[0]}{inner}? {section[0]} is a section)"
+    candidates = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {path}.{close[0]}?)" if close else ""
 
 
 def _coerce(value, hint, path: str):

@@ -3,7 +3,7 @@ FineWeb shards: download the pre-tokenised FineWeb-10B GPT-2 shards, or
 tokenise raw text (yours, or FineWeb parquet files) into the same format.
 
     python -m data.fineweb download --num-shards 8 [--out data/fineweb10B] [--repo-id kjj0/fineweb10B-gpt2]
-    python -m data.fineweb tokenize --input 'raw/*.jsonl' --out data/mytext [--workers 4] [--val-docs 10000]
+    python -m data.fineweb tokenize --input 'raw/*.jsonl' --out data/mytext [--workers 4] [--val-fraction 0.01 | --val-docs N]
 
 Both write fineweb_val_000000.bin plus fineweb_train_000001.bin, 000002, ...
 (100M tokens each), so the same globs work for downloaded and home-made shards.
@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,7 +25,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "data", "fineweb10B")
 DEFAULT_REPO = "kjj0/fineweb10B-gpt2"
 DEFAULT_SHARD_TOKENS = 100_000_000
-DEFAULT_VAL_DOCS = 10_000
+DEFAULT_VAL_FRACTION = 0.01  # of the documents, for the val shard (at least one; at least one left for train)
 
 
 def shard_name(split, index, prefix="fineweb"):
@@ -135,19 +136,40 @@ def tokenize_document(text):
     return np.array(tokens, dtype=np.uint16)
 
 
-def tokenize(inputs, out_dir, shard_tokens=DEFAULT_SHARD_TOKENS, workers=1, val_docs=DEFAULT_VAL_DOCS,
-             prefix="fineweb"):
+@dataclass
+class Tokenized:
+    paths: list  # the val shard, then the train shards
+    val_docs: int
+    train_docs: int
+
+
+def count_documents(files) -> int:
+    """Non-empty documents of the inputs (a first, cheap pass: no tokenizing)."""
+    return sum(1 for d in iter_documents(files) if d)
+
+
+def tokenize(inputs, out_dir, shard_tokens=DEFAULT_SHARD_TOKENS, workers=1, val_docs=None,
+             prefix="fineweb", val_fraction=DEFAULT_VAL_FRACTION):
     """Tokenise the documents of `inputs` (paths or globs, in the order given,
     each glob's matches sorted) into {prefix}_val_000000.bin (the first val_docs
-    documents) and {prefix}_train_000001.bin, ... of at most shard_tokens tokens
-    each (documents continue across train shard boundaries). Output does not
-    depend on workers: documents come back in input order. Returns the paths."""
+    documents; by default val_fraction of them, at least one) and
+    {prefix}_train_000001.bin, ... of at most shard_tokens tokens each (documents
+    continue across train shard boundaries). At least one document is left for
+    training. Output does not depend on workers: documents come back in input
+    order. Returns the paths and the document counts of the split."""
     from tqdm import tqdm
 
     files = _input_files(inputs)
-    if shard_tokens < 1 or workers < 1 or val_docs < 0:
-        raise ShardError(f"{out_dir}: need shard_tokens >= 1, workers >= 1, val_docs >= 0 "
-                         f"(got {shard_tokens}, {workers}, {val_docs})")
+    if shard_tokens < 1 or workers < 1 or (val_docs is not None and val_docs < 0) or not 0 < val_fraction < 1:
+        raise ShardError(f"{out_dir}: need shard_tokens >= 1, workers >= 1, val_docs >= 0, 0 < val_fraction < 1 "
+                         f"(got {shard_tokens}, {workers}, {val_docs}, {val_fraction})")
+    total = count_documents(files)
+    if val_docs is None:
+        val_docs = min(max(1, round(val_fraction * total)), total - 1)
+    if total <= val_docs:
+        how = f"--val-docs {val_docs}" if val_docs else "--val-docs"
+        raise ShardError(f"{files[0]}: only {total} non-empty documents in the input, all of them val ({how}); "
+                         "no train tokens: give more documents or a smaller --val-docs / --val-fraction")
     os.makedirs(out_dir, exist_ok=True)
     written = []
     val_parts, ndocs = [], 0
@@ -169,7 +191,7 @@ def tokenize(inputs, out_dir, shard_tokens=DEFAULT_SHARD_TOKENS, workers=1, val_
     else:
         token_arrays = map(tokenize_document, documents)
     try:
-        for tokens in tqdm(token_arrays, desc="tokenizing", unit="doc"):
+        for tokens in tqdm(token_arrays, desc="tokenizing", unit="doc", total=total):
             ndocs += 1
             if ndocs <= val_docs:
                 val_parts.append(tokens)
@@ -185,12 +207,9 @@ def tokenize(inputs, out_dir, shard_tokens=DEFAULT_SHARD_TOKENS, workers=1, val_
             pool.terminate()  # every result is consumed, or we are failing: stop the workers now
     if train_fill:
         flush_train()
-    if ndocs <= val_docs:
-        raise ShardError(f"{files[0]}: only {ndocs} documents in the input, all of them val "
-                         f"(--val-docs {val_docs}); no train tokens")
     val_path = os.path.join(out_dir, shard_name("val", 0, prefix))
     write_shard(val_path, np.concatenate(val_parts) if val_parts else np.zeros(0, np.uint16))
-    return [val_path] + written
+    return Tokenized([val_path] + written, val_docs, ndocs - val_docs)
 
 
 # -----------------------------------------------------------------------------
@@ -207,16 +226,25 @@ def main(argv=None):
     tok = commands.add_parser("tokenize", help="tokenise .txt/.jsonl/.parquet documents into shards")
     tok.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs)")
     tok.add_argument("--out", required=True, help="output directory")
-    tok.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per train shard")
-    tok.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer processes")
-    tok.add_argument("--val-docs", type=int, default=DEFAULT_VAL_DOCS, help="first N documents form the val shard")
+    tok.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per train shard (default: %(default)s)")
+    tok.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer processes (default: %(default)s, the cores less one)")
+    val = tok.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                     help="this fraction of the documents (the first ones; at least one, and one is always left for "
+                          "train) form the val shard (default: %(default)s)")
+    val.add_argument("--val-docs", type=int, default=None, help="instead of --val-fraction: exactly the first N documents form the val shard")
     tok.add_argument("--prefix", default="fineweb", help="shard file prefix (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
             paths = download(args.num_shards, args.out, args.repo_id, endpoint=args.endpoint, revision=args.revision)
         else:
-            paths = tokenize(args.input, args.out, args.shard_tokens, args.workers, args.val_docs, args.prefix)
+            done = tokenize(args.input, args.out, args.shard_tokens, args.workers, args.val_docs, args.prefix,
+                            args.val_fraction)
+            val_tokens, train_tokens = read_header(done.paths[0]), sum(read_header(p) for p in done.paths[1:])
+            print(f"{args.out}: val {done.val_docs:,} documents, {val_tokens:,} tokens (1 shard); train "
+                  f"{done.train_docs:,} documents, {train_tokens:,} tokens ({len(done.paths) - 1} shards)")
+            return 0
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -116,7 +116,7 @@ for p in $PARTS; do
             part train $PY run.py --optimizer "${run%-sketch}" "${LAUNCH[@]}" "${PRESET[@]}" \
                 --results-dir "$OUT/runs" --name "$run" --overwrite --config "$(run_config "$keys")"
         done
-        part train $PY -m scripts.summarize "$OUT/runs" --md "$OUT/summary.md"
+        part train $PY -m scripts.summarize "$OUT/runs" --out "$OUT/summary.md"
         cat "$OUT/summary.md" 2>/dev/null
         ;;
     *)

@@ -1,25 +1,34 @@
-"""Loss curves and memory bars of one or more runs or sweeps, as PNG files.
+"""Loss curves and rank/memory panels of runs or sweeps, as PNG files, one colour per group of seeds.
 
     python -m scripts.plot results/demo --out results/demo
-    python -m scripts.plot results/cpu-ranks/mfsgd-rank16 results/cpu-ranks/adamw --out figs
+    python -m scripts.plot results/cpu-ranks --out results/cpu-ranks --min-seeds 3 --band ci
 
-Writes into --out:
-    loss.png    val loss vs step, vs tokens and vs wall-clock; smoothed train loss vs step
-    ranks.png   final val loss vs rank per optimizer, peak and optimizer-state memory vs rank
-                (only when at least one run has a rank)
+A group is the runs whose configs differ only in train.seed (scripts/results.py). Writes into --out:
+    loss.png    val loss vs step, vs tokens and vs wall-clock; smoothed train loss vs step: per group
+                the mean over its finished seeds, with a shaded band over the seeds (min-max, or the
+                95% CI of the mean with --band ci); runs that did not finish are drawn thin and
+                dotted, left out of the mean, and listed under the figure
+    ranks.png   final val loss vs rank per optimizer (mean with a 95% CI error bar over seeds),
+                peak memory and hidden-matrix optimizer state vs rank (only when a run has a rank);
+                where several groups share an optimizer and rank (a learning-rate grid), the one
+                with the lowest mean final val loss stands for them, and the title says what was
+                selected; a single seed is never picked out of a group
 """
 
 import argparse
 import os
 import sys
 
+if not __package__:  # python scripts/NAME.py: this checkout's modules first, not another install's
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from scripts.results import Run, find_runs_or_report
+from scripts.results import Group, Run, find_runs_or_report, grouping_entries, select_groups
+from scripts.stats import estimate
 
 
 def ema_smooth(values: list[float], alpha: float = 0.9) -> list[float]:
@@ -30,7 +39,64 @@ def ema_smooth(values: list[float], alpha: float = 0.9) -> list[float]:
     return out
 
 
-def plot_losses(runs: list[Run], path: str) -> str:
+def group_colors(n: int) -> list:
+    """One colour per group: the default cycle up to 10, tab20 up to 20, then tab20 again (the line
+    styles tell repeats apart)."""
+    return [f"C{i}" for i in range(n)] if n <= 10 else [plt.get_cmap("tab20").colors[i % 20] for i in range(n)]
+
+
+def run_curve(run: Run, y: str, x: str) -> dict:
+    """step -> (x, y) of one run's series; the train loss EMA-smoothed along the run."""
+    rows = [m for m in run.metrics if m.get(y) is not None and x in m and "step" in m]
+    ys = [m[y] for m in rows]
+    if y == "train_loss":
+        ys = ema_smooth(ys)
+    return {m["step"]: (m[x], v) for m, v in zip(rows, ys)}
+
+
+def mean_curve(runs: list[Run], y: str, x: str, band: str):
+    """(xs, mean, low, high) over the steps every run logged; x is the runs' mean x at a step (their
+    wall-clock times differ). low/high: min-max over the runs, or the mean's 95% CI (band 'ci');
+    None for a single run."""
+    curves = [run_curve(r, y, x) for r in runs]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    xs, mean, low, high = [], [], [], []
+    for step in steps:
+        values = [c[step][1] for c in curves]
+        est = estimate(values)
+        xs.append(sum(c[step][0] for c in curves) / len(curves))
+        mean.append(est.mean)
+        if band == "ci":
+            low.append(est.ci_low)
+            high.append(est.ci_high)
+        else:
+            low.append(min(values))
+            high.append(max(values))
+    single = len(runs) < 2
+    return xs, mean, None if single else low, None if single else high
+
+
+def left_out_note(groups: list[Group], include_unfinished: bool, drawn: str = "dotted, ") -> str | None:
+    """The runs not in any mean, for a line under the figure."""
+    if include_unfinished:
+        return None
+    out = [f"{r.name} ({r.status} at step {r.steps_done}/{(r.config.get('train') or {}).get('steps')})"
+           for g in groups for r in g.runs if r.status != "finished"]
+    if not out:
+        return None
+    shown = out if len(out) <= 6 else out[:6] + [f"and {len(out) - 6} more"]
+    return f"{drawn}left out of the means (did not finish): " + ", ".join(shown)
+
+
+def _legend(fig, handles, labels, note: str | None):
+    """The legend in a column right of the panels (readable with 20+ groups), the note below."""
+    cols = 1 if len(labels) <= 24 else 2
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, ncol=cols, frameon=False)
+    if note:
+        fig.text(0.01, -0.01, note, fontsize=8, va="top", wrap=True)
+
+
+def plot_losses(groups: list[Group], path: str, band: str = "minmax", include_unfinished: bool = False) -> str:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     panels = [
         (axes[0, 0], "val_loss", "step", "validation loss vs step"),
@@ -38,87 +104,169 @@ def plot_losses(runs: list[Run], path: str) -> str:
         (axes[1, 0], "val_loss", "elapsed_s", "validation loss vs training time (s)"),
         (axes[1, 1], "train_loss", "step", "training loss (EMA 0.9) vs step"),
     ]
-    labels = [run.label for run in runs]
-    # one distinct colour per run: the default cycle repeats after 10, tab20 after 20
-    palette = [f"C{i}" for i in range(10)] if len(runs) <= 10 else list(plt.get_cmap("tab20").colors)
-    for i, run in enumerate(runs):
-        color = palette[i % len(palette)]
-        label = run.label if labels.count(run.label) == 1 else run.name  # tell same-optimizer runs apart
+    colors = group_colors(len(groups))
+    handles, labels, finals = [], [], []
+    for i, group in enumerate(groups):
+        color, style = colors[i], "-" if i < 20 else "--"
+        used = group.included(include_unfinished)
+        n = len(used)
         for ax, y, x, _ in panels:
-            xs, ys = run.series(y, x)
-            if y == "train_loss":
-                ys = ema_smooth(ys)
-            ax.plot(xs, ys, color=color, label=label, marker="o" if y == "val_loss" and len(xs) < 30 else None,
-                    markersize=3)
+            if used:
+                xs, mean, low, high = mean_curve(used, y, x, band)
+                line, = ax.plot(xs, mean, color=color, linestyle=style, linewidth=1.6,
+                                marker="o" if y == "val_loss" and len(xs) < 30 else None, markersize=3)
+                if low is not None:
+                    ax.fill_between(xs, low, high, color=color, alpha=0.18, linewidth=0)
+                if ax is axes[0, 0]:
+                    handles.append(line)
+                    labels.append(f"{group.label} (n={n})")
+                    if mean:
+                        finals.append(mean[-1])
+            for run in group.runs:
+                if run in used:
+                    continue
+                curve = run_curve(run, y, x)
+                if curve:
+                    pts = [curve[s] for s in sorted(curve)]
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, linestyle=":", linewidth=0.9)
+                    ax.plot([pts[-1][0]], [pts[-1][1]], "x", color=color, markersize=5)
     for ax, _, x, title in panels:
         ax.set_title(title)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
-    # start the y axis near the interesting part: the first evaluation dwarfs the rest
-    finals = [r.series("val_loss")[1][-1] for r in runs if r.series("val_loss")[1]]
+    # zoom on where the groups differ: the first evaluations (~ln(vocab) = 10.8) dwarf the rest
     if finals:
-        for ax, y, _, _ in panels:
-            ax.set_ylim(min(finals) - 0.3, max(finals) + 2.0)
-    axes[0, 0].legend(fontsize=8)
+        spread = max(finals) - min(finals)
+        for ax, _, _, _ in panels:
+            ax.set_ylim(min(finals) - max(0.1, 0.3 * spread), max(finals) + max(0.6, 3 * spread))
+    what = "min-max over seeds" if band == "minmax" else "95% CI of the mean over seeds"
+    fig.suptitle(f"mean over seeds per group; band: {what}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _legend(fig, handles, labels, left_out_note(groups, include_unfinished))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def plot_ranks(runs: list[Run], path: str) -> str | None:
+def differing_keys(groups: list[Group]) -> list[str]:
+    """Config keys (last part) whose values differ between the groups: what a choice among them chose."""
+    flat = [grouping_entries(g.first.config) for g in groups]
+    keys = set().union(*flat)
+    return sorted({k.rsplit(".", 1)[-1] for k in keys if len({repr(f.get(k)) for f in flat}) > 1})
+
+
+def select_points(groups: list[Group], include_unfinished: bool) -> tuple[dict, set]:
+    """{(optimizer, rank): group} and the config keys a choice was made over (empty when every point
+    had one group). Of several groups at one point, those with the most seeds compete (a tuned lr
+    rerun with N seeds, not a single-seed tuning run that was lucky) and the lowest mean final val
+    loss wins."""
+    by_point: dict[tuple, list[Group]] = {}
+    for g in groups:
+        if g.per_seed("final_val_loss", include_unfinished):
+            by_point.setdefault((g.optimizer, g.rank), []).append(g)
+    chosen, chosen_over = {}, set()
+    for point, candidates in by_point.items():
+        values = [list(g.per_seed("final_val_loss", include_unfinished).values()) for g in candidates]
+        most = max(len(v) for v in values)
+        means = [estimate(v).mean if len(v) == most else float("inf") for v in values]
+        chosen[point] = candidates[means.index(min(means))]
+        if len(candidates) > 1:
+            chosen_over.update(differing_keys(candidates))
+    return chosen, chosen_over
+
+
+def plot_ranks(groups: list[Group], path: str, include_unfinished: bool = False) -> str | None:
     """Final val loss, peak memory and optimizer-state memory vs rank, one series per optimizer;
-    optimizers without a rank (AdamW, Muon, ...) are drawn as horizontal reference lines. Where a
-    sweep has several runs per optimizer and rank (a learning-rate grid), the one with the lowest
-    final val loss stands for them in every panel."""
-    if not any(r.rank is not None for r in runs):
+    optimizers without a rank (AdamW, Muon, ...) are horizontal lines with a shaded CI band."""
+    if not any(g.rank is not None for g in groups):
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    chosen, chosen_over = select_points(groups, include_unfinished)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     fields = [("final_val_loss", "final val loss"), ("peak_mem_bytes", "peak memory (MiB)"),
               ("opt_state_bytes_hidden", "hidden-matrix optimizer state (MiB)")]
-    best: dict[tuple, Run] = {}
-    for run in runs:
-        if run.summary and run.summary.get("final_val_loss") is not None:
-            key = (run.optimizer, run.rank)
-            if key not in best or run.summary["final_val_loss"] < best[key].summary["final_val_loss"]:
-                best[key] = run
-    by_opt: dict[str, list[Run]] = {}
-    for (opt, _), run in best.items():
-        by_opt.setdefault(opt, []).append(run)
-    for i, (opt, group) in enumerate(sorted(by_opt.items())):
+    optimizers = sorted({opt for opt, _ in chosen})
+    seeds_n = set()
+    for i, opt in enumerate(optimizers):
         color = f"C{i % 10}"
-        for ax, (key, title) in zip(axes, fields):
-            scale = 1 if key == "final_val_loss" else 2**20
-            ranked = sorted((r for r in group if r.rank is not None and r.summary.get(key) is not None), key=lambda r: r.rank)
+        points = sorted(((rank, g) for (o, rank), g in chosen.items() if o == opt), key=lambda p: (p[0] is None, p[0] or 0))
+        for ax, (key, _) in zip(axes, fields):
+            stats = []
+            for rank, g in points:
+                used = g.included(include_unfinished)
+                if key == "final_val_loss":
+                    values = list(g.per_seed(key, include_unfinished).values())
+                else:
+                    values = [r.summary[key] / 2**20 for r in used if r.summary and r.summary.get(key) is not None]
+                if values:
+                    stats.append((rank, estimate(values), values))
+                    if key == "final_val_loss":
+                        seeds_n.add(len(values))
+            ranked = [s for s in stats if s[0] is not None]
             if ranked:
-                ax.plot([r.rank for r in ranked], [r.summary[key] / scale for r in ranked], "o-", color=color, label=opt)
-            else:
-                vals = [r.summary[key] / scale for r in group if r.summary.get(key) is not None]
-                if vals:
-                    ax.axhline(vals[0], color=color, linestyle="--", label=opt)
-    several = len(best) < sum(1 for r in runs if r.summary)
-    for ax, (_, title) in zip(axes, fields):
-        ax.set_title(title + (" (best lr per point)" if several else ""))
+                xs = [s[0] for s in ranked]
+                ys = [s[1].mean for s in ranked]
+                if key == "final_val_loss":  # the 95% CI of the mean over seeds
+                    err = [[(s[1].mean - s[1].ci_low) if s[1].ci_low is not None else 0 for s in ranked],
+                           [(s[1].ci_high - s[1].mean) if s[1].ci_high is not None else 0 for s in ranked]]
+                else:  # memory: min-max over seeds
+                    err = [[s[1].mean - min(s[2]) for s in ranked], [max(s[2]) - s[1].mean for s in ranked]]
+                ax.errorbar(xs, ys, yerr=err, fmt="o-", color=color, capsize=4, label=opt)
+            for rank, est, values in (s for s in stats if s[0] is None):
+                ax.axhline(est.mean, color=color, linestyle="--", label=opt)
+                if key == "final_val_loss" and est.ci_low is not None:
+                    ax.axhspan(est.ci_low, est.ci_high, color=color, alpha=0.12, linewidth=0)
+    n_text = f"n={min(seeds_n)}" if len(seeds_n) == 1 else f"n={min(seeds_n)}-{max(seeds_n)}" if seeds_n else ""
+    loss_title = f"final val loss, mean and 95% CI over seeds ({n_text})"
+    if chosen_over:
+        what = "lr" if chosen_over == {"lr"} else "config (" + ", ".join(sorted(chosen_over)) + ")"
+        loss_title += f"\nbest {what} per point: lowest mean of those with the most seeds"
+    titles = [loss_title, "peak memory (MiB), mean and min-max over seeds", "hidden-matrix optimizer state (MiB)"]
+    ranks = sorted({rank for _, rank in chosen if rank is not None})
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("rank")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    note = left_out_note(list(chosen.values()), include_unfinished, drawn="")
+    if note:
+        fig.text(0.01, -0.01, note, fontsize=8, va="top", wrap=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run folders or folders of runs (a sweep)")
     p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--band", choices=("minmax", "ci"), default="minmax",
+                   help="loss.png's band over seeds: min-max (default) or the 95%% CI of the mean")
+    p.add_argument("--min-seeds", type=int, default=0, metavar="N",
+                   help="only groups with at least N finished seeds, e.g. 2 leaves out single-seed tuning runs "
+                        "(default: every group)")
+    p.add_argument("--include-unfinished", action="store_true",
+                   help="count runs that did not finish in the means, with what they logged")
     args = p.parse_args(argv)
+    if args.min_seeds < 0:
+        print(f"error: --min-seeds must be >= 0, got {args.min_seeds}", file=sys.stderr)
+        return 2
     runs = find_runs_or_report(args.paths)
     if runs is None:
         return 2
+    groups = select_groups(runs, args.min_seeds, args.include_unfinished)
+    if not groups:
+        print(f"error: no group has {args.min_seeds} or more finished seeds (--min-seeds {args.min_seeds})",
+              file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
-    written = [plot_losses(runs, os.path.join(args.out, "loss.png")), plot_ranks(runs, os.path.join(args.out, "ranks.png"))]
+    written = [plot_losses(groups, os.path.join(args.out, "loss.png"), args.band, args.include_unfinished),
+               plot_ranks(groups, os.path.join(args.out, "ranks.png"), args.include_unfinished)]
     for path in filter(None, written):
         print(f"wrote {path}")
     return 0

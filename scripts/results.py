@@ -1,11 +1,20 @@
-"""Reading run folders: the one place that knows the layout of results/RUN.
+"""Reading run folders: the one place that knows the layout of results/RUN, and how runs form
+groups (runs whose configs differ only in train.seed).
+
+    python -m scripts.results results/cpu-ranks     # one line per run: group, seed, status, steps, losses
 
 Used by scripts/plot.py, scripts/summarize.py and scripts/sweep.py.
 """
 
+import argparse
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass, field
+
+if not __package__:  # python scripts/NAME.py: this checkout's modules first, not another install's
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -36,6 +45,14 @@ class Run:
         """Legend text: optimizer, plus the rank for low-rank optimizers."""
         return self.optimizer if self.rank is None else f"{self.optimizer} r={self.rank}"
 
+    @property
+    def seed(self):
+        return (self.config.get("train") or {}).get("seed")
+
+    @property
+    def lr(self):
+        return (self.config.get("optimizer") or {}).get("lr")
+
     def series(self, y: str, x: str = "step") -> tuple[list, list]:
         rows = [m for m in self.metrics if y in m and x in m and m[y] is not None]
         return [m[x] for m in rows], [m[y] for m in rows]
@@ -44,6 +61,37 @@ class Run:
     def finished(self) -> bool:
         return (self.summary is not None and self.summary.get("status", "finished") == "finished"
                 and self.summary.get("steps") == self.config.get("train", {}).get("steps"))
+
+    @property
+    def status(self) -> str:
+        """finished; stopped or failed (summary.json says so); running (a live launcher or its
+        workers hold the folder); unfinished (no summary, or one with fewer steps than the config)."""
+        if self.finished:
+            return "finished"
+        if self.summary is not None and self.summary.get("status") in ("stopped", "failed"):
+            return self.summary["status"]
+        import runlock
+
+        return "running" if runlock.holder(self.path) else "unfinished"
+
+    @property
+    def steps_done(self) -> int:
+        return max((m["step"] for m in self.metrics if isinstance(m.get("step"), int)), default=0)
+
+    @property
+    def final_val_loss(self):
+        """summary.json's for a finished run, else the last val loss the run logged (or None)."""
+        if self.finished and self.summary.get("final_val_loss") is not None:
+            return self.summary["final_val_loss"]
+        vals = self.series("val_loss")[1]
+        return vals[-1] if vals else None
+
+    @property
+    def best_val_loss(self):
+        if self.finished and self.summary.get("best_val_loss") is not None:
+            return self.summary["best_val_loss"]
+        vals = self.series("val_loss")[1]
+        return min(vals) if vals else None
 
 
 class RunReadError(FileNotFoundError):
@@ -117,3 +165,145 @@ def find_runs_or_report(paths: list[str]) -> list[Run] | None:
         print(f"error: no runs found under {', '.join(paths)}", file=sys.stderr)
         return None
     return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups: runs that differ only in their seed
+
+# Config entries that never change what a run computes: a run's name and seed, logging, and when
+# checkpoints are written. Runs whose configs agree on everything else form a group.
+NOT_GROUPING = ("name", "train.seed", "train.ckpt_every", "train.keep_checkpoints", "train.debug_crash_at_step",
+                "logging")
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{'train.steps': 300, 'optimizer.group_params.rank': 8, ...}"""
+    out = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def grouping_entries(config: dict) -> dict:
+    """What a run computes, seed aside: its flattened config without the NOT_GROUPING entries."""
+    return {k: v for k, v in flatten(config).items()
+            if not any(k == skip or k.startswith(skip + ".") for skip in NOT_GROUPING)}
+
+
+def group_key(config: dict) -> str:
+    return json.dumps(grouping_entries(config), sort_keys=True)
+
+
+@dataclass
+class Group:
+    """Runs of one config over seeds. `name` is the runs' common name without its seed part
+    (mfsgd-rank8-lr0.02 for mfsgd-rank8-lr0.02-seed0, -seed1, ...); `label` says what the group
+    is: optimizer, rank, lr and any other key that tells it from groups of the same optimizer."""
+
+    name: str
+    label: str
+    runs: list[Run]
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def optimizer(self) -> str:
+        return self.first.optimizer
+
+    @property
+    def rank(self):
+        return self.first.rank
+
+    @property
+    def lr(self):
+        return self.first.lr
+
+    def included(self, include_unfinished: bool = False) -> list[Run]:
+        """The runs that enter the group's statistics: finished ones, or (on request) every run
+        that logged a value."""
+        return [r for r in self.runs if r.status == "finished" or include_unfinished]
+
+    def per_seed(self, metric: str, include_unfinished: bool = False) -> dict:
+        """seed -> the metric (final_val_loss, best_val_loss) of the included runs; two runs of one
+        seed (the same init and data order: repeats, not independent samples) count once, averaged."""
+        values: dict = {}
+        for run in self.included(include_unfinished):
+            value = getattr(run, metric)
+            if value is not None:
+                values.setdefault(run.seed, []).append(value)
+        return {seed: sum(v) / len(v) for seed, v in values.items()}
+
+
+def strip_seed(name: str, seed) -> str:
+    """A run name without its seed part: 'x-lr0.02-seed1' -> 'x-lr0.02' (sweep names say the seed
+    as seedN)."""
+    return re.sub(rf"(^|-)seed{re.escape(str(seed))}(?=-|$)", "", name).strip("-") if seed is not None else name
+
+
+def _value_text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs that differ only in their seed (and name, logging, checkpointing), as groups, in the
+    order of their first run; each group's runs sorted by seed."""
+    by_key: dict[str, list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(group_key(run.config), []).append(run)
+    members = [sorted(rs, key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, int) else 0, r.name))
+               for rs in by_key.values()]
+    # labels: optimizer, rank, lr, then every other key that differs between groups of one optimizer
+    flat = [grouping_entries(rs[0].config) for rs in members]
+    shown = {"optimizer_name", "optimizer.lr", "optimizer.rank", "optimizer.group_params.rank"}
+    groups, names = [], set()
+    for i, rs in enumerate(members):
+        same_opt = [f for f, other in zip(flat, members) if other[0].optimizer == rs[0].optimizer]
+        extra = sorted(k for k in flat[i] if k not in shown and any(f.get(k) != flat[i][k] for f in same_opt))
+        run = rs[0]
+        label = run.label + (f" lr {_value_text(run.lr)}" if run.lr is not None else "")
+        label += "".join(f" {k.rsplit('.', 1)[-1]}={_value_text(flat[i][k])}" for k in extra)
+        stripped = {strip_seed(r.name, r.seed) for r in rs}
+        name = stripped.pop() if len(stripped) == 1 else label.replace(" r=", "-rank").replace(" lr ", "-lr").replace(" ", "-")
+        base, k = name, 2
+        while name in names:  # different configs whose runs strip to one name
+            name, k = f"{base}#{k}", k + 1
+        names.add(name)
+        groups.append(Group(name=name, label=label, runs=rs))
+    return groups
+
+
+def select_groups(runs: list[Run], min_seeds: int = 0, include_unfinished: bool = False) -> list[Group]:
+    """The groups of `runs` with at least `min_seeds` seeds in their statistics (0: every group, also
+    one whose runs all did not finish), sorted by optimizer, rank, lr and name."""
+    groups = [g for g in group_runs(runs) if len(g.per_seed("final_val_loss", include_unfinished)) >= min_seeds]
+    return sorted(groups, key=lambda g: (g.optimizer, g.rank or 0, g.lr or 0, g.name))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description="List the runs under results folders, one line each: the group they belong to (runs whose "
+                    "configs differ only in train.seed), seed, status (finished, stopped, failed, running, "
+                    "unfinished), steps done of the configured steps, final and best val loss. "
+                    "scripts/summarize.py aggregates the groups; scripts/plot.py draws them.")
+    p.add_argument("paths", nargs="+", help="run folders, or folders of runs (a sweep's results folder)")
+    args = p.parse_args(argv)
+    runs = find_runs_or_report(args.paths)
+    if runs is None:
+        return 2
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for group in group_runs(runs):
+        for run in group.runs:
+            steps = (run.config.get("train") or {}).get("steps")
+            print(f"{group.name}\tseed {run.seed}\t{run.status}\t{run.steps_done}/{steps} steps\t"
+                  f"final {fmt(run.final_val_loss)}\tbest {fmt(run.best_val_loss)}\t{run.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,9 @@
-"""Run a grid of training runs (optimizers x ranks x learning rates x seeds x any config key).
+"""Run a sweep: a grid of training runs (optimizers x ranks x learning rates x seeds x any config
+key), optionally tuning each entry's learning rate first and then rerunning the best one with
+several seeds.
 
-    python -m scripts.sweep sweeps/cpu-ranks.yaml            # run them, one after another
-    python -m scripts.sweep sweeps/paper-ranks.yaml --dry-run # print the run.py commands
+    python -m scripts.sweep sweeps/cpu-ranks.yaml             # run them, one after another
+    python -m scripts.sweep sweeps/paper-ranks.yaml --dry-run  # print the run.py commands
 
 A sweep file:
     name: cpu-ranks            # runs go to results/cpu-ranks/RUN
@@ -11,44 +13,85 @@ A sweep file:
     runs:
       - optimizer: adamw
       - optimizer: mfsgd
-        config: {lr: 0.05}     # overrides for this entry (optional)
+        config: {eta1: 0.5}    # overrides for this entry (optional)
         grid: {rank: [8, 16], lr: [0.02, 0.05], train.seed: [0, 1]}
+      - optimizer: galore      # tune, then compare: see "Learning-rate tuning" below
+        grid: {group_params.rank: [8, 32]}
+        lr: {tune: [0.004, 0.008, 0.016], extend: 2, seeds: [0, 1, 2]}
 
 A grid key is an optimizer key (rank, lr, ...), a dotted key into a section (train.seed) or into
-a nested optimizer key (group_params.rank). Each entry expands to the product of its grid.
-Run names say the optimizer and each grid value: mfsgd-rank16-lr0.05.
+a nested optimizer key (group_params.rank). Each entry expands to the product of its grid. Run
+names say the optimizer (or the entry's `name`) and each grid value: mfsgd-rank16-lr0.05-seed0.
+Every run's config is validated (keys, types, values) before anything runs, also with --dry-run.
+
+Learning-rate tuning (an entry's `lr` mapping), for each combination of the entry's grid:
+    tune: [lr, ...]   the grid, tried with one seed (tune_seed); at least two values
+    extend: 2         while the best lr is the smallest or largest tried, try the edge / 2 (or x 2)
+                      next (default 2); up to max_extend extra lrs (default 3), then the best is
+                      used as it is, with a warning that it is still at an edge
+    seeds: [0, 1, 2]  then the best lr runs with each of these seeds
+    tune_seed: 0      the seed of the tuning runs (default: the first of seeds); its run at the
+                      best lr is one of the seeds' runs when tune_seed is in seeds (it was picked
+                      as the best on that seed, a small bias in its favour: give a tune_seed
+                      outside seeds to compare on fresh seeds only)
+"Best" is the lowest final val loss; a run stopped by the NaN/Inf guard counts as diverged (worst).
+Runs are named BASE-lrLR-seedS, so the seeds of the chosen lr form one group in summarize.py and
+plot.py. The chosen lrs, with every lr tried and its loss, go to RESULTS/NAME/tuning.json; the
+sweep file itself is copied to RESULTS/NAME/sweep.yaml.
 
 Resumable: a finished run (summary.json present) is skipped; an unfinished one with a checkpoint
 is resumed; one without a checkpoint is started again from scratch (run.py --restart-broken, which
 re-checks that under the run folder's lock). A run another process owns (a live launcher or its
-workers hold the folder's lock) is skipped, never overwritten. Never mixed silently.
+workers hold the folder's lock) is skipped, never overwritten. Never mixed silently. Tuning
+decisions are re-derived from the finished runs, so a stopped sweep resumes where it was.
 
 Top-level keys other than name, launch, preset, config and runs are errors; `name` and run names
-are single folder names. Outcomes: ok, stopped (a graceful stop: SIGTERM/SIGINT to the sweep or the
-run; the sweep ends there, exit 75), failed, or skipped; the exit code is 1 if any run failed.
+are single folder names. Outcomes: ok, stopped (a graceful stop: SIGTERM/SIGINT (Ctrl-C) to the
+sweep or the run; the run in progress writes a checkpoint, the sweep ends there with one line
+saying so, exit 75; rerun the same command to resume), failed, or skipped; the exit code is 1 if
+any run failed or was skipped.
 """
 
-import argparse
-import copy
-import itertools
-import json
-import os
 import signal
-import subprocess
 import sys
-import time
+
+# A Ctrl-C while the imports below run (torch takes seconds) is a stop like any other, not a
+# KeyboardInterrupt traceback: recorded here, acted on by main().
+EARLY_STOPS: list[int] = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_sig, lambda signum, frame: EARLY_STOPS.append(signum))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import difflib  # noqa: E402
+import io  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # `python scripts/sweep.py`: this checkout's modules, whatever the env's .pth names
+if not __package__ and sys.path[:1] != [ROOT]:  # python scripts/sweep.py: this checkout's modules, not another's
+    sys.path.insert(0, ROOT)
 
-import runlock
-from configs import NAME, ConfigError, read_json_file, read_text, safe_yaml
-from outcome import EXIT_STOPPED
+import run as launcher  # noqa: E402
+import runlock  # noqa: E402
+from configs import NAME, ConfigError, read_json_file, read_text, resolve_config, safe_yaml  # noqa: E402
+from outcome import EXIT_STOPPED  # noqa: E402
 
 TOP_KEYS = ("name", "launch", "preset", "config", "runs")
+ENTRY_KEYS = ("optimizer", "config", "grid", "name", "lr")
+TUNE_KEYS = ("tune", "extend", "max_extend", "seeds", "tune_seed")
 # run.py arguments the sweep sets itself for every run
 RESERVED_ARGS = ("--name", "--resume", "--overwrite", "--restart-broken", "--results-dir", "--optimizer", "--config",
-                 "--preset", "--dry-run")
+                 "--preset", "--dry-run", "--drop-checkpoints")
+SWEEP_ENV = "MOFA_SWEEP"  # set for run.py: the sweep, not run.py, tells how to resume
 
 
 class SweepError(ValueError):
@@ -74,8 +117,74 @@ def format_value(value) -> str:
     return str(value).replace(" ", "")
 
 
-def expand(sweep: dict) -> list[dict]:
-    """The sweep's runs: [{name, optimizer, config, preset}], in file order."""
+def check_name(name: str, where: str) -> None:
+    if not NAME.fullmatch(name) or len(name) > 200:
+        raise SweepError(f"{where} would be named {name!r}: a run name is one folder name of letters, digits "
+                         "and . _ = , + -; give the entry a 'name' or change the grid values")
+
+
+def _unknown(key, valid, where: str) -> SweepError:
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return SweepError(f"{where} has unknown key {key!r}{hint}; valid: {', '.join(valid)}")
+
+
+@dataclass
+class TuneJob:
+    """One grid combination of an entry with an `lr` mapping: tune the lr with one seed, widen the
+    lr range while the best is at its edge, then run the best lr with every seed."""
+
+    base: str  # run names are BASE-lrLR-seedS
+    optimizer: str
+    config: dict  # overrides, without lr and train.seed
+    preset: str | None
+    grid: list[float]
+    seeds: list[int]
+    tune_seed: int
+    extend: float = 2.0
+    max_extend: int = 3
+
+    def run(self, lr: float, seed: int) -> dict:
+        config = copy.deepcopy(self.config)
+        config["lr"] = lr
+        set_dotted(config, "train.seed", seed)
+        return dict(name=f"{self.base}-lr{format_value(lr)}-seed{seed}", optimizer=self.optimizer, config=config,
+                    preset=self.preset)
+
+
+def tune_spec(value, where: str) -> dict:
+    """An entry's `lr` mapping, checked: {tune, extend, max_extend, seeds, tune_seed}."""
+    if not isinstance(value, dict):
+        raise SweepError(f"{where} must be a mapping {{tune: [lr, ...], extend: 2, seeds: [0, 1, 2]}}; a fixed lr goes "
+                         "in the entry's config or grid")
+    for key in value:
+        if key not in TUNE_KEYS:
+            raise _unknown(key, TUNE_KEYS, where)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    tune = value.get("tune")
+    if not isinstance(tune, list) or len(set(tune)) < 2 or not all(number(v) and v > 0 for v in tune):
+        raise SweepError(f"{where}.tune must be a list of at least two different learning rates > 0, got {tune!r:.80}")
+    seeds = value.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(integer(s) and s >= 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise SweepError(f"{where}.seeds must be a non-empty list of different integers >= 0, got {seeds!r:.80}")
+    extend = value.get("extend", 2)
+    if not number(extend) or extend <= 1:
+        raise SweepError(f"{where}.extend must be a number > 1 (the factor past the edge lr), got {extend!r}")
+    max_extend = value.get("max_extend", 3)
+    if not integer(max_extend) or not 0 <= max_extend <= 20:
+        raise SweepError(f"{where}.max_extend must be an integer in 0..20, got {max_extend!r}")
+    tune_seed = value.get("tune_seed", seeds[0])
+    if not integer(tune_seed) or tune_seed < 0:
+        raise SweepError(f"{where}.tune_seed must be an integer >= 0, got {tune_seed!r}")
+    return dict(grid=sorted({float(v) for v in tune}), extend=float(extend), max_extend=max_extend, seeds=seeds,
+                tune_seed=tune_seed)
+
+
+def expand(sweep: dict) -> list:
+    """The sweep's jobs in file order: a run {name, optimizer, config, preset} for each grid point of
+    a plain entry, a TuneJob for each grid point of an entry with an `lr` mapping."""
     if not isinstance(sweep.get("runs"), list) or not sweep["runs"]:
         raise SweepError("a sweep file needs a non-empty list 'runs'")
     common = sweep.get("config") or {}
@@ -84,45 +193,145 @@ def expand(sweep: dict) -> list[dict]:
     preset = sweep.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise SweepError(f"preset must be a preset name, got {type(preset).__name__}")
-    runs, names = [], set()
+    jobs, names = [], set()
+
+    def claim_name(name: str, where: str) -> None:
+        check_name(name, where)
+        if name in names:
+            raise SweepError(f"two runs of the sweep would be named {name!r}; give an entry a 'name'")
+        names.add(name)
+
     for i, entry in enumerate(sweep["runs"]):
+        where = f"runs[{i}]"
         if not isinstance(entry, dict) or "optimizer" not in entry:
-            raise SweepError(f"runs[{i}] needs an 'optimizer' key")
-        unknown = set(entry) - {"optimizer", "config", "grid", "name"}
-        if unknown:
-            raise SweepError(f"runs[{i}] has unknown key {sorted(unknown, key=str)[0]!r}; valid: optimizer, config, grid, name")
+            raise SweepError(f"{where} needs an 'optimizer' key")
+        for key in entry:
+            if key not in ENTRY_KEYS:
+                raise _unknown(key, ENTRY_KEYS, where)
         if not isinstance(entry["optimizer"], str):
-            raise SweepError(f"runs[{i}].optimizer must be an optimizer name, got {type(entry['optimizer']).__name__}")
+            raise SweepError(f"{where}.optimizer must be an optimizer name, got {type(entry['optimizer']).__name__}")
         if "name" in entry and not isinstance(entry["name"], str):
-            raise SweepError(f"runs[{i}].name must be a string, got {type(entry['name']).__name__}")
+            raise SweepError(f"{where}.name must be a string, got {type(entry['name']).__name__}")
         for key in ("config", "grid"):
             if entry.get(key) is not None and not isinstance(entry[key], dict):
-                raise SweepError(f"runs[{i}].{key} must be a mapping, got {type(entry[key]).__name__}")
+                raise SweepError(f"{where}.{key} must be a mapping, got {type(entry[key]).__name__}")
         grid = entry.get("grid") or {}
         for key, values in grid.items():
             if not isinstance(key, str):
-                raise SweepError(f"runs[{i}].grid key {key!r} must be a string")
+                raise SweepError(f"{where}.grid key {key!r} must be a string")
             if not isinstance(values, list) or not values:
-                raise SweepError(f"runs[{i}].grid.{key} must be a non-empty list")
+                raise SweepError(f"{where}.grid.{key} must be a non-empty list")
+        tuning = tune_spec(entry["lr"], f"{where}.lr") if "lr" in entry else None
+        if tuning:
+            clash = [k for k in grid if k in ("lr", "optimizer.lr", "train.seed")] + \
+                [k for k in (entry.get("config") or {}) if k in ("lr", "optimizer")]
+            if clash:
+                raise SweepError(f"{where} tunes lr over seeds: remove {clash[0]!r} from its grid/config (the tuning sets "
+                                 "lr and train.seed)")
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
             overrides = copy.deepcopy(common)
             for key, value in (entry.get("config") or {}).items():
                 if not isinstance(key, str):
-                    raise SweepError(f"runs[{i}].config key {key!r} must be a string")
+                    raise SweepError(f"{where}.config key {key!r} must be a string")
                 set_dotted(overrides, key, copy.deepcopy(value))
             for key, value in zip(keys, combo):
                 set_dotted(overrides, key, value)
             base = entry.get("name", entry["optimizer"])
             name = "-".join([base] + [f"{k.split('.')[-1]}{format_value(v)}" for k, v in zip(keys, combo)])
-            if not NAME.fullmatch(name) or len(name) > 200:
-                raise SweepError(f"runs[{i}] would be named {name!r}: a run name is one folder name of letters, digits "
-                                 "and . _ = , + -; give the entry a 'name' or change the grid values")
-            if name in names:
-                raise SweepError(f"two runs of the sweep would be named {name!r}; give an entry a 'name'")
-            names.add(name)
-            runs.append(dict(name=name, optimizer=entry["optimizer"], config=overrides, preset=preset))
-    return runs
+            if tuning is None:
+                claim_name(name, where)
+                jobs.append(dict(name=name, optimizer=entry["optimizer"], config=overrides, preset=preset))
+                continue
+            overrides.pop("lr", None)  # the tuning sets these per run
+            if isinstance(overrides.get("train"), dict):
+                overrides["train"].pop("seed", None)
+            job = TuneJob(base=name, optimizer=entry["optimizer"], config=overrides, preset=preset, **tuning)
+            for run in [job.run(lr, job.tune_seed) for lr in job.grid] + [job.run(job.grid[0], s) for s in job.seeds]:
+                check_name(run["name"], where)
+            if any(isinstance(j, TuneJob) and j.base == name for j in jobs):
+                raise SweepError(f"two tuned entries of the sweep would be named {name!r}; give an entry a 'name'")
+            jobs.append(job)
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate tuning: each decision is a pure function of the finished tuning runs
+
+
+@dataclass
+class TuneState:
+    """Where a TuneJob stands: the lrs tried so far with their tune-seed losses (None: not run yet,
+    inf: diverged), the runs still needed, and the chosen lr once the tuning is done."""
+
+    tried: dict = field(default_factory=dict)  # lr -> loss or None
+    extensions: list = field(default_factory=list)
+    need: list = field(default_factory=list)  # lrs to run with the tune seed before deciding
+    chosen: float | None = None
+    at_edge: bool = False
+    failed: str | None = None  # set by the sweep: a tuning run failed (not by diverging) or was skipped
+
+
+def round_lr(lr: float) -> float:
+    """6 significant digits: 0.02 / 2 twice is 0.005, not 0.0049999999."""
+    return float(f"{lr:.6g}")
+
+
+def tune_state(job: TuneJob, loss_of) -> TuneState:
+    """Replays the tuning: `loss_of(lr)` is the tune seed's final val loss at lr (inf if it
+    diverged, None if it has not finished)."""
+    state = TuneState()
+    lrs = list(job.grid)
+    while True:
+        for lr in lrs:
+            if lr not in state.tried:
+                state.tried[lr] = loss_of(lr)
+        state.need = [lr for lr in lrs if state.tried[lr] is None]
+        if state.need:
+            return state
+        best = min(lrs, key=lambda lr: (state.tried[lr], lr))
+        edge = best == lrs[0] or best == lrs[-1]
+        if edge and len(state.extensions) < job.max_extend and math.isfinite(state.tried[best]):
+            new = round_lr(lrs[0] / job.extend if best == lrs[0] else lrs[-1] * job.extend)
+            state.extensions.append(new)
+            lrs = sorted(lrs + [new])
+            continue
+        state.chosen, state.at_edge = best, edge
+        return state
+
+
+def tune_record(job: TuneJob, state: TuneState) -> dict:
+    return {"optimizer": job.optimizer, "grid": job.grid, "extend": job.extend, "max_extend": job.max_extend,
+            "tune_seed": job.tune_seed, "seeds": job.seeds,
+            "tried": {format_value(lr): loss for lr, loss in sorted(state.tried.items())},
+            "extensions": state.extensions, "chosen_lr": state.chosen, "chosen_at_edge": state.at_edge,
+            "status": "failed" if state.failed else "chosen" if state.chosen is not None else "tuning"}
+
+
+def run_loss(run_dir: str):
+    """A tuning run's outcome: its final val loss when finished, inf when the NaN/Inf guard stopped
+    it (the lr diverged), None otherwise (not run yet, unfinished, or failed for another reason:
+    the sweep resumes or restarts it like any other run)."""
+    if run_state(run_dir) == "finished":
+        summary = read_json_file(os.path.join(run_dir, "summary.json"))
+        loss = summary.get("final_val_loss")
+        return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
+    summary = read_summary_if_any(run_dir)
+    if summary and summary.get("status") == "failed" and "non-finite" in str(summary.get("reason", "")):
+        return math.inf
+    return None
+
+
+def read_summary_if_any(run_dir: str) -> dict | None:
+    try:
+        path = os.path.join(run_dir, "summary.json")
+        return read_json_file(path) if os.path.exists(path) else None
+    except ConfigError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders and commands
 
 
 def run_holder(run_dir: str) -> str | None:
@@ -153,9 +362,10 @@ def run_state(run_dir: str) -> str:
     return "broken"
 
 
-def run_command(sweep: dict, run: dict, results_dir: str, state: str, overwrite: bool) -> list[str]:
+def run_command(sweep: dict, run: dict, results_dir: str, state: str, overwrite: bool,
+                drop_checkpoints: bool = False) -> list[str]:
     cmd = [sys.executable, os.path.join(ROOT, "run.py")] + [str(a) for a in sweep.get("launch") or []]
-    cmd += ["--results-dir", results_dir]
+    cmd += ["--results-dir", results_dir] + (["--drop-checkpoints"] if drop_checkpoints else [])
     if state == "resumable" and not overwrite:
         return cmd + ["--resume", run["name"]]
     cmd += ["--optimizer", run["optimizer"], "--name", run["name"], "--config", json.dumps(run["config"])]
@@ -180,7 +390,9 @@ def load_sweep(path: str) -> dict:
         raise SweepError(f"{path} must hold a mapping with keys {', '.join(TOP_KEYS)}")
     unknown = [k for k in sweep if k not in TOP_KEYS]
     if unknown:
-        raise SweepError(f"{path}: unknown key {str(unknown[0])!r}; valid keys: {', '.join(TOP_KEYS)}")
+        close = difflib.get_close_matches(str(unknown[0]), TOP_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SweepError(f"{path}: unknown key {str(unknown[0])!r}{hint}; valid keys: {', '.join(TOP_KEYS)}")
     name = sweep.get("name")
     if not name:
         raise SweepError(f"{path} needs a 'name' (the folder under results/)")
@@ -197,26 +409,85 @@ def load_sweep(path: str) -> dict:
     return sweep
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Run a sweep of training runs, one after another.")
+def launch_settings(launch_args: list) -> dict:
+    """The workers' layout the sweep's `launch` gives every run (world size, device), for checking
+    configs; what the machine has is run.py's to check when a run starts."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args, unknown = launcher.build_parser().parse_known_args([str(a) for a in launch_args])
+    except SystemExit:
+        raise SweepError(f"launch {launch_args} is not valid run.py arguments: "
+                         f"{(errors.getvalue().strip().splitlines() or ['?'])[-1]}") from None
+    if unknown:
+        raise SweepError(f"launch holds {unknown[0]!r}, which run.py does not take (python run.py --help)")
+    nproc = args.num_gpus or args.nproc or 1
+    device = "cuda" if args.num_gpus else "cpu"
+    return dict(nproc=nproc, nnodes=args.nnodes, world_size=nproc * args.nnodes, device=device,
+                backend="nccl" if device == "cuda" else "gloo", distributed=bool(args.distributed))
+
+
+def validate_configs(sweep: dict, jobs: list) -> None:
+    """Every run's config resolved and checked as run.py will (unknown keys, types, values), so a
+    typo in the last run stops the sweep before the first one starts."""
+    launch = launch_settings(sweep.get("launch") or [])
+    for job in jobs:
+        if isinstance(job, TuneJob):
+            runs = [job.run(lr, job.tune_seed) for lr in job.grid] + [job.run(job.grid[0], s) for s in job.seeds]
+        else:
+            runs = [job]
+        for run in runs:
+            try:
+                resolve_config(run["optimizer"], run["config"], preset=run["preset"], name=run["name"], launch=launch)
+            except ConfigError as e:
+                raise SweepError(f"run {run['name']}: {e}") from None
+
+
+def record_sweep_file(sweep_path: str, results_dir: str) -> None:
+    """A copy of the sweep file in the results folder: what produced these runs."""
+    from train_gpt import write_text_atomic
+
+    os.makedirs(results_dir, exist_ok=True)
+    write_text_atomic(os.path.join(results_dir, "sweep.yaml"), read_text(sweep_path, "sweep file"))
+
+
+def write_tuning(results_dir: str, tuning: dict) -> None:
+    from train_gpt import write_json
+
+    write_json(os.path.join(results_dir, "tuning.json"), tuning)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(description=doc[0].replace("\n", " "), epilog="\n\n".join(doc[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="a sweep YAML file (see sweeps/)")
     p.add_argument("--results-dir", default=os.path.join(ROOT, "results"), help="the sweep goes to RESULTS_DIR/NAME")
-    p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every run's config and print the commands the sweep would run now; run nothing")
     p.add_argument("--overwrite", action="store_true", help="redo finished runs too")
-    p.add_argument("--only", help="run only the runs whose name contains this text")
-    args = p.parse_args(argv)
+    p.add_argument("--only", help="run only the runs (and tuned entries) whose name contains this text")
+    p.add_argument("--drop-checkpoints", action="store_true",
+                   help="delete the checkpoints of every finished run (they can be large); unfinished runs keep theirs")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    stops = list(EARLY_STOPS) if argv is None else []
     try:
         sweep = load_sweep(args.sweep)
-        runs = expand(sweep)
+        jobs = expand(sweep)
+        if args.only:
+            jobs = [j for j in jobs if args.only in (j.base if isinstance(j, TuneJob) else j["name"])]
+        validate_configs(sweep, jobs)
     except SweepError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    if args.only:
-        runs = [r for r in runs if args.only in r["name"]]
     results_dir = os.path.join(args.results_dir, sweep["name"])
-    started, outcomes = time.time(), {}
-    done_times = []
-    stops, child = [], None
+    started, outcomes, done_times = time.time(), {}, []
+    child = None
+    rerun = "python -m scripts.sweep " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
     def on_signal(signum, frame):  # stop the sweep: the running run stops gracefully, no new one starts
         stops.append(signum)
@@ -226,64 +497,144 @@ def main(argv=None) -> int:
     if not args.dry_run:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
-    for i, run in enumerate(runs, 1):
-        if stops:
-            break
+        record_sweep_file(args.sweep, results_dir)
+    planned = sum(1 if not isinstance(j, TuneJob) else len(j.grid) + len(set(j.seeds) - {j.tune_seed}) for j in jobs)
+    counter = itertools.count(1)
+    redone = set()  # --overwrite: each run is redone once per invocation
+
+    def execute(run: dict) -> str:
+        """Runs (or, with --dry-run, prints) one run; its outcome: ok, stopped, failed, skipped, planned or
+        not started (a stop came first)."""
+        nonlocal child
+        i = next(counter)
+        tag = f"[{i}/{max(planned, i)}]"
         run_dir = os.path.join(results_dir, run["name"])
         state = run_state(run_dir)
+        overwrite = args.overwrite and run["name"] not in redone
         if state == "running":
             line = f"{run['name']}: in use by {run_holder(run_dir) or 'another process'}, skipped"
+            print(f"# {line}" if args.dry_run else f"{tag} {line}", file=sys.stdout if args.dry_run else sys.stderr,
+                  flush=True)
+            return "skipped"
+        if state == "finished" and not overwrite:
             if args.dry_run:
-                print(f"# {line}")
-            else:
-                outcomes[run["name"]] = "skipped"
-                print(f"[{i}/{len(runs)}] {line}", file=sys.stderr, flush=True)
-            continue
-        cmd = run_command(sweep, run, results_dir, state, args.overwrite)
+                print(f"# {run['name']}: finished, skipped")
+                return "ok"
+            dropped = args.drop_checkpoints and launcher.drop_checkpoints(run_dir)
+            print(f"{tag} {run['name']}: finished, skipped" + (" (checkpoints dropped)" if dropped else ""),
+                  file=sys.stderr, flush=True)
+            return "ok"
+        cmd = run_command(sweep, run, results_dir, state, overwrite, args.drop_checkpoints)
         if args.dry_run:
-            print(" ".join(_quote(c) for c in cmd))
-            continue
-        if state == "finished" and not args.overwrite:
-            print(f"[{i}/{len(runs)}] {run['name']}: finished, skipped", file=sys.stderr, flush=True)
-            outcomes[run["name"]] = "ok"
-            continue
+            print(" ".join(shlex.quote(c) for c in cmd))
+            return "planned"
+        if stops:
+            return "not started"
         eta = ""
         if done_times:
-            eta = f", ETA {sum(done_times) / len(done_times) * (len(runs) - i + 1) / 60:.1f} min"
-        print(f"[{i}/{len(runs)}] {run['name']}: {state}{eta}", file=sys.stderr, flush=True)
+            eta = f", ETA {sum(done_times) / len(done_times) * (max(planned, i) - i + 1) / 60:.1f} min"
+        print(f"{tag} {run['name']}: {state}{eta}", file=sys.stderr, flush=True)
+        redone.add(run["name"])
         t0 = time.time()
-        child = subprocess.Popen(cmd)
+        child = subprocess.Popen(cmd, env=dict(os.environ, **{SWEEP_ENV: "1"}))
+        if stops:  # a stop that came while it was being started: it never saw the signal
+            child.send_signal(signal.SIGTERM)
         rc = child.wait()
         child = None
         done_times.append(time.time() - t0)
         if rc == 0:
-            outcomes[run["name"]] = "ok"
-        elif rc == EXIT_STOPPED or (stops and rc != 0 and run_state(run_dir) == "resumable"):
-            outcomes[run["name"]] = "stopped"
-            print(f"[{i}/{len(runs)}] {run['name']}: stopped (resumable)", file=sys.stderr, flush=True)
+            return "ok"
+        if rc == EXIT_STOPPED or (stops and rc != 0):
+            return "stopped"
+        print(f"{tag} {run['name']}: FAILED (exit {rc})", file=sys.stderr, flush=True)
+        return "failed"
+
+    tuning, extensions = {}, {}
+    stopped_run = None
+
+    def tuning_loss(job: TuneJob, lr: float):
+        name = job.run(lr, job.tune_seed)["name"]
+        if args.overwrite and name not in redone:
+            return None  # to be redone by this invocation
+        return run_loss(os.path.join(results_dir, name))
+
+    def record(name: str, outcome: str) -> None:
+        nonlocal stopped_run
+        outcomes[name] = outcome
+        if outcome == "stopped":
+            stopped_run = name
+
+    for job in jobs:
+        if stops or stopped_run:
             break
-        else:
-            outcomes[run["name"]] = "failed"
-            print(f"[{i}/{len(runs)}] {run['name']}: FAILED (exit {rc})", file=sys.stderr, flush=True)
+        if not isinstance(job, TuneJob):
+            record(job["name"], execute(job))
+            continue
+        # tuning: run what the decision needs, one run at a time, and re-derive the decision
+        while True:
+            state = tune_state(job, lambda lr: tuning_loss(job, lr))
+            planned += len(state.extensions) - extensions.get(job.base, 0)
+            extensions[job.base] = len(state.extensions)
+            tuning[job.base] = tune_record(job, state)
+            if state.failed or not state.need or stops or stopped_run:
+                break
+            if args.dry_run:  # the commands the sweep would run now; what follows depends on their losses
+                for lr in state.need:
+                    execute(job.run(lr, job.tune_seed))
+                break
+            run = job.run(state.need[0], job.tune_seed)
+            outcome = execute(run)
+            if outcome == "failed" and run_loss(os.path.join(results_dir, run["name"])) == math.inf:
+                outcome = "diverged"  # the NaN/Inf guard stopped it: this lr is too large, the tuning goes on
+            record(run["name"], outcome)
+            if outcome in ("failed", "skipped"):
+                state.failed = f"{run['name']} {outcome}"
+                tuning[job.base] = tune_record(job, state)
+                break
+        if not args.dry_run:
+            write_tuning(results_dir, tuning)
+        if stops or stopped_run:
+            break
+        if state.failed:
+            print(f"{job.base}: the lr tuning stopped: {state.failed}", file=sys.stderr, flush=True)
+            continue
+        if state.chosen is None:  # --dry-run: the rest depends on losses not known yet
+            print(f"# {job.base}: then lrs past an edge (x{job.extend:g}, at most {job.max_extend} more) while the best "
+                  f"is at an edge, then the best lr with seeds {', '.join(map(str, job.seeds))}")
+            continue
+        note = f"{job.base}: lr {format_value(state.chosen)} chosen (tune seed {job.tune_seed}: " + \
+            ", ".join(f"lr {format_value(lr)} {loss:.4f}" for lr, loss in sorted(state.tried.items())) + ")"
+        if state.at_edge:
+            note += f"; warning: still at an edge of the lrs tried after {len(state.extensions)} extensions"
+        print(("# " if args.dry_run else "") + note, file=sys.stdout if args.dry_run else sys.stderr, flush=True)
+        for seed in job.seeds:
+            if stops or stopped_run:
+                break
+            if seed == job.tune_seed:  # that run is the tuning run at the chosen lr, finished already
+                continue
+            run = job.run(state.chosen, seed)
+            record(run["name"], execute(run))
     if args.dry_run:
         return 0
-    by = {k: [n for n, o in outcomes.items() if o == k] for k in ("ok", "stopped", "failed", "skipped")}
-    not_run = len(runs) - len(outcomes)
-    print(f"sweep {sweep['name']}: {len(by['ok'])}/{len(runs)} runs ok in {(time.time() - started) / 60:.1f} min"
-          + (f"; stopped: {', '.join(by['stopped'])}" if by["stopped"] else "")
+    by = {k: [n for n, o in outcomes.items() if o == k] for k in ("ok", "stopped", "failed", "skipped", "diverged")}
+    minutes = (time.time() - started) / 60
+    if stops or stopped_run:
+        not_started = [n for n, o in outcomes.items() if o == "not started"]
+        what = f"{not_started[0]} was not started" if not_started else "no run was in progress"
+        if stopped_run:
+            summary = read_summary_if_any(os.path.join(results_dir, stopped_run)) or {}
+            state = run_state(os.path.join(results_dir, stopped_run))
+            what = (f"{stopped_run} stopped at step {summary.get('steps')}, checkpoint written" if state == "resumable"
+                    else f"{stopped_run} stopped before it trained a step")
+        print(f"sweep {sweep['name']} interrupted after {minutes:.1f} min: {what}; {len(by['ok'])} of at least "
+              f"{planned} runs finished; rerun the same command to resume: {rerun}", file=sys.stderr, flush=True)
+        return 1 if by["failed"] or by["skipped"] else EXIT_STOPPED
+    print(f"sweep {sweep['name']}: {len(by['ok'])}/{len(outcomes)} runs ok in {minutes:.1f} min"
+          + (f"; diverged while tuning (counted as the worst lr): {', '.join(by['diverged'])}" if by["diverged"] else "")
           + (f"; failed: {', '.join(by['failed'])}" if by["failed"] else "")
-          + (f"; skipped (in use elsewhere): {', '.join(by['skipped'])}" if by["skipped"] else "")
-          + (f"; {not_run} not started (sweep stopped)" if not_run and (stops or by["stopped"]) else ""),
+          + (f"; skipped (in use elsewhere): {', '.join(by['skipped'])}" if by["skipped"] else ""),
           file=sys.stderr)
-    if by["failed"] or by["skipped"]:
-        return 1
-    return EXIT_STOPPED if (stops or by["stopped"]) else 0
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
+    return 1 if by["failed"] or by["skipped"] else 0
 
 
 if __name__ == "__main__":

@@ -79,3 +79,40 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo.extend(children.get(pid, []))
     return tree
+
+
+def write_run_folder(root, name, optimizer="adamw", lr=0.002, seed=0, rank=None, steps=10, final=5.0,
+                     status="finished", steps_done=None, val_every=5, peak_mib=600.0, tokens_per_s=1000.0):
+    """A run folder as the harness writes it (config.json, metrics.jsonl, summary.json), without
+    training: the val loss falls linearly from final + 1 to `final` over the run. `status`:
+    finished, stopped or failed (summary.json says so, at `steps_done`), or None (no summary)."""
+    run_dir = os.path.join(str(root), name)
+    os.makedirs(run_dir)
+    opt = {"lr": lr}
+    if rank is not None:
+        opt.update({"group_params": {"rank": rank}} if optimizer == "galore" else {"rank": rank})
+    config = {"name": name, "optimizer_name": optimizer, "optimizer": opt,
+              "model": {"arch": "gpt2", "preset": "cpu-tiny"}, "train": {"steps": steps, "seed": seed, "batch_size": 8},
+              "logging": {"progress": False}, "launch": {"nproc": 1, "nnodes": 1, "world_size": 1, "device": "cpu"}}
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    done = steps if steps_done is None else steps_done
+    rows = []
+    for step in range(done + 1):
+        row = {"step": step, "tokens": 256 * step, "elapsed_s": 0.5 * step}
+        if step:
+            row.update(train_loss=final + 1.1 - step / steps, step_ms=500.0)
+        if step % val_every == 0 or step == steps:
+            row["val_loss"] = final + 1 - step / steps
+        rows.append(row)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    if status is not None:
+        vals = [r["val_loss"] for r in rows if "val_loss" in r]
+        summary = {"name": name, "status": status, "optimizer": optimizer, "steps": done}
+        if status == "finished":
+            summary.update(final_val_loss=vals[-1], best_val_loss=min(vals), tokens_per_s=tokens_per_s,
+                           peak_mem_bytes=int(peak_mib * 2**20), opt_state_bytes_hidden=(rank or 64) * 2**12)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+    return run_dir

@@ -87,7 +87,7 @@ CASES = [
     ("JSON not an object", lambda e: ["--optimizer", "mfsgd", "--config", "[1, 2]"], "must be a JSON object"),
     ("missing config file", lambda e: ["--optimizer", "mfsgd", "--config", "@/nonexistent/cfg.json"], "--config file not found"),
     ("unknown top-level key", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, lrate=0.1)], "unknown config key 'optimizer.lrate'; valid keys: lr"),
-    ("unknown nested key", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, train__stepz=3)], "unknown config key 'train.stepz'; valid keys: steps"),
+    ("unknown nested key", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, train__stepz=3)], "unknown config key 'train.stepz' (did you mean train.steps?); valid keys: steps"),
     ("section not a mapping", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, train=3)], "train must be a mapping"),
     ("wrong type int", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, train__steps="many")], "train.steps must be an integer"),
     ("wrong type bool", lambda e: ["--optimizer", "mfsgd", "--config", tiny(e, nesterov=1)], "optimizer.nesterov must be true or false"),

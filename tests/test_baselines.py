@@ -208,8 +208,8 @@ def test_partial_group_params_override_keeps_the_yaml_values():
 @pytest.mark.parametrize(
     "name,overrides,needle",
     [
-        ("galore", {"group_params": {"rnk": 16}}, "unknown config key 'optimizer.group_params.rnk'; valid keys: rank"),
-        ("galore", {"rank": 16}, "unknown config key 'optimizer.rank'"),
+        ("galore", {"group_params": {"rnk": 16}}, "unknown config key 'optimizer.group_params.rnk' (did you mean optimizer.group_params.rank?); valid keys: rank"),
+        ("galore", {"rank": 16}, "unknown config key 'optimizer.rank' (did you mean optimizer.group_params.rank? write {\"group_params\": {\"rank\": ...}})"),
         ("galore", {"group_params": {"rank": 0}}, "optimizer.group_params.rank must be >= 1, got 0"),
         ("galore", {"group_params": {"update_proj_gap": 0}}, "optimizer.group_params.update_proj_gap must be >= 1"),
         ("galore", {"group_params": {"scale": 0}}, "optimizer.group_params.scale must be > 0"),

@@ -33,7 +33,7 @@ def test_deep_merge_and_split():
     "overrides,needle",
     [
         ({"lrr": 0.1}, "unknown config key 'optimizer.lrr'"),
-        ({"train": {"stepz": 3}}, "unknown config key 'train.stepz'; valid keys: steps"),
+        ({"train": {"stepz": 3}}, "unknown config key 'train.stepz' (did you mean train.steps?); valid keys: steps"),
         ({"train": {"steps": "ten"}}, "train.steps must be an integer"),
         ({"train": {"steps": 0}}, "train.steps must be > 0"),
         ({"lr": -1}, "optimizer.lr must be > 0"),

@@ -435,8 +435,9 @@ def test_sweep_records_a_graceful_stop_as_stopped(tmp_path, corpus, sig):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert "Traceback" not in err and "ChildFailedError" not in err
-    assert "adamw: stopped (resumable)" in err and "stopped: adamw" in err and "FAILED" not in err
-    assert "stopped by signal at step" in err and "resume with: python run.py --resume adamw" in err
+    last = err.strip().splitlines()[-1]  # one line: the sweep says what stopped and how to go on
+    assert last.startswith("sweep s interrupted after ") and "adamw stopped at step" in last and "FAILED" not in err
+    assert "checkpoint written" in last and "rerun the same command to resume: python -m scripts.sweep" in last
     assert json.loads((tmp_path / "results" / "s" / "adamw" / "summary.json").read_text())["status"] == "stopped"
     assert not (tmp_path / "results" / "s" / "mfsgd").exists()  # the sweep ended there
     assert sweep.run_state(str(tmp_path / "results" / "s" / "adamw")) == "resumable"
@@ -447,7 +448,7 @@ def test_sweep_records_a_graceful_stop_as_stopped(tmp_path, corpus, sig):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("name: s\nconfg: {train: {steps: 3}}\nruns: [{optimizer: adamw}]\n", "unknown key 'confg'; valid keys: name"),
+    ("name: s\nconfg: {train: {steps: 3}}\nruns: [{optimizer: adamw}]\n", "unknown key 'confg' (did you mean 'config'?); valid keys: name"),
     ("name: s\nlaunch: --nproc 1\nruns: [{optimizer: adamw}]\n", "launch must be a list of run.py arguments"),
     ("name: s\nlaunch: [--nproc, [1]]\nruns: [{optimizer: adamw}]\n", "launch must be a list of run.py arguments"),
     ("name: s\nlaunch: [--results-dir, /tmp]\nruns: [{optimizer: adamw}]\n", "launch may not hold --results-dir"),

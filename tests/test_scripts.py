@@ -104,7 +104,8 @@ def test_plot_and_summary_on_synthetic_runs(tmp_path):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
-    assert summarize.main([str(root), "--csv", str(tmp_path / "t.csv"), "--md", str(tmp_path / "t.md")]) == 0
+    assert summarize.main([str(root), "--format", "csv", "--table", "runs", "--out", str(tmp_path / "t.csv")]) == 0
+    assert summarize.main([str(root), "--out", str(tmp_path / "t.md")]) == 0
     rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "t.csv"))}
     assert set(rows) == {"adamw", "mfsgd-rank8", "mfsgd-rank16"}
     metrics = [json.loads(l) for l in open(root / "mfsgd-rank16" / "metrics.jsonl")]
@@ -117,7 +118,7 @@ def test_plot_and_summary_on_synthetic_runs(tmp_path):
     assert float(rows["mfsgd-rank16"]["first_step_ms"]) == 501.0
     assert float(rows["mfsgd-rank16"]["opt_state_mib_hidden"]) == pytest.approx(16 * 2**10 / 2**20)
     md = (tmp_path / "t.md").read_text()
-    assert md.startswith("| run | optimizer | rank |") and "mfsgd-rank8" in md
+    assert md.startswith("## Groups") and "| run | group | optimizer | rank |" in md and "mfsgd-rank8" in md
 
 
 def test_plot_errors_on_missing_folder(tmp_path, capsys):
