@@ -445,14 +445,14 @@ def validate_configs(sweep: dict, jobs: list) -> None:
 
 def record_sweep_file(sweep_path: str, results_dir: str) -> None:
     """A copy of the sweep file in the results folder: what produced these runs."""
-    from train_gpt import write_text_atomic
+    from fileio import write_text_atomic
 
     os.makedirs(results_dir, exist_ok=True)
     write_text_atomic(os.path.join(results_dir, "sweep.yaml"), read_text(sweep_path, "sweep file"))
 
 
 def write_tuning(results_dir: str, tuning: dict) -> None:
-    from train_gpt import write_json
+    from fileio import write_json
 
     write_json(os.path.join(results_dir, "tuning.json"), tuning)
 
