@@ -13,10 +13,9 @@ from optimizers import MoFaSGD, split_parameters
 STEPS, ACCUM, ROWS = 3, 2, 4  # ROWS sequences per micro-batch in all, split over the ranks
 
 CASES = {
-    "weight_svd": dict(rank=4),
     "zero init, ema, eta2 with the old projection": dict(rank=4, init="zero", momentum="ema", eta2=0.3,
                                                          use_current_projection=False),
-    "nesterov, eta2 with the current projection": dict(rank=4, nesterov=True, eta2=0.2),
+    "weight_svd init, nesterov, eta2 with the current projection": dict(rank=4, nesterov=True, eta2=0.2),
     "rank 12: m < 2r, the gathered thin Householder form": dict(rank=12),
 }
 HYPER = dict(lr=0.05, beta=0.9, eta1=0.25, max_value=5.0)
