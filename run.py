@@ -374,17 +374,21 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
 def node_config_matches(run_dir: str, cfg: RunConfig, args) -> bool:
     """Node ranks > 0: True if node 0 already wrote this very config (a shared filesystem); an error
     if it wrote another one (config.json is never rewritten from here without --overwrite)."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(run_dir, "config.json")):
         return False
-    try:
-        same = read_json_file(path) == json.loads(json.dumps(cfg.to_dict()))
-    except ConfigError:
-        same = False
+    same = holds_config(run_dir, cfg)
     if not same and not args.overwrite:
         raise LaunchError(f"run {cfg.name!r} already exists in {run_dir} with another config; every node needs "
                           f"node 0's arguments (or --resume {cfg.name} / --overwrite)")
     return same
+
+
+def holds_config(run_dir: str, cfg: RunConfig) -> bool:
+    """Whether run_dir/config.json is readable and is `cfg` (as written: through JSON)."""
+    try:
+        return read_json_file(os.path.join(run_dir, "config.json")) == json.loads(json.dumps(cfg.to_dict()))
+    except ConfigError:
+        return False
 
 
 def wait_for_node0_config(run_dir: str, cfg: RunConfig, args) -> bool:
@@ -405,12 +409,7 @@ def written_by_peer_node(run_dir: str, cfg: RunConfig) -> bool:
     """A folder holding nothing but another node's lock files and this very config.json: a node rank
     > 0 whose --node-wait ran out before this node started; node 0 takes it over as a new run."""
     entries = [e for e in os.listdir(run_dir) if not runlock.is_lock_file(e)]
-    if entries != ["config.json"]:
-        return False
-    try:
-        return read_json_file(os.path.join(run_dir, "config.json")) == json.loads(json.dumps(cfg.to_dict()))
-    except ConfigError:
-        return False
+    return entries == ["config.json"] and holds_config(run_dir, cfg)
 
 
 def write_config(run_dir: str, cfg: RunConfig) -> None:

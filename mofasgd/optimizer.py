@@ -56,6 +56,11 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
+try:  # FSDP2's parameters (mofasgd.row_sharded); absent from torch builds without distributed
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:
+    _DTensor = ()
+
 from mofasgd import hyperparameters
 from mofasgd.hyperparameters import Init, MemoryMode, Momentum, check_choice, needs_full_gradient
 
@@ -69,6 +74,7 @@ __all__ = [
     "spectral_scales",
     "orthogonal_complement_term",
     "assign_owners",
+    "apply_factor_step",
 ]
 
 _METHOD_CHOICES = ("auto", "cholesky", "householder")
@@ -378,6 +384,28 @@ def update_momentum_factors(U, S, V, GV, GtU, C, beta, momentum="sum", method="a
 # --------------------------------------------------------------------------------------------
 # The optimizer.
 # --------------------------------------------------------------------------------------------
+
+
+def apply_factor_step(W, G, U, S, V, group: dict, projection=None) -> None:
+    """Step 3 on W in place: W -= lr (eta1 U diag(d) V^T + eta2 (I - P_U) G (I - P_V)). The eta2
+    term projects with `projection` = (U_p, V_p, their sketches of G or None) when given, else with
+    U, V. W and G may be one rank's rows (mofasgd.row_sharded passes all-reduced sketches). fp32/fp64
+    weights take the update in place; lower-precision ones get it accumulated in the factors' dtype
+    and rounded once."""
+    lr, eta1, eta2 = group["lr"], group["eta1"], group["eta2"]
+    target = W if W.dtype == U.dtype else torch.zeros_like(W, dtype=U.dtype)
+    if eta1 != 0:
+        d = spectral_scales(S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
+        # U diag(d) V^T: scale whichever factor is smaller.
+        if U.shape[0] <= V.shape[0]:
+            target.addmm_(U * d, V.mT, alpha=-lr * eta1)
+        else:
+            target.addmm_(U, (V * d).mT, alpha=-lr * eta1)
+    if eta2 != 0:
+        U_p, V_p, sketches = projection or (U, V, None)
+        _add_orthogonal_complement_(target, G.to(U.dtype), U_p, V_p, -lr * eta2, sketches)
+    if target is not W:
+        W.add_(target)
 
 
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -808,28 +836,11 @@ class MoFaSGD(ShardedState, Optimizer):
     @staticmethod
     def _apply_step(p, group, update) -> None:
         """Step 3 for one parameter from its step factors (and, for the eta2 term with the
-        pre-update projection, the old factors). fp32/fp64 params take the update in place;
-        lower-precision params get it accumulated in the compute dtype and rounded once."""
-        U, S, V = update[:3]
-        lr, eta1, eta2 = group["lr"], group["eta1"], group["eta2"]
-        target = p if p.dtype == U.dtype else torch.zeros_like(p, dtype=U.dtype)
-        if eta1 != 0:
-            d = spectral_scales(S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
-            # U diag(d) V^T: scale whichever factor is smaller.
-            if U.shape[0] <= V.shape[0]:
-                target.addmm_(U * d, V.mT, alpha=-lr * eta1)
-            else:
-                target.addmm_(U, (V * d).mT, alpha=-lr * eta1)
-        if eta2 != 0:
-            G = p.grad.to(U.dtype)
-            if group["use_current_projection"]:
-                _add_orthogonal_complement_(target, G, U, V, -lr * eta2)
-            else:
-                U_old, V_old = update[3:5]
-                sketches = update[5] if len(update) > 5 else None  # sharded steps recompute them
-                _add_orthogonal_complement_(target, G, U_old, V_old, -lr * eta2, sketches)
-        if target is not p:
-            p.add_(target)
+        pre-update projection, the old factors and their sketches)."""
+        projection = None
+        if group["eta2"] != 0 and not group["use_current_projection"]:
+            projection = (update[3], update[4], update[5] if len(update) > 5 else None)  # sharded steps recompute them
+        apply_factor_step(p, p.grad, *update[:3], group, projection)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -940,7 +951,7 @@ class MoFaSGD(ShardedState, Optimizer):
 
 
 def _is_dtensor(p) -> bool:
-    return type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+    return isinstance(p, _DTensor)
 
 
 def _check_row_sharded(p, memory_mode: str, shard: bool) -> None:

@@ -25,10 +25,9 @@ from mofasgd.optimizer import (
     _cholesky_qr2,
     _cholesky_tolerance,
     _umf_householder,
+    apply_factor_step,
     check_orthonormal_grams,
     factor_dtype,
-    spectral_scales,
-    _add_orthogonal_complement_,
 )
 
 
@@ -41,7 +40,8 @@ def is_row_sharded(p) -> bool:
 
 def row_counts(m: int, world: int) -> list[int]:
     """Rows of each rank under Shard(0) (torch.chunk's split, the one FSDP2 and DTensor use)."""
-    return [len(c) for c in torch.arange(m).chunk(world)] + [0] * (world - len(torch.arange(m).chunk(world)))
+    counts = [len(c) for c in torch.arange(m).chunk(world)]
+    return counts + [0] * (world - len(counts))  # chunk makes fewer pieces when m < world
 
 
 def all_reduce_sum(tensors: list, group) -> list:
@@ -171,17 +171,9 @@ def row_sharded_step(p, state: dict, group_hp: dict, check_orthonormal: float = 
         nesterov_sketches = row_sharded_sketches(G, U_new, V_new, group)
         U_new, S_new, V_new, _ = row_sharded_update_momentum_factors(
             U_new, S_new, V_new, *nesterov_sketches, beta, momentum, counts, me, group)
-    lr, eta1, eta2 = group_hp["lr"], group_hp["eta1"], group_hp["eta2"]
-    target = W if W.dtype == U.dtype else torch.zeros_like(W, dtype=U.dtype)
-    if eta1 != 0:
-        d = spectral_scales(S_new, group_hp["eps"], group_hp["max_value"], group_hp["use_ones_for_nonzero_s"])
-        target.addmm_(U_new * d, V_new.mT, alpha=-lr * eta1)
-    if eta2 != 0:
-        if group_hp["use_current_projection"]:
-            U_p, V_p, projection_sketches = U_new, V_new, row_sharded_sketches(G, U_new, V_new, group)
-        else:
-            U_p, V_p, projection_sketches = U, V, sketches
-        _add_orthogonal_complement_(target, G, U_p, V_p, -lr * eta2, projection_sketches)
-    if target is not W:
-        W.add_(target)
+    projection = None  # the eta2 term's, with sketches all-reduced over the rows
+    if group_hp["eta2"] != 0:
+        projection = ((U_new, V_new, row_sharded_sketches(G, U_new, V_new, group))
+                      if group_hp["use_current_projection"] else (U, V, sketches))
+    apply_factor_step(W, G, U_new, S_new, V_new, group_hp, projection)
     return fast

@@ -38,9 +38,9 @@ def measure(name: str, chunk: int, steps: int, seq_len: int | None = None) -> di
     arch, fields, batch, seq = MODELS[name]
     if seq_len:
         batch, seq = 1, seq_len
-    fields = dict(fields, block_size=max(seq, PRESETS[fields["preset"]].get("block_size", 0)))
+    shape = PRESETS[fields["preset"]]
     torch.manual_seed(0)
-    model = create_model(arch, **dict(PRESETS[fields["preset"]], block_size=fields["block_size"]), vocab_size=50304,
+    model = create_model(arch, **dict(shape, block_size=max(seq, shape["block_size"])), vocab_size=50304,
                          loss_chunk_tokens=chunk)
     idx = torch.randint(0, 50000, (batch, seq + 1))
     idx[:, ::300] = 50256  # documents (used by the speedrun model's attention mask)
