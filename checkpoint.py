@@ -5,20 +5,31 @@ A checkpoint holds the step, the training seconds so far, the model, the run's o
 learning-rate schedulers (optimizers.RunOptimizers.state_dict: a sharded optimizer's state gathered
 to rank 0) and every rank's RNG state. The data order is a pure function of (seed, step), so no
 loader state is needed.
+
+Under train.parallel fsdp a checkpoint is a folder, RUN/checkpoints/step_NNNNNNN/: a distributed
+checkpoint (torch.distributed.checkpoint, DCP) of the model and the optimizers, each rank writing
+its own shards, plus meta.pt (step, seconds, schedulers, RNG states) from rank 0. It is written
+under step_NNNNNNN.tmp/ and renamed when complete, so a folder without .tmp is whole. DCP reshards
+on load: such a checkpoint resumes on any number of ranks. One file of the whole model and state:
+python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save step_NNNNNNN/ model.pt
 """
 
 import glob
 import os
 import re
+import shutil
 
 import torch
 import torch.distributed as dist
 
-from fileio import write_atomic
+from fileio import fsync_directory, write_atomic
 from outcome import RunFailed
 from parallel import all_reduce_sum, collective_device
 
-CHECKPOINT_NAME = re.compile(r"step_(\d{1,18})\.pt")
+CHECKPOINT_NAME = re.compile(r"step_(\d{1,18})(\.pt)?")
+META_NAME = "meta.pt"  # in a sharded (DCP) checkpoint folder: what is not sharded
+# DCP raises CheckpointException (a BaseException) when any rank fails to write or read
+_DCP_ERRORS = (OSError, RuntimeError, ValueError, KeyError)
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -31,11 +42,16 @@ def checkpoint_step(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def is_sharded_checkpoint(path: str) -> bool:
+    return os.path.isdir(path)
+
+
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Checkpoint files, oldest first (by step number, which may outgrow the zero padding); files
-    whose names hold no step number (step_x.pt, step_.pt) are not checkpoints and are left alone."""
-    paths = [p for p in glob.glob(os.path.join(checkpoint_dir(run_dir), "step_*.pt"))
-             if checkpoint_step(p) is not None and os.path.isfile(p)]
+    """Checkpoints, oldest first (by step number, which may outgrow the zero padding): step_N.pt
+    files and complete sharded folders step_N/ (holding meta.pt); names without a step number
+    (step_x.pt, step_.pt) and unfinished step_N.tmp/ folders are not checkpoints and are left alone."""
+    paths = [p for p in glob.glob(os.path.join(checkpoint_dir(run_dir), "step_*")) if checkpoint_step(p) is not None
+             and (os.path.isfile(p) if p.endswith(".pt") else os.path.isfile(os.path.join(p, META_NAME)))]
     return sorted(paths, key=checkpoint_step)
 
 
@@ -85,31 +101,68 @@ def gather_rng_states(rank: int, world_size: int) -> list[dict] | None:
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizers, elapsed: float, keep: int, rank: int,
-                    world_size: int) -> None:
-    """Writes step `step`'s checkpoint on rank 0 (every rank calls this: the optimizer states and
-    RNG states are gathered to rank 0 first), then drops all but the newest `keep`. A failed write
-    (a full disk) raises RunFailed on every rank, the older checkpoints untouched."""
+                    world_size: int, sharded: bool = False) -> None:
+    """Writes step `step`'s checkpoint (every rank calls this): on rank 0 one file, the optimizer
+    states and RNG states gathered to it first; `sharded` (FSDP2): a DCP folder every rank writes
+    its shards to. Then drops all but the newest `keep`. A failed write (a full disk) raises
+    RunFailed on every rank, the older checkpoints untouched."""
     rngs = gather_rng_states(rank, world_size)
-    optimizer_states = optimizers.state_dict()  # {"optimizers": [...], "schedulers": [...]}
+    folder = checkpoint_dir(run_dir)
     failure = None
-    if rank == 0:
-        folder = checkpoint_dir(run_dir)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            state = {"step": step, "elapsed_s": elapsed, "model": model.state_dict(), **optimizer_states, "rng": rngs}
-            write_atomic(os.path.join(folder, f"step_{step:07d}.pt"), lambda f: torch.save(state, f), binary=True)
-            # older checkpoints past `keep`, and temp files left by a run killed mid-write
-            for old in list_checkpoints(run_dir)[:-keep] + glob.glob(os.path.join(folder, "*.tmp.*")):
-                os.remove(old)
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
-            failure = f"cannot write the checkpoint of step {step} to {folder}: {reason}"
+    try:
+        meta = {"step": step, "elapsed_s": elapsed, "rng": rngs}
+        if sharded:
+            _write_sharded_checkpoint(folder, step, model, optimizers, meta, rank, world_size)
+        else:
+            optimizer_states = optimizers.state_dict()  # {"optimizers": [...], "schedulers": [...]}
+            if rank == 0:
+                os.makedirs(folder, exist_ok=True)
+                state = {**meta, "model": model.state_dict(), **optimizer_states}
+                write_atomic(os.path.join(folder, f"step_{step:07d}.pt"), lambda f: torch.save(state, f), binary=True)
+        if rank == 0:
+            # older checkpoints past `keep`, and temp files and folders left by a run killed mid-write
+            for old in list_checkpoints(run_dir)[:-keep] + glob.glob(os.path.join(folder, "*.tmp*")):
+                shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    except (*_DCP_ERRORS, dcp_exception()) as e:  # torch.save reports a failed write as a RuntimeError
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
+        failure = f"cannot write the checkpoint of step {step} to {folder}: {reason}"
     if dist.is_initialized():  # every rank learns whether rank 0's write failed, and stops with it
         flag = all_reduce_sum(torch.tensor([1.0 if failure else 0.0], device=collective_device()))
         if flag.item() > 0 and failure is None:
-            failure = f"rank 0 could not write the checkpoint of step {step}"
+            failure = f"another rank could not write the checkpoint of step {step}"
     if failure:
         raise RunFailed(f"{failure}; the older checkpoints are kept, resume with --resume once there is space")
+
+
+def dcp_exception() -> type:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _write_sharded_checkpoint(folder: str, step: int, model, optimizers, meta: dict, rank: int,
+                              world_size: int) -> None:
+    """The DCP folder of step `step`: written under step_N.tmp/ (every rank its shards, rank 0
+    DCP's .metadata once all have written, then meta.pt), renamed to step_N/ by rank 0. The folder
+    must be one every rank sees (a shared filesystem across nodes)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = os.path.join(folder, f"step_{step:07d}")
+    staging = final + ".tmp"
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a write killed midway
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizers.all)
+    dcp.save({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=staging)
+    if rank == 0:  # dcp.save returns once every rank's shards and the .metadata are written
+        meta = {**meta, "schedulers": optimizers.scheduler_states(), "world_size": world_size}
+        write_atomic(os.path.join(staging, META_NAME), lambda f: torch.save(meta, f), binary=True)
+        if os.path.isdir(final):  # the same step written again (a resume that redoes it)
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        fsync_directory(folder)
 
 
 def agreed_resume_checkpoint(run_dir: str, rank: int) -> str | None:
@@ -135,20 +188,91 @@ def agreed_resume_checkpoint(run_dir: str, rank: int) -> str | None:
     return path
 
 
-def load_checkpoint(path: str, model, optimizers, rank: int) -> tuple[int, float]:
-    """Restores the model, the optimizers (RunOptimizers) and this rank's RNG state from `path`;
-    returns (step, elapsed seconds). An unreadable or unusable file raises RunFailed."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise RunFailed(f"checkpoint {path} is corrupt ({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
-    problem = checkpoint_problem(state, path, model)
-    if problem:
-        raise RunFailed(f"checkpoint {path} is unusable: {problem}")
-    model.load_state_dict(state["model"])
-    optimizers.load_state_dict(state)
+def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = False) -> tuple[int, float]:
+    """Restores the model, the optimizers (RunOptimizers) and this rank's RNG state from `path`
+    (a file, or a DCP folder when `sharded`: every rank calls it); returns (step, elapsed seconds).
+    An unreadable or unusable checkpoint raises RunFailed."""
+    if sharded != is_sharded_checkpoint(path):
+        kinds = ("a sharded (train.parallel fsdp) checkpoint folder", "a single-file (train.parallel ddp) checkpoint")
+        raise RunFailed(f"checkpoint {path} is {kinds[0] if is_sharded_checkpoint(path) else kinds[1]}, but this run "
+                        f"is {'fsdp' if sharded else 'ddp'}: resume with the train.parallel it was written with")
+    if sharded:
+        state = _load_sharded_checkpoint(path, model, optimizers)
+    else:
+        state = _read(path, path)
+        problem = checkpoint_problem(state, path, model)
+        if problem:
+            raise RunFailed(f"checkpoint {path} is unusable: {problem}")
+        model.load_state_dict(state["model"])
+        optimizers.load_state_dict(state)
     rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state["step"], state["elapsed_s"]
+
+
+def _read(path: str, shown: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise RunFailed(f"checkpoint {shown} is corrupt ({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
+
+
+def _load_sharded_checkpoint(path: str, model, optimizers) -> dict:
+    """Loads a DCP folder into the FSDP2 model and the optimizers, whatever number of ranks wrote it
+    (DCP reads each rank's rows from the shards that hold them); returns meta.pt's entries."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = _read(os.path.join(path, META_NAME), path)
+    problem = meta_problem(meta, path)
+    if problem:
+        raise RunFailed(f"checkpoint {path} is unusable: {problem}")
+    # the state of this run's model and optimizers as templates: DCP fills them in place (an
+    # optimizer without state yet gets it from a zero-gradient step at lr 0)
+    model_state, optimizer_state = get_state_dict(model, optimizers.all)
+    try:
+        dcp.load({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=path)
+    except (*_DCP_ERRORS, dcp_exception()) as e:
+        raise RunFailed(f"checkpoint {path} is unusable: {' '.join(str(e).split())[:300]}") from None
+    set_state_dict(model, optimizers.all, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    optimizers.load_scheduler_states(meta["schedulers"])
+    return meta
+
+
+def sharded_checkpoint_problem(path: str, model=None) -> str | None:
+    """What makes a sharded checkpoint folder unusable (an unreadable meta.pt or DCP metadata, a step
+    unlike its name's, a model of other shapes than `model`'s: read from the metadata, no tensor
+    loaded), or None."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        meta = torch.load(os.path.join(path, META_NAME), map_location="cpu", weights_only=True)
+        saved = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        return (str(e).splitlines() or [type(e).__name__])[0][:200]
+    problem = meta_problem(meta, path)
+    if problem or model is None:
+        return problem
+    got = {k[len("model."):]: tuple(v.size) for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}
+    for name, tensor in model.state_dict().items():
+        if name not in got:
+            return f"its model has no {name} (config.json's model has)"
+        if got[name] != tuple(tensor.shape):
+            return f"its model's {name} has shape {list(got[name])}, config.json's model {list(tensor.shape)}"
+    return None
+
+
+def meta_problem(meta, path: str) -> str | None:
+    """What makes a sharded checkpoint's meta.pt unusable, or None."""
+    if not isinstance(meta, dict):
+        return f"its {META_NAME} holds a {type(meta).__name__}"
+    for key, kind in (("step", int), ("elapsed_s", (int, float)), ("schedulers", list), ("rng", list)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"its {META_NAME} has no valid {key!r} entry"
+    if checkpoint_step(path) is not None and meta["step"] != checkpoint_step(path):
+        return f"it holds step {meta['step']}, its name says {checkpoint_step(path)}"
+    if len(meta["schedulers"]) != 2 or not meta["rng"]:
+        return f"its {META_NAME} does not hold the two scheduler states and the RNG states of a run"
+    return None

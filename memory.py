@@ -6,6 +6,7 @@ import resource
 import torch
 
 from mofasgd import MoFaSGD, state_bytes
+from mofasgd.optimizer import local_part
 
 # the peak-memory fields of metrics.jsonl records: training steps, and validation apart
 PEAK_KEYS = ("peak_mem_bytes", "peak_reserved_bytes", "activation_peak_bytes", "val_peak_mem_bytes",
@@ -65,13 +66,15 @@ def peak_memory_record(device, prefix: str = "") -> dict:
 
 
 def memory_parts(model, hidden_opt, adam_opt) -> dict:
-    """Exact bytes of parameters, gradients and optimizer state (hidden matrices vs the rest)."""
+    """Exact bytes of parameters, gradients and optimizer state (hidden matrices vs the rest) held
+    by this rank: under FSDP2 its shards."""
     params = list({id(p): p for p in model.parameters()}.values())
     # gradients still held, plus the pending sketches that stand in for them in sketch mode
     sketches = hidden_opt.sketch_bytes() if isinstance(hidden_opt, MoFaSGD) else 0
     return {
-        "param_bytes": sum(p.numel() * p.element_size() for p in params),
-        "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None) + sketches,
+        "param_bytes": sum(local_part(p).numel() * p.element_size() for p in params),
+        "grad_bytes": sum(local_part(p.grad).numel() * p.grad.element_size() for p in params if p.grad is not None)
+                      + sketches,
         "opt_state_bytes_hidden": state_bytes(hidden_opt),
         "opt_state_bytes_other": state_bytes(adam_opt),
     }

@@ -175,6 +175,10 @@ class LanguageModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in order: the units FSDP shards and gathers one at a time."""
+        raise NotImplementedError
+
     def check_length(self, idx: torch.Tensor) -> int:
         """The sequence length of a (B, T) batch, which must fit the context."""
         T = idx.shape[1]
@@ -212,6 +216,9 @@ class GPT(LanguageModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return list(self.transformer.h)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Returns (logits (B, T, vocab), None) without targets, (None, mean cross-entropy) with them."""
@@ -507,6 +514,9 @@ class SpeedrunGPT(LanguageModel):
         if use_flex_attention(idx):
             return flex_block_mask(docs, window_blocks)
         return dense_attention_mask(docs, window_blocks)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, window_blocks=None):
         """idx, targets (B, T) int64; window_blocks: the sliding window in 128-token blocks (an int

@@ -1,5 +1,5 @@
 """Data parallelism for the worker: the process group, the small collectives the harness needs, DDP
-over the model, and how a step's gradients are averaged (and the bytes that costs each rank)."""
+or FSDP2 over the model, and how a step's gradients are averaged (and the bytes that costs each rank)."""
 
 import os
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ def setup_distributed(cfg):
     if cfg.launch.device == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1 or cfg.launch.distributed:
+    if world_size > 1 or cfg.launch.distributed or cfg.train.parallel == "fsdp":  # FSDP2 needs a mesh, even of 1
         dist.init_process_group(backend=cfg.launch.backend, device_id=device if device.type == "cuda" else None)
     if world_size != cfg.launch.world_size:
         raise SystemExit(f"error: launched with world size {world_size}, but config.json says {cfg.launch.world_size}")
@@ -72,11 +72,29 @@ def wrap_data_parallel(model: torch.nn.Module, sketched_params: list, device) ->
                gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 over the model (train.parallel fsdp): fully_shard on each transformer block, then on the
+    root, which takes the embeddings, the head and the final norm. Every parameter becomes a DTensor
+    split by rows (Shard(0)) over all ranks; a block's full weights exist only while its forward or
+    backward runs (all-gathered, freed after), and its gradients are reduce-scattered (averaged over
+    the ranks) as soon as backward has made them. Parameters stay in their dtype: with train.autocast
+    the forward casts, as under DDP, so both give the same numbers. Call before building the optimizers,
+    which must see the sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer_blocks():
+        fully_shard(block)
+    return fully_shard(model)
+
+
 @dataclass(frozen=True)
 class GradientExchange:
     """How a step's gradients are averaged over the ranks, and the bytes each rank sends for it:
     DDP all-reduces the gradients in backward (in the parameters' dtype), but with MoFaSGD's
-    `comm: sketch` the hidden matrices leave DDP and the optimizer all-reduces their sketches."""
+    `comm: sketch` the hidden matrices leave DDP and the optimizer all-reduces their sketches. FSDP2
+    moves, per micro-batch, each block's parameters twice (all-gathered for forward and again for
+    backward) and its gradients once (reduce-scattered); the root's parameters are gathered once and
+    kept through backward. Bytes are those of the full-size tensors of each collective, as for DDP."""
 
     distributed: bool  # a process group: DDP and the collectives (run.py --distributed: also on one worker)
     sketch: bool  # comm sketch
@@ -85,11 +103,18 @@ class GradientExchange:
     other_bytes: int  # DDP's all-reduce of every other gradient, per step (0 on one worker)
 
     @classmethod
-    def for_run(cls, cfg, routing: dict) -> "GradientExchange":
-        """From a RunConfig and the model's parameter routing (optimizers.split_parameters)."""
+    def for_run(cls, cfg, routing: dict, block_params: set | None = None) -> "GradientExchange":
+        """From a RunConfig and the model's parameter routing (optimizers.split_parameters);
+        `block_params`: under FSDP, the ids of the parameters inside transformer blocks."""
         distributed = dist.is_initialized()
         sketch = getattr(cfg.optimizer, "comm", "full") == "sketch"
-        kind_bytes = {kind: sum(p.numel() * p.element_size() for _, p in ps) for kind, ps in routing.items()}
+
+        def moved(p) -> int:  # bytes per step: once (DDP), or 3 or 2 times per micro-batch (FSDP)
+            if cfg.train.parallel != "fsdp":
+                return p.numel() * p.element_size()
+            return (3 if id(p) in (block_params or set()) else 2) * cfg.grad_accum * p.numel() * p.element_size()
+
+        kind_bytes = {kind: sum(moved(p) for _, p in ps) for kind, ps in routing.items()}
         other = sum(kind_bytes.values()) - kind_bytes["hidden"]
         return cls(distributed, sketch, distributed and sketch and cfg.optimizer.memory_mode == "sketch",
                    kind_bytes["hidden"] if distributed else 0, other if distributed else 0)

@@ -313,13 +313,16 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
                 raise LaunchError(f"run {resume_name!r} already finished; --overwrite starts it again")
             saved_launch = saved.get("launch")
             saved_world = saved_launch.get("world_size") if isinstance(saved_launch, dict) else None
-            if saved_world is not None and saved_world != launch["world_size"]:
+            saved_train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+            if saved_world is not None and saved_world != launch["world_size"] and saved_train.get("parallel") != "fsdp":
                 # the checkpoint holds one RNG state per rank and the run's bit-exact continuation
-                # assumes the same reduction layout: a resume keeps the world size
+                # assumes the same reduction layout: a DDP resume keeps the world size (an FSDP one
+                # reshards its distributed checkpoint to any)
                 how = "--num-gpus" if (saved_launch.get("device") == "cuda") else "--nproc"
                 per_node = saved_world // max(1, saved_launch.get("nnodes") or 1)
                 raise LaunchError(f"{resume_name!r} ran on {saved_world} workers (config.json launch.world_size) and "
                                   f"resumes only on as many: --resume {resume_name} {how} {per_node}"
+                                  " (train.parallel fsdp runs resume on any number)"
                                   + (f" on each of {saved_launch.get('nnodes')} nodes" if (saved_launch.get("nnodes") or 1) > 1 else ""))
             saved["launch"] = launch
             try:
@@ -432,23 +435,26 @@ def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
     to; one past config.json's train.steps is an error too."""
     import torch
 
-    from checkpoint import checkpoint_problem, checkpoint_step, list_checkpoints
+    from checkpoint import checkpoint_problem, checkpoint_step, list_checkpoints, sharded_checkpoint_problem
     from model import create_model
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         return
+    model = None
+    if cfg is not None:
+        with torch.device("meta"):  # shapes only, no memory
+            model = create_model(cfg.model.arch, **cfg.model.resolved())
     problem = None
-    try:  # mmap: reads the archive's index, not the tensors, so this is cheap even for big models
-        state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # any unreadable file is reported the same way
-        problem = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    if problem is None:
-        model = None
-        if cfg is not None:
-            with torch.device("meta"):  # shapes only, no memory
-                model = create_model(cfg.model.arch, **cfg.model.resolved())
-        problem = checkpoint_problem(state, checkpoints[-1], model)
+    if os.path.isdir(checkpoints[-1]):  # train.parallel fsdp: a DCP folder
+        problem = sharded_checkpoint_problem(checkpoints[-1], model)
+    else:
+        try:  # mmap: reads the archive's index, not the tensors, so this is cheap even for big models
+            state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # any unreadable file is reported the same way
+            problem = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if problem is None:
+            problem = checkpoint_problem(state, checkpoints[-1], model)
     if problem:
         older = f"; the older checkpoint {checkpoints[-2]} exists: delete the corrupt file to resume from it" \
             if len(checkpoints) > 1 else "; no older checkpoint exists: --overwrite starts the run again"

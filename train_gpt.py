@@ -15,6 +15,7 @@ validate(), write_checkpoint() and finish(). The rest lives in modules of its ow
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -31,12 +32,14 @@ from configs import RunConfig, resolve_path
 from data.loader import StreamLoader, TokenLoader, val_sequences
 from data.shards import find_shards
 from fileio import write_json
+from mofasgd.optimizer import local_part
 from memory import current_memory_bytes, memory_parts, peak_memory_bytes, peak_memory_record, reset_peak_memory
 from metrics import MetricsLog, RunLog, StepClock, environment_info, start_wandb
 from model import create_model, window_blocks_at
 from optimizers import RunOptimizers, split_parameters, state_bytes
 from outcome import DISK_ERRNOS, EXIT_FAILED, RunFailed, exit_process, launched_by_run_py, write_summary_quietly
-from parallel import GradientExchange, all_reduce_sum, setup_distributed, shutdown_distributed, wrap_data_parallel
+from parallel import (GradientExchange, all_reduce_sum, setup_distributed, shard_model, shutdown_distributed,
+                      wrap_data_parallel)
 
 # SIGTERM/SIGINT received (from the worker's start, see __main__): the run stops after the step
 STOP_SIGNALS: list = []
@@ -82,8 +85,8 @@ class Run:
     rank: int
     world_size: int
     device: torch.device
-    raw_model: torch.nn.Module  # the parameters themselves: checkpoints, clipping, memory accounting
-    model: torch.nn.Module  # what training calls: compiled (train.compile), in DDP under a process group
+    raw_model: torch.nn.Module  # the parameters themselves (FSDP2: sharded): checkpoints, clipping, memory accounting
+    model: torch.nn.Module  # what training calls: compiled (train.compile), in DDP under a process group (not FSDP)
     eval_model: torch.nn.Module  # what validation calls: compiled too, not in DDP
     optimizers: RunOptimizers
     loader: TokenLoader | StreamLoader
@@ -98,26 +101,35 @@ class Run:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 (train.parallel fsdp): parameters, gradients and optimizer state split over the ranks."""
+        return self.cfg.train.parallel == "fsdp"
+
 
 def set_up(run_dir: str, resume: bool) -> Run:
-    """Builds the run of run_dir/config.json on this rank: the process group, the model and its
-    optimizers (restored from the newest checkpoint, the one every rank agrees on, when resuming),
-    compile and DDP, the data loader."""
+    """Builds the run of run_dir/config.json on this rank: the process group, the model (FSDP2 sharded
+    under train.parallel fsdp) and its optimizers (restored from the newest checkpoint, the one every
+    rank agrees on, when resuming), compile and DDP, the data loader."""
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = RunConfig.from_dict(json.load(f))
     rank, world_size, device = setup_distributed(cfg)
     torch.manual_seed(cfg.train.seed)
     raw_model = create_model(cfg.model.arch, **cfg.model.resolved()).to(device)
+    sharded = cfg.train.parallel == "fsdp"
+    if sharded:  # before the optimizers: they keep state for the sharded parameters
+        shard_model(raw_model)
     optimizers = RunOptimizers.for_run(raw_model, cfg, device.type)
     start_step, elapsed = 0, 0.0
     checkpoint = agreed_resume_checkpoint(run_dir, rank) if resume else None
     if checkpoint:
-        start_step, elapsed = load_checkpoint(checkpoint, raw_model, optimizers, rank)
+        start_step, elapsed = load_checkpoint(checkpoint, raw_model, optimizers, rank, sharded)
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
     eval_model = model
     routing = split_parameters(raw_model)
-    comm = GradientExchange.for_run(cfg, routing)
-    if comm.distributed:  # DDP wherever there is a process group (run.py --distributed: also on one worker)
+    block_params = {id(p) for block in raw_model.transformer_blocks() for p in block.parameters()}
+    comm = GradientExchange.for_run(cfg, routing, block_params)
+    if comm.distributed and not sharded:  # DDP wherever there is a process group (run.py --distributed: also on one worker)
         model = wrap_data_parallel(model, [p for _, p in routing["hidden"]] if comm.sketch else [], device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.autocast == "bf16" else nullcontext()
     window = SlidingWindow(cfg.train.window_tokens, cfg.train.steps, device)
@@ -255,38 +267,52 @@ def validate(run: Run, step: int) -> dict:
     run.window.set(step)
     reset_peak_memory(run.device)
     loss = evaluate(run.eval_model, run.cfg, run.rank, run.world_size, run.device, run.autocast,
-                    run.window.forward_kwargs)
+                    run.window.forward_kwargs, lockstep=run.sharded)
     return {"val_loss": loss, **peak_memory_record(run.device, "val_")}
 
 
 @torch.no_grad()
-def evaluate(model, cfg: RunConfig, rank: int, world_size: int, device, autocast, forward_kwargs=None) -> float:
+def evaluate(model, cfg: RunConfig, rank: int, world_size: int, device, autocast, forward_kwargs=None,
+             lockstep: bool = False) -> float:
     """Mean cross-entropy over the first data.val_tokens tokens of the val shards, all ranks together.
-    `forward_kwargs`: the current sliding window, as in training."""
+    `forward_kwargs`: the current sliding window, as in training. `lockstep` (FSDP2, whose forward is
+    a collective): every rank runs as many forwards as the rank with the most windows, a rank out of
+    windows repeating its last batch with weight 0."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of losses, number of tokens
     files = find_shards(resolve_path(cfg.data.val_files))
-    for x, y in val_sequences(files, cfg.data.seq_len, cfg.data.val_tokens, rank, world_size, cfg.train.val_batch_size,
-                              pin=device.type == "cuda"):
+    batches = val_sequences(files, cfg.data.seq_len, cfg.data.val_tokens, rank, world_size, cfg.train.val_batch_size,
+                            pin=device.type == "cuda")
+    most_windows = -(-(cfg.data.val_tokens // cfg.data.seq_len) // world_size)
+    forwards = -(-most_windows // cfg.train.val_batch_size) if lockstep else None
+    x = y = torch.zeros((1, cfg.data.seq_len), dtype=torch.long)  # a rank with no window at all
+    for i in itertools.count():
+        batch = next(batches, None)
+        if batch is None and (forwards is None or i >= forwards):
+            break
+        weight = 1.0 if batch is not None else 0.0
+        x, y = batch if batch is not None else (x, y)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             _, loss = model(x, y, **(forward_kwargs or {}))
         # accumulated on the device: no host sync per batch
-        total[0] += loss.detach().double() * y.numel()
-        total[1] += y.numel()
+        total[0] += weight * loss.detach().double() * y.numel()
+        total[1] += weight * y.numel()
     all_reduce_sum(total)
     model.train()
     return (total[0] / total[1]).item()
 
 
 def write_checkpoint(run: Run, step: int, elapsed: float) -> None:
-    """Step `step`'s checkpoint (rank 0 writes; every rank takes part), after checking the weights:
-    a broken model never replaces a good checkpoint."""
+    """Step `step`'s checkpoint (rank 0 writes, or under FSDP every rank its shards; every rank takes
+    part), after checking the weights: a broken model never replaces a good checkpoint."""
     bad = first_non_finite_parameter(run.raw_model)
+    if run.sharded and all_reduce_sum(torch.tensor([float(bad is not None)], device=run.device)).item() > 0:
+        bad = bad or "held by another rank"  # each rank checks its own shards; all stop together
     if bad:
         fail_non_finite(run, step, f"non-finite values in parameter {bad} after step {step}")
     save_checkpoint(run.run_dir, step, run.raw_model, run.optimizers, elapsed, run.cfg.train.keep_checkpoints,
-                    run.rank, run.world_size)
+                    run.rank, run.world_size, run.sharded)
 
 
 def crash_if_asked(cfg: RunConfig, step: int) -> None:
@@ -312,8 +338,9 @@ def finish(run: Run, log: RunLog, step: int, elapsed: float) -> dict | None:
 
 
 def first_non_finite_parameter(model) -> str | None:
+    """The first parameter with a NaN or infinity in what this rank holds of it (FSDP2: its shard)."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not torch.isfinite(local_part(p)).all():
             return name
     return None
 

@@ -149,6 +149,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: what the launcher runs on (--num-gpus: cuda, --nproc: cpu); cpu or cuda: insist on it
     autocast: Literal["none", "bf16"] = "none"  # autocast of the forward pass (GPU)
     compile: bool = False  # torch.compile the model (slow to compile on CPU)
+    # ddp: a whole replica per rank, gradients all-reduced; fsdp: FSDP2 (fully_shard per block), each rank
+    # holds 1/world of the parameters, gradients and optimizer state, checkpoints through torch DCP
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     grad_clip: float = 0.0  # clip the global gradient norm to this value; 0: off
     ckpt_every: int = 0  # write a checkpoint every this many steps; 0: only at the end
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
@@ -216,6 +219,28 @@ class LaunchConfig:
     device: Literal["cpu", "cuda"] = "cpu"  # what the workers run on
     backend: Literal["gloo", "nccl"] = "gloo"  # gloo on CPU, nccl on GPU
     distributed: bool = False  # a process group and DDP even at world size 1 (run.py --distributed)
+
+
+# Under train.parallel fsdp, why an optimizer or mode cannot run (docs/fsdp.md): name -> reason
+FSDP_UNSUPPORTED = {
+    "galore": "galore-torch computes an SVD of each whole gradient and keeps projectors of the whole matrix; "
+              "on FSDP's row shards it would need the full gradient gathered on every rank",
+    "adafactor": "torch.optim.Adafactor's factored second moment reduces over the sharded rows with in-place "
+                 "operations that DTensor cannot run (aten.pow_ on a partial norm)",
+}
+
+
+def check_fsdp_support(name: str, optimizer_cfg) -> None:
+    """Raises ValueError for an optimizer or optimizer mode that train.parallel fsdp cannot run."""
+    if name in FSDP_UNSUPPORTED:
+        raise ValueError(f"optimizer {name} does not run under train.parallel fsdp: {FSDP_UNSUPPORTED[name]}; "
+                         f"use train.parallel ddp, or one of {sorted(set(OPTIMIZERS) - set(FSDP_UNSUPPORTED))}")
+    if getattr(optimizer_cfg, "shard", False):
+        raise ValueError("optimizer.shard must be false under train.parallel fsdp: FSDP already splits the "
+                         "parameters and their optimizer state over the ranks")
+    if getattr(optimizer_cfg, "comm", "full") == "sketch":
+        raise ValueError("optimizer.comm must be full under train.parallel fsdp: FSDP reduce-scatters the "
+                         "gradients itself (memory_mode sketch still works: it sketches each reduced shard)")
 
 
 SECTIONS = {
@@ -291,7 +316,9 @@ class RunConfig:
             if sketched and self.train.grad_clip > 0:
                 raise ValueError(f"train.grad_clip must be 0 with optimizer.{sketched[0]} sketch: the global gradient "
                                  "norm needs the full (averaged) gradients, which sketch mode never holds")
-            if getattr(self.optimizer, "memory_mode", "full") == "sketch" and \
+            if self.train.parallel == "fsdp":
+                check_fsdp_support(self.optimizer_name, self.optimizer)
+            elif getattr(self.optimizer, "memory_mode", "full") == "sketch" and \
                     (self.launch.world_size > 1 or self.launch.distributed) \
                     and self.optimizer.comm != "sketch":
                 raise ValueError("optimizer.memory_mode sketch on several ranks needs optimizer.comm sketch: "

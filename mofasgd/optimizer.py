@@ -226,13 +226,18 @@ def _tensors_in(obj, depth=0):
             yield from _tensors_in(v, depth + 1)
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of `t`: a DTensor's local shard (FSDP2), any other tensor itself."""
+    return t.to_local() if isinstance(t, _DTensor) else t
+
+
 def state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of optimizer state actually held, for any torch optimizer: distinct storages, so a
-    view of a large tensor counts the whole storage it pins."""
+    """Bytes of optimizer state actually held (by this rank), for any torch optimizer: distinct
+    storages, so a view of a large tensor counts the whole storage it pins."""
     storages = {}
     for state in optimizer.state.values():
         for t in _tensors_in(state):
-            s = t.untyped_storage()
+            s = local_part(t).untyped_storage()
             storages[(s.device, s.data_ptr()) if s.data_ptr() else id(s)] = s.nbytes()
     return sum(storages.values())
 
@@ -614,7 +619,7 @@ class MoFaSGD(ShardedState, Optimizer):
             if p.dim() != 2:
                 raise ValueError(_unsupported_shape_message(tuple(p.shape)))
             if _is_dtensor(p):
-                _check_row_sharded(p, getattr(self, "memory_mode", "full"), getattr(self, "shard", False))
+                _check_row_sharded(p, getattr(self, "shard", False))
         if getattr(self, "shard", False):
             self._assign_owners()
 
@@ -686,7 +691,12 @@ class MoFaSGD(ShardedState, Optimizer):
         if len(state) == 0:
             self._init_state(p, self._group_of(p))
         U, V = state["U"], state["V"]
-        sketches = gradient_sketches(G.to(U.dtype), U, V)
+        if _is_dtensor(p):  # FSDP2: this rank's rows of the reduced gradient, partial sums
+            from mofasgd.row_sharded import local_row_sketches
+
+            sketches = local_row_sketches(G.to_local().to(V.dtype), U.to_local(), V)
+        else:
+            sketches = gradient_sketches(G.to(U.dtype), U, V)
         acc = self._sketches.get(p)
         if acc is None:
             self._sketches[p] = list(sketches)
@@ -889,7 +899,7 @@ class MoFaSGD(ShardedState, Optimizer):
     def _row_sharded_step(self, p, group) -> None:
         from mofasgd.row_sharded import row_sharded_step
 
-        fast = row_sharded_step(p, self.state[p], group, self.check_orthonormal)
+        fast = row_sharded_step(p, self.state[p], group, self.check_orthonormal, self._sketches.pop(p, None))
         self.cholesky_updates += int(fast)
         self.householder_updates += int(not fast)
 
@@ -954,16 +964,16 @@ def _is_dtensor(p) -> bool:
     return isinstance(p, _DTensor)
 
 
-def _check_row_sharded(p, memory_mode: str, shard: bool) -> None:
-    """DTensor parameters: only FSDP2's row split (Shard(0) on a 1-D mesh), in memory_mode full
-    without shard (FSDP already splits the factors with the rows)."""
+def _check_row_sharded(p, shard: bool) -> None:
+    """DTensor parameters: only FSDP2's row split (Shard(0) on a 1-D mesh), without shard (FSDP
+    already splits the factors with the rows)."""
     from mofasgd.row_sharded import is_row_sharded
 
     if not is_row_sharded(p):
         raise ValueError(f"MoFaSGD supports DTensor parameters split by rows on a 1-D mesh (FSDP2's Shard(0)); "
                          f"got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
-    if memory_mode != "full" or shard:
-        raise ValueError("MoFaSGD on FSDP2 (DTensor) parameters needs memory_mode='full' and shard=False: "
+    if shard:
+        raise ValueError("MoFaSGD on FSDP2 (DTensor) parameters needs shard=False: "
                          "FSDP already splits the factors with the weight's rows")
 
 

@@ -9,6 +9,9 @@ layout, because G enters only through thin sketches:
     matrices are all-reduced (communication-avoiding tall-skinny QR); the n x r block and the
     2r x 2r SVD are computed on every rank from identical, all-reduced inputs.
   * The step U diag(d) V^T (and the eta2 term) applies to the local rows.
+With memory_mode sketch, each reduce-scattered gradient shard is folded into this rank's share of
+the sketches as FSDP produces it (a post-accumulate-grad hook on the sharded parameter, which FSDP2
+calls after its reduce-scatter) and freed; the step all-reduces the partial sums.
 No m x n matrix is gathered by a step: where Cholesky-QR is unreliable (rank-deficient W_u, m < 2r)
 the reference Householder form runs on the thin m x 2r blocks [U, G V], gathered from the ranks.
 The one full gather is init="weight_svd" at a matrix's first step (the SVD of the weight itself,
@@ -64,11 +67,23 @@ def gather_rows(local: torch.Tensor, counts: list[int], group) -> torch.Tensor:
     return torch.cat([part[:c] for part, c in zip(parts, counts)])
 
 
+def local_row_sketches(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> list:
+    """This rank's share of the sketches: [G V (its rows), G_k^T U_k, U_k^T (G V)_k], the last two
+    partial sums over the ranks. Linear in G, so memory_mode sketch sums them over micro-batches."""
+    GV = G @ V
+    return [GV, G.mT @ U, U.mT @ GV]
+
+
+def finish_row_sketches(local: list, group):
+    """(G V local rows, G^T U, U^T G V) from local_row_sketches: the partial sums all-reduced at once."""
+    GV, GtU, C = local
+    GtU, C = all_reduce_sum([GtU, C], group)
+    return GV, GtU, C
+
+
 def row_sharded_sketches(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor, group):
     """(G V local rows, G^T U, U^T G V) for local rows G (m_k x n), U (m_k x r), replicated V."""
-    GV = G @ V
-    GtU, C = all_reduce_sum([G.mT @ U, U.mT @ GV], group)
-    return GV, GtU, C
+    return finish_row_sketches(local_row_sketches(G, U, V), group)
 
 
 def row_sharded_cholesky_qr2(W: torch.Tensor, basis: torch.Tensor, tolerance: float, group):
@@ -144,20 +159,22 @@ def init_row_sharded_state(p, rank: int, init: str) -> dict:
 
 
 @torch.no_grad()
-def row_sharded_step(p, state: dict, group_hp: dict, check_orthonormal: float = 0.0) -> bool:
-    """One MoFaSGD step of a row-sharded weight `p` (FSDP2) from its sharded gradient, updating
-    `state` (from init_row_sharded_state) and the local rows of p; returns whether the factor
-    update took the Cholesky fast path. Every rank of p's mesh must call it (collectives)."""
+def row_sharded_step(p, state: dict, group_hp: dict, check_orthonormal: float = 0.0, local_sketches=None) -> bool:
+    """One MoFaSGD step of a row-sharded weight `p` (FSDP2) from its sharded gradient, or from
+    `local_sketches` (local_row_sketches summed over the micro-batches: memory_mode sketch, where the
+    gradient is gone), updating `state` (from init_row_sharded_state) and the local rows of p; returns
+    whether the factor update took the Cholesky fast path. Every rank of p's mesh must call it
+    (collectives)."""
     from torch.distributed.tensor import DTensor, Shard
 
     mesh = p.device_mesh
     group, me = mesh.get_group(), mesh.get_local_rank()
     counts = row_counts(p.shape[0], mesh.size())
     U, S, V = state["U"].to_local(), state["S"], state["V"]
-    G = p.grad.to_local().to(U.dtype)
+    G = p.grad.to_local().to(U.dtype) if local_sketches is None else None  # sketch mode: eta2 0, no nesterov
     W = p.to_local()
     beta, momentum = group_hp["beta"], group_hp["momentum"]
-    sketches = row_sharded_sketches(G, U, V, group)
+    sketches = finish_row_sketches(local_sketches or local_row_sketches(G, U, V), group)
     U_new, S_new, V_new, fast = row_sharded_update_momentum_factors(
         U, S, V, *sketches, beta, momentum, counts, me, group)
     if check_orthonormal:

@@ -390,23 +390,33 @@ class RunOptimizers:
 
     def step(self) -> None:
         """Both optimizers' steps, then the learning-rate schedules' (a collective when sharded)."""
-        for opt in (self.hidden, self.adam):
+        for opt in self.all:
             opt.step()
         for scheduler in self.schedulers:
             scheduler.step()
 
     def zero_grad(self) -> None:
-        for opt in (self.hidden, self.adam):
+        for opt in self.all:
             opt.zero_grad(set_to_none=True)
+
+    @property
+    def all(self) -> list:
+        """[hidden, adam]: what torch.distributed.checkpoint's get/set_state_dict take."""
+        return [self.hidden, self.adam]
 
     def state_dict(self) -> dict:
         """{"optimizers": [hidden, adam], "schedulers": [...]} with every parameter's state on rank
         0 (a collective: every rank calls it)."""
-        return {"optimizers": [full_state_dict(opt) for opt in (self.hidden, self.adam)],
-                "schedulers": [s.state_dict() for s in self.schedulers]}
+        return {"optimizers": [full_state_dict(opt) for opt in self.all], "schedulers": self.scheduler_states()}
 
     def load_state_dict(self, state: dict) -> None:
-        for opt, saved in zip((self.hidden, self.adam), state["optimizers"]):
+        for opt, saved in zip(self.all, state["optimizers"]):
             opt.load_state_dict(saved)
-        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+        self.load_scheduler_states(state["schedulers"])
+
+    def scheduler_states(self) -> list[dict]:
+        return [s.state_dict() for s in self.schedulers]
+
+    def load_scheduler_states(self, states: list[dict]) -> None:
+        for scheduler, saved in zip(self.schedulers, states):
             scheduler.load_state_dict(saved)

@@ -43,6 +43,52 @@ def launch(args, results_dir, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def write_run_config(root, name, optimizer, overrides, world=1, distributed=None) -> str:
+    """A run folder holding config.json as run.py writes it, for `world` CPU workers (under a
+    process group when world > 1 or `distributed`), for train_in_process; returns its path."""
+    from configs import resolve_config
+
+    launch = dict(nproc=world, world_size=world, distributed=world > 1 if distributed is None else distributed)
+    cfg = resolve_config(optimizer, overrides, name=name, launch=launch)
+    run_dir = os.path.join(str(root), name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f)
+    return run_dir
+
+
+def _train_worker(rank, world, ports, run_dirs, resume, dtype):
+    import torch
+
+    torch.set_num_threads(1)  # as torchrun's workers: one thread each
+    if dtype is not None:
+        torch.set_default_dtype(dtype)  # the model is built in the default dtype
+    import train_gpt
+
+    for port, run_dir in zip(ports, run_dirs):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        train_gpt.train(run_dir, resume=resume)
+
+
+def train_in_process(run_dirs, world, resume=False, dtype=None) -> None:
+    """Trains each run (folders from write_run_config, all for `world` workers) one after another
+    with the worker's own train() on `world` spawned processes (gloo): the training loop without the
+    launcher's start-up (run.py, torchrun), for tests that compare several runs. `dtype`: the
+    default dtype the models are built in (torch.float64 for exact comparisons)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ports = []
+    for _ in run_dirs:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    mp.start_processes(_train_worker, args=(world, ports, list(run_dirs), resume, dtype), nprocs=world,
+                       start_method="spawn")
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -102,7 +102,7 @@ def test_row_sharded_mofasgd_equals_unsharded(fsdp_results, case):
 
 
 def test_row_sharded_rejects_what_it_cannot_do():
-    """Only FSDP2's row split, in memory_mode full without shard (checked before any step)."""
+    """Only FSDP2's row split, without shard (checked before any step)."""
     from mofasgd.optimizer import _check_row_sharded
 
     class FakeMesh:
@@ -113,4 +113,4 @@ def test_row_sharded_rejects_what_it_cannot_do():
         device_mesh = FakeMesh()
 
     with pytest.raises(ValueError, match="split by rows on a 1-D mesh"):
-        _check_row_sharded(FakeDTensor(), "full", False)
+        _check_row_sharded(FakeDTensor(), False)

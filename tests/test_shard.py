@@ -1,7 +1,6 @@
 """Sharded MoFaSGD (shard=True): each data-parallel rank runs the factor update only for the
 matrices it owns, the step factors are all-gathered, and the parameters equal the unsharded path's."""
 
-import json
 import os
 import socket
 
@@ -10,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import launch, read_metrics, tiny_double_model, tiny_overrides, write_tiny_corpus
+from helpers import (read_metrics, tiny_double_model, tiny_overrides, train_in_process, write_run_config,
+                     write_tiny_corpus)
 from optimizers import MoFaSGD, split_parameters
 from optimizers.mofasgd import assign_owners
 from optimizers.muon import ShardedMuon
@@ -248,14 +248,16 @@ def corpus(tmp_path_factory):
 
 @pytest.mark.slow
 def test_worker_shard_matches_unsharded_with_two_ranks(tmp_path, corpus):
-    """run.py with 2 gloo ranks: shard=true gives the unsharded run's losses and halves the
-    hidden optimizer state per rank; composes with comm sketch."""
-    runs = {}
-    for name, extra in (("plain", {}), ("shard", {"shard": True}), ("shard-sketch", {"shard": True, "comm": "sketch"})):
-        cfg = json.dumps(tiny_overrides(corpus, steps=4, micro_batch_size=4, rank=4, **extra))
-        proc = launch(["--optimizer", "mfsgd", "--nproc", "2", "--config", cfg, "--name", name], tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = [r for r in read_metrics(tmp_path / name) if "train_loss" in r]
+    """The worker on 2 gloo ranks: shard=true gives the unsharded run's losses and halves the
+    hidden optimizer state per rank; composes with comm sketch. (test_resume launches shard runs
+    through run.py.)"""
+    cases = {"plain": {}, "shard": {"shard": True}, "shard-sketch": {"shard": True, "comm": "sketch"}}
+    dirs = {name: write_run_config(tmp_path, name, "mfsgd", tiny_overrides(corpus, steps=4, micro_batch_size=4,
+                                                                           rank=4, **extra), 2)
+            for name, extra in cases.items()}
+    train_in_process(list(dirs.values()), 2)
+    runs = {name: [r for r in read_metrics(d) if "train_loss" in r] for name, d in dirs.items()}
+    assert all(len(r) == 4 for r in runs.values())
     plain, shard, sketch = runs["plain"], runs["shard"], runs["shard-sketch"]
     for a, b, c in zip(plain, shard, sketch):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)

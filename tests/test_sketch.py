@@ -1,11 +1,11 @@
 """MoFaSGD's gradient-free memory mode and exact low-rank communication (sketches of G)."""
 
-import json
 
 import pytest
 import torch
 
-from helpers import launch, read_metrics, tiny_double_model, tiny_overrides, write_tiny_corpus
+from helpers import (launch, read_metrics, tiny_double_model, tiny_overrides, train_in_process, write_run_config,
+                     write_tiny_corpus)
 from optimizers import MoFaSGD, split_parameters
 
 
@@ -71,18 +71,19 @@ def test_config_errors_for_sketch_modes():
 @pytest.mark.slow
 def test_sketch_communication_equals_full_and_one_rank(tmp_path, corpus):
     """2 ranks with comm sketch (+ memory sketch) == 2 ranks with DDP's full all-reduce == 1 rank
-    with 2 accumulation steps, over 10 steps; the sketch all-reduce moves far fewer bytes."""
-    def run(name, nproc, **keys):
+    with 2 accumulation steps, over 10 steps; the sketch all-reduce moves far fewer bytes. (The
+    training loop in spawned workers: test_resume and test_train cover the launcher.)"""
+    def run_dir(name, nproc, **keys):
         cfg = tiny_overrides(corpus, steps=10, batch_size=8, micro_batch_size=4, rank=4, lr=0.02, **keys)
-        r = launch(["--optimizer", "mfsgd", "--name", name, "--nproc", str(nproc), "--config", json.dumps(cfg)], tmp_path)
-        assert r.returncode == 0, r.stderr
-        return read_metrics(tmp_path / name)
+        return write_run_config(tmp_path, name, "mfsgd", cfg, nproc)
 
-    one = run("one", 1)
-    full = run("full", 2)
-    sketch = run("sketch", 2, comm="sketch")
-    both = run("both", 2, comm="sketch", memory_mode="sketch")
+    one = run_dir("one", 1)
+    two = [run_dir("full", 2), run_dir("sketch", 2, comm="sketch"), run_dir("both", 2, comm="sketch", memory_mode="sketch")]
+    train_in_process([one], 1)
+    train_in_process(two, 2)
+    one, full, sketch, both = (read_metrics(d) for d in [one, *two])
     for other in (full, sketch, both):
+        assert [m["step"] for m in other] == [m["step"] for m in one] == list(range(11))
         for a, b in zip(one, other):
             for key in ("train_loss", "val_loss"):
                 if key in a:

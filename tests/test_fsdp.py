@@ -1,0 +1,175 @@
+"""train.parallel fsdp: the harness's training loop on FSDP2 equals DDP (fp64, 2 gloo ranks, gradient
+accumulation), its distributed checkpoints resume bit for bit on as many ranks and to rounding on
+fewer, and the config refuses what FSDP cannot run."""
+
+import json
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+from helpers import tiny_overrides, train_in_process, write_run_config, write_tiny_corpus
+
+STEPS, WORLD = 4, 2
+# (optimizer, its keys) per case; each runs under DDP and FSDP unless it is FSDP-only
+CASES = {
+    "mfsgd": ("mfsgd", {"rank": 4}),
+    "mfsgd-sketch": ("mfsgd", {"rank": 4, "memory_mode": "sketch"}),  # FSDP only: compared with DDP's mfsgd
+    "mfsgd-nesterov-eta2": ("mfsgd", {"rank": 4, "nesterov": True, "eta2": 0.2, "init": "zero"}),
+    "adamw": ("adamw", {}),
+    "muon": ("muon", {"shard": False}),
+}
+FSDP_ONLY = {"mfsgd-sketch": "mfsgd"}  # case -> the DDP run it must equal
+
+
+def write_run(root, name, optimizer, keys, parallel, world):
+    """A run folder for `world` ranks: 4 steps of 2 micro-batches per rank, checkpoints at 2 and 4."""
+    data = write_tiny_corpus(os.path.join(root, "corpus"))
+    overrides = tiny_overrides(data, steps=STEPS, batch_size=8, micro_batch_size=2)
+    overrides["train"].update(parallel=parallel, ckpt_every=2, keep_checkpoints=3)
+    overrides["optimizer"] = keys
+    return write_run_config(root, name, optimizer, overrides, world, distributed=True)
+
+
+def run_all(run_dirs, world, resume=False):
+    train_in_process(run_dirs, world, resume, dtype=torch.float64)
+
+
+def final_state(run_dir, step=STEPS):
+    """{"model": ..., "optimizer": {name: state}, "metrics": [...]} of a run's checkpoint at `step`,
+    from either format; the hidden optimizer's state keyed by parameter name."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}")
+    if os.path.isdir(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(path, os.path.join(tmp, "whole.pt"))
+            whole = torch.load(os.path.join(tmp, "whole.pt"), weights_only=False)
+        names = whole["optimizers"]["param_groups"][0]["params"]  # the hidden group, by name
+        hidden = {name: whole["optimizers"]["state"].get(name, {}) for name in names}
+        model = whole["model"]
+    else:
+        whole = torch.load(path + ".pt", weights_only=False)
+        model = whole["model"]
+        from model import create_model
+
+        with open(os.path.join(run_dir, "config.json")) as f:
+            cfg = json.load(f)
+        from configs import RunConfig
+        from optimizers import split_parameters
+
+        rc = RunConfig.from_dict(cfg)
+        names = [n for n, _ in split_parameters(create_model(rc.model.arch, **rc.model.resolved()))["hidden"]]
+        saved = whole["optimizers"][0]
+        hidden = {name: saved["state"].get(i, {}) for name, i in zip(names, saved["param_groups"][0]["params"])}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    return {"model": model, "hidden": hidden, "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fsdp"))
+    dirs = {}
+    for case, (optimizer, keys) in CASES.items():
+        for parallel in ("fsdp",) if case in FSDP_ONLY else ("ddp", "fsdp"):
+            dirs[case, parallel] = write_run(root, f"{case}-{parallel}", optimizer, keys, parallel, WORLD)
+    run_all(list(dirs.values()), WORLD)
+    return root, dirs
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c != "muon"])
+def test_fsdp_equals_ddp_to_1e10_in_fp64(runs, case):
+    _, dirs = runs
+    fsdp = final_state(dirs[case, "fsdp"])
+    ddp = final_state(dirs[FSDP_ONLY.get(case, case), "ddp"])
+    assert max_difference(fsdp["model"], ddp["model"]) < 1e-10
+    for name, state in ddp["hidden"].items():
+        for key in ("U", "S", "V", "exp_avg", "exp_avg_sq"):
+            if key in state:
+                got = fsdp["hidden"][name][key]
+                assert (got.double() - state[key].double()).abs().max().item() < 1e-10, (name, key)
+    for a, b in zip(fsdp["metrics"], ddp["metrics"], strict=True):
+        for key in ("train_loss", "val_loss"):
+            assert (a.get(key) is None) == (b.get(key) is None)
+            if a.get(key) is not None:
+                assert abs(a[key] - b[key]) < 1e-10, (a["step"], key)
+    moved = max_difference(fsdp["model"], final_state(dirs[case, "fsdp"], step=2)["model"])
+    assert moved > 1e-4  # the last two steps changed the weights
+    # each rank holds half of every sharded tensor: parameters, gradients, the rows of U
+    first_f, first_d = fsdp["metrics"][1], ddp["metrics"][1]
+    assert first_f["param_bytes"] < 0.55 * first_d["param_bytes"]
+    assert first_f["opt_state_bytes_hidden"] < first_d["opt_state_bytes_hidden"]
+    if case == "mfsgd-sketch":  # the reduced shards were folded into sketches and freed
+        assert first_f["grad_bytes"] < 0.5 * final_state(dirs["mfsgd", "fsdp"])["metrics"][1]["grad_bytes"]
+
+
+@pytest.mark.slow
+def test_muon_runs_under_fsdp_equal_to_ddp_up_to_bf16_newton_schulz(runs):
+    """torch's Muon orthogonalises in bf16, so the order of DTensor's matmuls shows at bf16 rounding:
+    Newton-Schulz's own bf16 error is ~1e-2 of its output (against fp64), and the sharded and the
+    whole matrix's results differ by as much; 4 steps at lr 0.05 (x2 for the 4:1 MLP matrices)."""
+    _, dirs = runs
+    fsdp, ddp = final_state(dirs["muon", "fsdp"]), final_state(dirs["muon", "ddp"])
+    assert 0 < max_difference(fsdp["model"], ddp["model"]) < 2e-2
+    assert abs(fsdp["metrics"][-1]["val_loss"] - ddp["metrics"][-1]["val_loss"]) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [WORLD, 1])
+def test_distributed_checkpoint_resumes_on_any_number_of_ranks(runs, tmp_path, world):
+    """The FSDP MoFaSGD run resumed from its step-2 checkpoint: bit for bit on 2 ranks, to fp64
+    rounding on 1 (DCP reads each rank's rows from the shards that hold them)."""
+    _, dirs = runs
+    source = dirs["mfsgd", "fsdp"]
+    copy = str(tmp_path / "copy")
+    shutil.copytree(source, copy)
+    shutil.rmtree(os.path.join(copy, "checkpoints", f"step_{STEPS:07d}"))
+    with open(os.path.join(copy, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["launch"].update(nproc=world, world_size=world)
+    with open(os.path.join(copy, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    run_all([copy], world, resume=True)
+    resumed, original = final_state(copy), final_state(source)
+    tolerance = 0.0 if world == WORLD else 1e-12
+    assert max_difference(resumed["model"], original["model"]) <= tolerance
+    for name, state in original["hidden"].items():
+        for key in ("U", "S", "V"):
+            assert (resumed["hidden"][name][key] - state[key]).abs().max().item() <= 100 * tolerance, (name, key)
+    assert [m["step"] for m in resumed["metrics"]] == list(range(STEPS + 1))
+
+
+@pytest.mark.parametrize("optimizer,keys,message", [
+    ("galore", {}, "optimizer galore does not run under train.parallel fsdp"),
+    ("adafactor", {}, "optimizer adafactor does not run under train.parallel fsdp"),
+    ("muon", {"shard": True}, "optimizer.shard must be false under train.parallel fsdp"),
+    ("mfsgd", {"comm": "sketch"}, "optimizer.comm must be full under train.parallel fsdp"),
+])
+def test_fsdp_refuses_what_it_cannot_run(optimizer, keys, message):
+    from configs import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(optimizer, {"train": {"parallel": "fsdp"}, "optimizer": keys},
+                       launch=dict(nproc=2, world_size=2))
+
+
+def test_fsdp_allows_memory_mode_sketch_without_comm_sketch():
+    from configs import ConfigError, resolve_config
+
+    keys = {"optimizer": {"memory_mode": "sketch"}}
+    for parallel in ("fsdp", "ddp"):
+        overrides = {"train": {"parallel": parallel, "micro_batch_size": 4}, **keys}
+        if parallel == "fsdp":
+            assert resolve_config("mfsgd", overrides, launch=dict(nproc=2, world_size=2)).train.parallel == "fsdp"
+        else:
+            with pytest.raises(ConfigError, match="needs optimizer.comm sketch"):  # DDP still needs it
+                resolve_config("mfsgd", overrides, launch=dict(nproc=2, world_size=2))
