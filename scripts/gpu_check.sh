@@ -5,13 +5,15 @@
 #   bash scripts/gpu_check.sh OUT_DIR "bench memory"   # the optimizer-step and memory tables
 #   bash scripts/gpu_check.sh OUT_DIR train-a          # AdamW and MoFaSGD on the paper preset
 #   bash scripts/gpu_check.sh OUT_DIR train-b          # Muon, MoFaSGD sketch modes, GaLore
+#   bash scripts/gpu_check.sh OUT_DIR train-fsdp       # AdamW and MoFaSGD under train.parallel fsdp
 #
 # OUT_DIR (default results/gpu-check) gets every table and log; each part adds to it, and the
 # summary table after a train part covers every run in OUT_DIR/runs so far. PARTS, in order:
 #   bench   optimizer-step table on CUDA: the 72-matrix GPT-2-small hidden set, fp32 (with the
 #           projector-forming reference) and bf16 parameters, MoFaSGD r=32 vs AdamW foreach/fused
 #   memory  bench_memory.py on CUDA (torch.cuda.max_memory_allocated), GPT-2 small, 1 x 1024
-#   train-a, train-b, train (both)
+#   train-a, train-b, train (both), train-fsdp (AdamW and MoFaSGD under FSDP2: compare their peak
+#           memory and ms/step with train-a's DDP runs in the summary table)
 #           shortened runs of the paper preset (its model, 64K-token document-masked streams with the
 #           sliding window (flex_attention), bf16 embeddings and stream, torch.compile,
 #           fused Adam for the non-hidden groups, nccl on one GPU with --distributed: DDP, the sketch
@@ -61,13 +63,13 @@ else
     SIZE='{"data": {"val_tokens": 65536}, "train": {"batch_size": 2}}'
 fi
 
-run_config() {  # run_config OPTIMIZER_KEYS_JSON: SIZE + the short-run keys + the optimizer keys
-    $PY - "$SIZE" "$STEPS" "$1" "${GPU_CHECK_DATA:-data/shakespeare}" <<'PYTHON'
+run_config() {  # run_config OPTIMIZER_KEYS_JSON PARALLEL: SIZE + the short-run keys + the optimizer keys
+    $PY - "$SIZE" "$STEPS" "$1" "${GPU_CHECK_DATA:-data/shakespeare}" "$2" <<'PYTHON'
 import json, sys
 sys.path.insert(0, ".")
 from configs import deep_merge
 size, steps, optimizer, data = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-short = {"train": {"steps": steps, "val_every": steps, "ckpt_every": 0},
+short = {"train": {"steps": steps, "val_every": steps, "ckpt_every": 0, "parallel": sys.argv[5]},
          "data": {"train_files": f"{data}/train_*.bin", "val_files": f"{data}/val_*.bin"},
          "logging": {"progress": False}, "optimizer": optimizer}
 print(json.dumps(deep_merge(size, short)))
@@ -87,10 +89,11 @@ for p in $PARTS; do
     memory)
         part memory $PY -m scripts.bench_memory --device $DEVICE "${MEMORY[@]}"
         ;;
-    train|train-a|train-b)
+    train|train-a|train-b|train-fsdp)
         case $p in
             train-a) default_runs="adamw mfsgd" ;;
             train-b) default_runs="muon mfsgd-sketch galore" ;;
+            train-fsdp) default_runs="adamw-fsdp mfsgd-fsdp" ;;
             *) default_runs="adamw mfsgd muon mfsgd-sketch galore" ;;
         esac
         data=${GPU_CHECK_DATA:-data/shakespeare}
@@ -111,16 +114,19 @@ for p in $PARTS; do
         for run in "${RUNS[@]}"; do
             keys='{}'
             # MoFaSGD's factors checked for orthonormality after every update (CUDA's QR/SVD paths)
-            [ "$run" = mfsgd ] && keys='{"check_orthonormal": 0.001}'
+            parallel=ddp
+            [ "${run%-fsdp}" != "$run" ] && parallel=fsdp
+            [ "${run%-fsdp}" = mfsgd ] && keys='{"check_orthonormal": 0.001}'
             [ "$run" = mfsgd-sketch ] && keys='{"memory_mode": "sketch", "comm": "sketch", "check_orthonormal": 0.001}'
-            part train $PY run.py --optimizer "${run%-sketch}" "${LAUNCH[@]}" "${PRESET[@]}" \
-                --results-dir "$OUT/runs" --name "$run" --overwrite --config "$(run_config "$keys")"
+            optimizer=${run%-sketch}
+            part train $PY run.py --optimizer "${optimizer%-fsdp}" "${LAUNCH[@]}" "${PRESET[@]}" \
+                --results-dir "$OUT/runs" --name "$run" --overwrite --config "$(run_config "$keys" $parallel)"
         done
         part train $PY -m scripts.summarize "$OUT/runs" --out "$OUT/summary.md"
         cat "$OUT/summary.md" 2>/dev/null
         ;;
     *)
-        echo "unknown part '$p'; choose from: bench memory train-a train-b train" >&2; exit 2 ;;
+        echo "unknown part '$p'; choose from: bench memory train-a train-b train train-fsdp" >&2; exit 2 ;;
     esac
 done
 echo "gpu_check: $failed failed part(s); logs in $OUT"
