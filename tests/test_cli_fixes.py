@@ -112,7 +112,7 @@ def test_resume_on_another_world_size_names_the_one_it_needs(tmp_path, capsys):
     assert run.main(["--resume", "r", "--nproc", "1", "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == ("error: 'r' ran on 2 workers (config.json launch.world_size) and resumes only on as many: "
-                   "--resume r --nproc 2\n")
+                   "--resume r --nproc 2 (train.parallel fsdp runs resume on any number)\n")
 
 
 def test_drop_checkpoints_of_finished_runs(tmp_path, corpus, capsys):

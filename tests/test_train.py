@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import launch, read_metrics, tiny_overrides, write_tiny_corpus
+from helpers import launch, read_metrics, tiny_overrides, train_in_process, write_run_config, write_tiny_corpus
 
 
 @pytest.fixture(scope="module")
@@ -17,22 +17,19 @@ def corpus(tmp_path_factory):
 @pytest.mark.parametrize("optimizer,extra", [("adamw", {}), ("mfsgd", {"rank": 4, "lr": 0.02})])
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, corpus, optimizer, extra):
     """A 2-rank run (1 micro step each) and a 1-rank run with 2 accumulation steps see the same
-    sequences and average the same gradients: same losses to float tolerance."""
+    sequences and average the same gradients: same losses to float tolerance. (The worker in spawned
+    processes; test_resume launches 2-rank runs through run.py.)"""
     cfg = tiny_overrides(corpus, steps=4, batch_size=8, micro_batch_size=4, **extra)
-    one = launch(["--optimizer", optimizer, "--name", "one", "--nproc", "1", "--config", json.dumps(cfg)], tmp_path)
-    assert one.returncode == 0, one.stderr
-    two = launch(["--optimizer", optimizer, "--name", "two", "--nproc", "2", "--config", json.dumps(cfg)], tmp_path)
-    assert two.returncode == 0, two.stderr
-    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    one, two = write_run_config(tmp_path, "one", optimizer, cfg, 1), write_run_config(tmp_path, "two", optimizer, cfg, 2)
+    train_in_process([one], 1)
+    train_in_process([two], 2)
+    m1, m2 = read_metrics(one), read_metrics(two)
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [0, 1, 2, 3, 4]
     for a, b in zip(m1, m2):
         for key in ("train_loss", "val_loss"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-5, (key, a["step"], a[key], b[key])
-    # the runs really differ in how they computed: accumulation vs data parallelism
-    c1 = json.loads((tmp_path / "one" / "config.json").read_text())
-    c2 = json.loads((tmp_path / "two" / "config.json").read_text())
-    assert (c1["launch"]["world_size"], c2["launch"]["world_size"]) == (1, 2)
+    assert m1[1]["comm_bytes"] == 0 < m2[1]["comm_bytes"]  # the runs really differ: accumulation vs data parallelism
 
 
 @pytest.mark.slow
@@ -146,15 +143,16 @@ def test_checkpoints_are_ordered_by_step_number(tmp_path):
 @pytest.mark.parametrize("optimizer,extra", [("mfsgd", {"rank": 4, "shard": True, "comm": "sketch", "memory_mode": "sketch"}),
                                              ("muon", {})])
 def test_one_worker_with_a_process_group_trains_like_one_without(tmp_path, corpus, optimizer, extra):
-    """run.py --distributed: one worker still builds the process group, DDP, the overlapped sketch
+    """launch.distributed (run.py --distributed; gpu_check.sh launches with it, tests/test_scripts.py
+    runs that on CPU): one worker still builds the process group, DDP, the overlapped sketch
     all-reduces and the shard all-gathers (what a one-GPU check needs to exercise NCCL), with the
     results of the plain one-worker run; the collectives' bytes are counted."""
-    runs = {}
-    for name, flags in (("plain", []), ("distributed", ["--distributed"])):
-        cfg = json.dumps(tiny_overrides(corpus, steps=3, **extra))
-        r = launch(["--optimizer", optimizer, "--name", name, "--config", cfg, *flags], tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs[name] = [m for m in read_metrics(tmp_path / name) if "train_loss" in m]
+    cfg = tiny_overrides(corpus, steps=3, **extra)
+    dirs = {name: write_run_config(tmp_path, name, optimizer, cfg, 1, distributed=name == "distributed")
+            for name in ("plain", "distributed")}
+    train_in_process(list(dirs.values()), 1)
+    runs = {name: [m for m in read_metrics(d) if "train_loss" in m] for name, d in dirs.items()}
+    assert all(len(r) == 3 for r in runs.values())
     for a, b in zip(runs["plain"], runs["distributed"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
     assert all(m["comm_bytes"] == 0 for m in runs["plain"]) and all(m["comm_bytes"] > 0 for m in runs["distributed"])
