@@ -435,7 +435,8 @@ def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
     to; one past config.json's train.steps is an error too."""
     import torch
 
-    from checkpoint import checkpoint_problem, checkpoint_step, list_checkpoints, sharded_checkpoint_problem
+    from checkpoint import (checkpoint_problem, checkpoint_step, is_sharded_checkpoint, list_checkpoints,
+                            sharded_checkpoint_problem)
     from model import create_model
 
     checkpoints = list_checkpoints(run_dir)
@@ -446,7 +447,7 @@ def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
         with torch.device("meta"):  # shapes only, no memory
             model = create_model(cfg.model.arch, **cfg.model.resolved())
     problem = None
-    if os.path.isdir(checkpoints[-1]):  # train.parallel fsdp: a DCP folder
+    if is_sharded_checkpoint(checkpoints[-1]):  # train.parallel fsdp: a DCP folder
         problem = sharded_checkpoint_problem(checkpoints[-1], model)
     else:
         try:  # mmap: reads the archive's index, not the tensors, so this is cheap even for big models

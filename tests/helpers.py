@@ -57,7 +57,10 @@ def write_run_config(root, name, optimizer, overrides, world=1, distributed=None
     return run_dir
 
 
-def _train_worker(rank, world, ports, run_dirs, resume, dtype):
+def _train_worker(rank, world, ports_dir, run_dirs, resume, dtype):
+    import socket
+    import time
+
     import torch
 
     torch.set_num_threads(1)  # as torchrun's workers: one thread each
@@ -65,7 +68,21 @@ def _train_worker(rank, world, ports, run_dirs, resume, dtype):
         torch.set_default_dtype(dtype)  # the model is built in the default dtype
     import train_gpt
 
-    for port, run_dir in zip(ports, run_dirs):
+    from fileio import write_text_atomic
+
+    for i, run_dir in enumerate(run_dirs):
+        # each run's port is picked by rank 0 just before the run: one picked earlier can meanwhile
+        # be taken (gloo's own connections use ephemeral ports), and the ranks would then never meet
+        port_file = os.path.join(ports_dir, f"{i}.port")
+        if rank == 0:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            write_text_atomic(port_file, str(port))
+        else:
+            while not os.path.exists(port_file):
+                time.sleep(0.01)
+            port = int(open(port_file).read())
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
         train_gpt.train(run_dir, resume=resume)
@@ -76,17 +93,13 @@ def train_in_process(run_dirs, world, resume=False, dtype=None) -> None:
     with the worker's own train() on `world` spawned processes (gloo): the training loop without the
     launcher's start-up (run.py, torchrun), for tests that compare several runs. `dtype`: the
     default dtype the models are built in (torch.float64 for exact comparisons)."""
-    import socket
+    import tempfile
 
     import torch.multiprocessing as mp
 
-    ports = []
-    for _ in run_dirs:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    mp.start_processes(_train_worker, args=(world, ports, list(run_dirs), resume, dtype), nprocs=world,
-                       start_method="spawn")
+    with tempfile.TemporaryDirectory() as ports_dir:
+        mp.start_processes(_train_worker, args=(world, ports_dir, list(run_dirs), resume, dtype), nprocs=world,
+                           start_method="spawn")
 
 
 def read_metrics(run_dir):
