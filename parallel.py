@@ -1,6 +1,7 @@
 """Data parallelism for the worker: the process group, the small collectives the harness needs, DDP
 or FSDP2 over the model, and how a step's gradients are averaged (and the bytes that costs each rank)."""
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -68,8 +69,12 @@ def wrap_data_parallel(model: torch.nn.Module, sketched_params: list, device) ->
     tables) are the same on every rank, so none are broadcast per forward."""
     if sketched_params:
         exclude_from_ddp(model, sketched_params)
+    # torch >= 2.13 names the per-forward buffer sync forward_sync_buffers (broadcast_buffers, the
+    # older name, now warns on every launch); either way the equal buffers are synced once at init
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               gradient_as_bucket_view=True, broadcast_buffers=False)
+               gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -88,18 +88,31 @@ def _train_worker(rank, world, ports_dir, run_dirs, resume, dtype):
         train_gpt.train(run_dir, resume=resume)
 
 
-def train_in_process(run_dirs, world, resume=False, dtype=None) -> None:
+def train_in_process(run_dirs, world, resume=False, dtype=None, seconds_per_run=120) -> None:
     """Trains each run (folders from write_run_config, all for `world` workers) one after another
     with the worker's own train() on `world` spawned processes (gloo): the training loop without the
     launcher's start-up (run.py, torchrun), for tests that compare several runs. `dtype`: the
-    default dtype the models are built in (torch.float64 for exact comparisons)."""
+    default dtype the models are built in (torch.float64 for exact comparisons). A run that hangs
+    (ranks that never meet at rendezvous, a collective one rank skips) fails the test after
+    `seconds_per_run` per run instead of stalling the suite: the ranks are killed and the error
+    names the first run without a summary.json."""
     import tempfile
+    import time
 
     import torch.multiprocessing as mp
 
+    run_dirs = list(run_dirs)
+    deadline = time.monotonic() + seconds_per_run * len(run_dirs)
     with tempfile.TemporaryDirectory() as ports_dir:
-        mp.start_processes(_train_worker, args=(world, ports_dir, list(run_dirs), resume, dtype), nprocs=world,
-                           start_method="spawn")
+        ranks = mp.start_processes(_train_worker, args=(world, ports_dir, run_dirs, resume, dtype), nprocs=world,
+                                   start_method="spawn", join=False)
+        while not ranks.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a rank failed
+            if time.monotonic() >= deadline:
+                for process in ranks.processes:
+                    process.kill()
+                stuck = next((d for d in run_dirs if not os.path.exists(os.path.join(d, "summary.json"))), None)
+                raise TimeoutError(f"train_in_process: {world} ranks were still at {stuck} after "
+                                   f"{seconds_per_run * len(run_dirs)} s ({seconds_per_run} s per run): a hang")
 
 
 def read_metrics(run_dir):
