@@ -81,8 +81,9 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, ext
     for key in ("best_val_loss", "final_train_loss", "param_bytes", "opt_state_bytes_hidden"):
         assert summary[key] == ref_summary[key], key  # the summary sees the steps before the kill too
     assert len(os.listdir(tmp_path / "cut" / "checkpoints")) == 2  # keep_checkpoints
-    again = launch(["--resume", "cut", "--nproc", str(nproc)], tmp_path)
-    assert again.returncode == 2 and "already finished" in again.stderr
+    if optimizer == "adamw" or extra.get("parallel") == "fsdp":  # a file and a folder checkpoint; the rest alike
+        again = launch(["--resume", "cut", "--nproc", str(nproc)], tmp_path)
+        assert again.returncode == 2 and "already finished" in again.stderr
 
 
 @pytest.mark.slow

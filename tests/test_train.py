@@ -80,20 +80,20 @@ def test_outputs_and_refusal_to_overwrite(tmp_path, corpus):
 def test_compiled_model_trains_like_the_eager_one(tmp_path, corpus, monkeypatch):
     """train.compile (torch.compile of the model, a GPU speed-up) changes how the model computes,
     not what: the same run compiled and eager gives the same losses to float tolerance. The CPU
-    compile of this tiny model takes ~15 s, most of this test."""
-    cfg = tiny_overrides(corpus, steps=3, rank=4, lr=0.02)
+    compile of this tiny model takes ~15 s, most of this test (the worker in a spawned process)."""
     kernels = tmp_path / "inductor"  # where the compiled run's generated kernels land
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(kernels))
-    losses = {}
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(kernels))  # inherited by the spawned worker
+    runs = {}
     for compiled in (False, True):
+        cfg = tiny_overrides(corpus, steps=3, rank=4, lr=0.02)
         cfg["train"]["compile"] = compiled
-        name = f"compile={compiled}"
-        r = launch(["--optimizer", "mfsgd", "--name", name, "--config", json.dumps(cfg)], tmp_path)
-        assert r.returncode == 0, r.stderr
-        assert json.loads((tmp_path / name / "config.json").read_text())["train"]["compile"] is compiled
-        generated = list(kernels.rglob("*.py")) if kernels.exists() else []
-        assert bool(generated) == compiled  # the flag really compiled (and eager did not)
-        losses[compiled] = [(m["step"], m.get("train_loss"), m.get("val_loss")) for m in read_metrics(tmp_path / name)]
+        runs[compiled] = write_run_config(tmp_path, f"compile={compiled}", "mfsgd", cfg)
+    train_in_process([runs[False]], 1)
+    assert not kernels.exists() or not list(kernels.rglob("*.py"))  # eager compiled nothing
+    train_in_process([runs[True]], 1)
+    assert list(kernels.rglob("*.py"))  # the flag really compiled
+    losses = {compiled: [(m["step"], m.get("train_loss"), m.get("val_loss")) for m in read_metrics(run_dir)]
+              for compiled, run_dir in runs.items()}
     assert [s for s, _, _ in losses[True]] == [0, 1, 2, 3]
     for (step, train_e, val_e), (_, train_c, val_c) in zip(losses[False], losses[True]):
         for eager, compiled in ((train_e, train_c), (val_e, val_c)):
