@@ -16,7 +16,8 @@ No m x n matrix is gathered by a step: where Cholesky-QR is unreliable (rank-def
 the reference Householder form runs on the thin m x 2r blocks [U, G V], gathered from the ranks.
 The one full gather is init="weight_svd" at a matrix's first step (the SVD of the weight itself,
 as FSDP's own forward gathers it). The results equal the unsharded optimizer's up to rounding
-(tests/test_row_sharded.py: 1e-10 in fp64 against DDP over several steps).
+(tests/test_row_sharded.py: 1e-10 in fp64 against DDP over several steps; it also records every
+collective of a step and bounds its size by the thin blocks above).
 """
 
 from __future__ import annotations

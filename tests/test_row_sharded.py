@@ -1,6 +1,7 @@
 """MoFaSGD on FSDP2's row-sharded weights (mofasgd.row_sharded) equals the unsharded optimizer:
 2 gloo ranks, a fp64 GPT wrapped per block with fully_shard, against one process on the whole batch."""
 
+import contextlib
 import os
 
 import pytest
@@ -26,20 +27,58 @@ def batches(seed=1):
     return [[torch.randint(0, 64, (ROWS, 17), generator=gen) for _ in range(ACCUM)] for _ in range(STEPS)]
 
 
-def train(model, hidden, others, keys, rows):
-    """STEPS steps of ACCUM micro-batches; `rows` picks this process's sequences."""
+def train(model, hidden, others, keys, rows, watch_step=None):
+    """STEPS steps of ACCUM micro-batches; `rows` picks this process's sequences. `watch_step(opt,
+    i)`: a context manager entered around step i's opt.step()."""
     opt = MoFaSGD(hidden, **HYPER, **keys)
     other = torch.optim.SGD(others, lr=0.1)
-    for step_batches in batches():
+    for i, step_batches in enumerate(batches()):
         for x in step_batches:
             x = x[rows]
             _, loss = model(x[:, :-1], x[:, 1:])
             (loss / ACCUM).backward()
-        opt.step()
+        with watch_step(opt, i) if watch_step else contextlib.nullcontext():
+            opt.step()
         other.step()
         opt.zero_grad()
         other.zero_grad()
     return opt
+
+
+@contextlib.contextmanager
+def record_collectives(opt, step, sizes, counts):
+    """From the second step on (the first may gather a weight for init weight_svd): appends
+    (m, n, numbers sent) to `sizes` for each dist.all_reduce and dist.all_gather a matrix's step
+    makes, and to `counts` (those calls, all collectives torch saw in the step): any other
+    collective, such as a DTensor op gathering a matrix, would make the two differ."""
+    import torch.distributed as dist
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    if step == 0:
+        yield
+        return
+    current, before = [], len(sizes)  # the shape of the matrix being stepped
+    step_matrix, all_reduce, all_gather = opt._row_sharded_step, dist.all_reduce, dist.all_gather
+
+    def stepping(p, group):
+        current.append(tuple(p.shape))
+        return step_matrix(p, group)
+
+    def sending(collective, tensor_arg):
+        def call(*args, **kwargs):
+            sizes.append((*current[-1], args[tensor_arg].numel()))
+            return collective(*args, **kwargs)
+        return call
+
+    opt._row_sharded_step = stepping
+    dist.all_reduce, dist.all_gather = sending(all_reduce, 0), sending(all_gather, 1)
+    try:
+        with CommDebugMode() as comm:
+            yield
+        counts.append((len(sizes) - before, comm.get_total_counts()))
+    finally:
+        del opt._row_sharded_step
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
 
 
 def fsdp_worker(rank, world, port, out):
@@ -57,13 +96,17 @@ def fsdp_worker(rank, world, port, out):
         hidden = [p for _, p in split_parameters(model)["hidden"]]
         others = [p for p in model.parameters() if all(p is not h for h in hidden)]
         per_rank = ROWS // world
-        opt = train(model, hidden, others, keys, slice(rank * per_rank, (rank + 1) * per_rank))
+        sizes, counts = [], []
+        opt = train(model, hidden, others, keys, slice(rank * per_rank, (rank + 1) * per_rank),
+                    lambda opt, i: record_collectives(opt, i, sizes, counts))
         results[case] = {
             "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
             "U": [opt.state[p]["U"].full_tensor().detach().clone() for p in hidden],
             "S": [opt.state[p]["S"].clone() for p in hidden],
             "local_U_rows": [opt.state[p]["U"].to_local().shape[0] for p in hidden],
             "householder": opt.householder_updates,
+            "collective_sizes": sizes,
+            "collective_counts": counts,
         }
     out[rank] = results
     dist.destroy_process_group()
@@ -99,6 +142,17 @@ def test_row_sharded_mofasgd_equals_unsharded(fsdp_results, case):
     assert moved > 1e-3  # the steps did something
     if "Householder" in case:
         assert fsdp_results[0][case]["householder"] > 0
+    # a step sends thin blocks only, never an m x n matrix: the sketches G^T U and U^T G V ((n + r) r
+    # numbers, all-reduced, and the r x r Grams of Cholesky-QR2), or, on the reference path, this
+    # rank's rows of [U, G V] (ceil(m / 2) x 2r, all-gathered); torch saw no other collective
+    r = CASES[case]["rank"]
+    for results in fsdp_results:
+        sizes = results[case]["collective_sizes"]
+        assert len(sizes) >= 2 * len(hidden) * (STEPS - 1)  # at least the sketches and a QR's per matrix
+        for m, n, sent in sizes:
+            assert sent <= max((n + r) * r, -(-m // 2) * 2 * r), (m, n, sent)
+            assert sent < m * n or 2 * r > n, (m, n, sent)  # thin wherever r is (rank 12 of 16 is not)
+        assert all(ours == seen for ours, seen in results[case]["collective_counts"]), results[case]["collective_counts"]
 
 
 def test_row_sharded_rejects_what_it_cannot_do():
