@@ -286,6 +286,18 @@ class OptChoice:
         return self.name
 
 
+def fsdp_refusal(opt: OptChoice) -> str | None:
+    """Why the harness refuses this optimizer under train.parallel fsdp (configs.check_fsdp_support's
+    words), or None: the planner plans only what the harness runs."""
+    from configs import check_fsdp_support
+
+    try:
+        check_fsdp_support(opt.name, opt)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def opt_choice(name: str, cfg) -> OptChoice:
     """The planner's view of an optimizer config dataclass (optimizers.OPTIMIZERS[name].config)."""
     if name == "mfsgd":
@@ -304,17 +316,23 @@ def mofasgd_dtype(param_dtype: str) -> str:
     return "fp64" if param_dtype == "fp64" else "fp32"
 
 
-def hidden_state_bytes(p: Param, opt: OptChoice, param_dtype: str, grad_dtype: str, state_dtype: str | None) -> int:
+def hidden_state_bytes(p: Param, opt: OptChoice, param_dtype: str, grad_dtype: str, state_dtype: str | None,
+                       rows: int | None = None) -> int:
     """Bytes of the hidden-matrix optimizer's state for one m x n matrix (state_dtype None: the
-    harness's own dtypes)."""
+    harness's own dtypes) held by a rank that holds `rows` of its rows (FSDP; None: all m). Under
+    FSDP the state tensors shaped like the weight are split like it (U's rows too), while V, S and
+    the step counter are whole on every rank."""
     m, n = p.shape[0], math.prod(p.shape[1:])
+    rows = m if rows is None else rows
     if opt.name == "adamw":  # exp_avg, exp_avg_sq like the parameter, and a float32 step
-        return 2 * m * n * DTYPE_BYTES[state_dtype or param_dtype] + STEP_BYTES
+        return 2 * rows * n * DTYPE_BYTES[state_dtype or param_dtype] + STEP_BYTES
     if opt.name == "mfsgd":  # U (m x r'), S (r'), V (n x r') in the compute dtype, and a float32 step
         r = min(opt.rank, m, n)
-        return ((m + n) * r + r) * DTYPE_BYTES[state_dtype or mofasgd_dtype(param_dtype)] + STEP_BYTES
+        return ((rows + n) * r + r) * DTYPE_BYTES[state_dtype or mofasgd_dtype(param_dtype)] + STEP_BYTES
     if opt.name == "muon":  # momentum_buffer like the gradient
-        return m * n * DTYPE_BYTES[state_dtype or grad_dtype]
+        return rows * n * DTYPE_BYTES[state_dtype or grad_dtype]
+    if rows != m:
+        raise PlanError(f"optimizer {opt.name} does not run under FSDP")
     if opt.name == "adafactor":  # row_var (m x 1) and col_var (1 x n) like the gradient, and a float32 step
         return (m + n) * DTYPE_BYTES[state_dtype or grad_dtype] + STEP_BYTES
     if opt.name == "galore":
@@ -359,12 +377,14 @@ def adamw_state_bytes(numel: int, param_dtype: str, state_dtype: str | None) -> 
     return 2 * numel * DTYPE_BYTES[state_dtype or param_dtype] + STEP_BYTES
 
 
-def sketch_bytes(p: Param, rank: int) -> int:
+def sketch_bytes(p: Param, rank: int, rows: int | None = None) -> int:
     """MoFaSGD's pending sketches of one matrix: G V (m x r'), G^T U (n x r'), U^T G V (r' x r') in
-    the compute dtype."""
+    the compute dtype; under FSDP (`rows` of the m rows held) G V has this rank's rows and the other
+    two are this rank's partial sums (whole size)."""
     m, n = p.shape
     r = min(rank, m, n)
-    return ((m + n) * r + r * r) * DTYPE_BYTES[mofasgd_dtype(p.dtype)]
+    rows = m if rows is None else rows
+    return ((rows + n) * r + r * r) * DTYPE_BYTES[mofasgd_dtype(p.dtype)]
 
 
 def assign_owners(sizes, world):
@@ -536,9 +556,15 @@ def head_bytes(model: ModelDesc, setup: Setup, chunk: int) -> dict:
 # The plan
 
 
+def shard_rows(p: Param, world: int) -> int:
+    """FSDP2 (fully_shard) splits dim 0 of every tensor as torch.chunk does: ceil(m / world) rows on
+    rank 0, which holds the most (the ranks after it as many or fewer)."""
+    return math.ceil(p.shape[0] / world)
+
+
 def shard_numel(p: Param, world: int) -> int:
-    """FSDP2 (fully_shard): each rank holds dim-0 rows ceil(m / world) of every tensor (padded)."""
-    return math.ceil(p.shape[0] / world) * math.prod(p.shape[1:])
+    """Elements of p on FSDP2's rank 0 (shard_rows rows)."""
+    return shard_rows(p, world) * math.prod(p.shape[1:])
 
 
 def ddp_buckets(sizes: list[int], cap: int = DDP_BUCKET_CAP, first: int = DDP_FIRST_BUCKET) -> int:
@@ -561,6 +587,10 @@ def plan(model: ModelDesc, opt: OptChoice, setup: Setup) -> dict:
         raise PlanError(f"{opt.name} needs a rank >= 1 (--rank)")
     if opt.name == "mfsgd" and opt.memory_mode == "sketch" and ddp and opt.comm != "sketch":
         opt = OptChoice(**{**opt.__dict__, "comm": "sketch"})  # the harness requires it on several ranks
+    if fsdp:
+        fsdp_problem = fsdp_refusal(opt)
+        if fsdp_problem:
+            raise PlanError(fsdp_problem)
 
     def pdt(p):
         return setup.param_dtype or p.dtype
@@ -574,12 +604,13 @@ def plan(model: ModelDesc, opt: OptChoice, setup: Setup) -> dict:
     def local(p):  # elements of p this rank holds
         return shard_numel(p, W) if fsdp else p.numel
 
+    def rows(p):  # rows of p this rank holds
+        return shard_rows(p, W) if fsdp else p.shape[0]
+
     param_bytes = sum(local(p) * DTYPE_BYTES[pdt(p)] for p in model.params)
     full_grads = sum(local(p) * DTYPE_BYTES[gdt(p)] for p in model.params)
     sketched = opt.name == "mfsgd" and (opt.memory_mode == "sketch" or opt.comm == "sketch")
-    sketches = sum(sketch_bytes(p, opt.rank) for p in hidden) if sketched else 0
-    if fsdp:
-        sketches = math.ceil(sketches / W)
+    sketches = sum(sketch_bytes(p, opt.rank, rows(p)) for p in hidden) if sketched else 0
     other_grads = sum(local(p) * DTYPE_BYTES[gdt(p)] for p in other)
     if sketched:
         grad_at_step = other_grads + sketches
@@ -599,19 +630,16 @@ def plan(model: ModelDesc, opt: OptChoice, setup: Setup) -> dict:
 
     # optimizer state, per rank
     sd = setup.state_dtype
-    master = lambda p: p.numel * 4 if setup.master_weights and pdt(p) != "fp32" else 0  # noqa: E731
-    per_hidden = [hidden_state_bytes(p, opt, pdt(p), gdt(p), sd) + master(p) for p in hidden]
+    master = lambda p: local(p) * 4 if setup.master_weights and pdt(p) != "fp32" else 0  # noqa: E731
+    per_hidden = [hidden_state_bytes(p, opt, pdt(p), gdt(p), sd, rows(p)) + master(p) for p in hidden]
     per_rank_hidden = None
-    if fsdp:
-        state_hidden = sum(math.ceil(b / W) for b in per_hidden)
-    elif W > 1 and opt.shard and opt.name in ("mfsgd", "muon") and not sketched and hidden:
+    if W > 1 and not fsdp and opt.shard and opt.name in ("mfsgd", "muon") and not sketched and hidden:
         owners = assign_owners([p.numel for p in hidden], W)
         per_rank_hidden = [sum(b for b, o in zip(per_hidden, owners) if o == r) for r in range(W)]
         state_hidden = max(per_rank_hidden)
     else:
         state_hidden = sum(per_hidden)
-    per_other = [adamw_state_bytes(p.numel, pdt(p), sd) + master(p) for p in other]
-    state_other = sum(math.ceil(b / W) for b in per_other) if fsdp else sum(per_other)
+    state_other = sum(adamw_state_bytes(local(p), pdt(p), sd) + master(p) for p in other)
 
     # activations and the head
     acts = activations(model, setup)
@@ -710,9 +738,8 @@ def step_temporaries(model, opt, setup, hidden, gdt, pdt):
     if not hidden:
         return 0, "no hidden matrices"
     p = max(hidden, key=lambda q: q.numel)
-    m, n = p.shape[0], math.prod(p.shape[1:])
-    if setup.parallel == "fsdp":
-        m = math.ceil(m / setup.world)
+    full_m, n = p.shape[0], math.prod(p.shape[1:])
+    m = shard_rows(p, setup.world) if setup.parallel == "fsdp" else full_m  # the rows this rank steps
     k = min(m, n)
     g, w = DTYPE_BYTES[gdt(p)], DTYPE_BYTES[pdt(p)]
     if opt.name == "adamw":
@@ -722,7 +749,9 @@ def step_temporaries(model, opt, setup, hidden, gdt, pdt):
         return total, "foreach AdamW: one temporary list as large as the hidden matrices (the denominator)"
     if opt.name == "mfsgd":
         r = min(opt.rank, m, n)
-        svd = 4 * (m * n + m * k + k * n)  # first step, init weight_svd: fp32 copy, U, Vh of the weight
+        # first step, init weight_svd: fp32 copy, U, Vh of the whole weight (FSDP gathers it for this)
+        full_k = min(full_m, n)
+        svd = 4 * (full_m * n + full_m * full_k + full_k * n)
         apply = 4 * m * n if w != 4 else 0  # non-fp32 parameters get the update in fp32, rounded once
         # same-shape matrices are updated in batches of B <= 2^22 / ((m + n) r) (mofasgd/optimizer.py,
         # _MAX_BATCH_ELEMENTS); the batch holds about 8 (B, m + n, r) arrays (old and new factors,
@@ -794,7 +823,8 @@ def parse_args(argv=None):
     p.add_argument("--master-weights", action="store_true", help="an fp32 copy of every non-fp32 parameter")
     p.add_argument("--micro-batch", type=int, help="sequences per forward per GPU (default: train.micro_batch_size)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: data.seq_len)")
-    p.add_argument("--parallel", default="ddp", help="ddp or fsdp (FSDP2: every tensor sharded over the world)")
+    p.add_argument("--parallel", help="ddp or fsdp (FSDP2: every tensor sharded over the world); default: the "
+                                       "config's train.parallel (ddp)")
     p.add_argument("--world", type=int, default=1, help="data-parallel world size (GPUs)")
     p.add_argument("--distributed", action="store_true", help="DDP even with one rank (run.py --distributed)")
     p.add_argument("--checkpointing", default="none", help="activation checkpointing: none or block")
@@ -823,7 +853,8 @@ def positive(value, what):
 def build(args):
     """(model, primary OptChoice, Setup, comparison OptChoices, description of the setup)."""
     choice(args.optimizer, OPTIMIZER_NAMES, "optimizer")
-    choice(args.parallel, ("ddp", "fsdp"), "--parallel")
+    if args.parallel is not None:
+        choice(args.parallel, ("ddp", "fsdp"), "--parallel")
     choice(args.checkpointing, ("none", "block"), "--checkpointing")
     choice(args.attention, ("flash", "math"), "--attention")
     choice(args.device, ("cuda", "cpu"), "--device")
@@ -841,8 +872,8 @@ def build(args):
     if len(sources) > 1 or (sources and args.preset):
         raise PlanError("give one model: a harness config (--preset/--config), --hf-config or --shapes")
 
-    from configs import (CONFIG_DIR, ConfigError, build_dataclass, check_numbers, deep_merge, load_yaml, parse_overrides,
-                         resolve_config, split_overrides)
+    from configs import (CONFIG_DIR, ConfigError, build_dataclass, check_fsdp_support, check_numbers, deep_merge,
+                         load_yaml, parse_overrides, resolve_config, split_overrides)
     from optimizers import optimizer_config_class
 
     try:
@@ -852,6 +883,8 @@ def build(args):
     layered = split_overrides(overrides)
     opt_overrides = layered.get("optimizer", {})
     sections = {k: v for k, v in layered.items() if k != "optimizer"}
+    if args.parallel is not None and not (args.hf_config or args.shapes):  # the harness config validates it
+        sections = {**sections, "train": {**sections.get("train", {}), "parallel": args.parallel}}
     if args.rank is not None and args.optimizer == "galore":
         opt_overrides = {**opt_overrides, "group_params": {**opt_overrides.get("group_params", {}), "rank": args.rank}}
     elif args.rank is not None and args.optimizer == "mfsgd":
@@ -874,12 +907,16 @@ def build(args):
             try:
                 check_numbers(opt_cfg, "optimizer")
                 opt_cfg.validate()
+                if args.parallel == "fsdp":
+                    check_fsdp_support(args.optimizer, opt_cfg)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+            parallel = args.parallel or "ddp"
         else:
             cfg = resolve_config(args.optimizer, {**sections, "optimizer": opt_overrides}, preset=args.preset,
                                  name="plan", launch=launch)
             harness_cfg, opt_cfg = cfg, cfg.optimizer
+            parallel = cfg.train.parallel
     except ConfigError as e:
         raise PlanError(str(e)) from None
     primary = opt_choice(args.optimizer, opt_cfg)
@@ -907,7 +944,7 @@ def build(args):
                 runtime = int(float(args.runtime_mib) * 2**20)
             except ValueError:
                 raise PlanError(f"--runtime-mib must be a number of MiB or auto, got {args.runtime_mib!r}") from None
-    setup = Setup(micro_batch=micro, seq_len=seq, parallel=args.parallel, world=args.world,
+    setup = Setup(micro_batch=micro, seq_len=seq, parallel=parallel, world=args.world,
                   distributed=args.distributed, param_dtype=dtypes["param_dtype"], grad_dtype=dtypes["grad_dtype"],
                   state_dtype=dtypes["state_dtype"], master_weights=args.master_weights,
                   checkpointing=args.checkpointing, loss_chunk_tokens=args.loss_chunk_tokens, attention=args.attention,
@@ -924,9 +961,11 @@ def build(args):
         elif name == "galore":
             compared.append(OptChoice("galore", rank=rank))
         elif name == "muon":
-            compared.append(OptChoice("muon", shard=True))
+            compared.append(OptChoice("muon", shard=parallel == "ddp"))  # FSDP shards Muon's state itself
         else:
             compared.append(OptChoice(name))
+    if parallel == "fsdp":  # what the harness cannot run under FSDP is left out of the comparison
+        compared = [o for o in compared if fsdp_refusal(o) is None]
     return model, primary, setup, compared
 
 
