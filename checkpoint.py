@@ -48,10 +48,11 @@ def is_sharded_checkpoint(path: str) -> bool:
 
 def list_checkpoints(run_dir: str) -> list[str]:
     """Checkpoints, oldest first (by step number, which may outgrow the zero padding): step_N.pt
-    files and complete sharded folders step_N/ (holding meta.pt); names without a step number
-    (step_x.pt, step_.pt) and unfinished step_N.tmp/ folders are not checkpoints and are left alone."""
+    files and sharded folders step_N/ (renamed from step_N.tmp/ only once complete, so one that
+    lacks a file is damaged, and is listed for the resume check to report); names without a step
+    number (step_x.pt, step_.pt) and unfinished step_N.tmp/ folders are not checkpoints and are left alone."""
     paths = [p for p in glob.glob(os.path.join(checkpoint_dir(run_dir), "step_*")) if checkpoint_step(p) is not None
-             and (os.path.isfile(p) if p.endswith(".pt") else os.path.isfile(os.path.join(p, META_NAME)))]
+             and (os.path.isfile(p) if p.endswith(".pt") else os.path.isdir(p))]
     return sorted(paths, key=checkpoint_step)
 
 
@@ -242,16 +243,26 @@ def _load_sharded_checkpoint(path: str, model, optimizers) -> dict:
 
 
 def sharded_checkpoint_problem(path: str, model=None) -> str | None:
-    """What makes a sharded checkpoint folder unusable (an unreadable meta.pt or DCP metadata, a step
-    unlike its name's, a model of other shapes than `model`'s: read from the metadata, no tensor
-    loaded), or None."""
+    """What makes a sharded checkpoint folder unusable (an unreadable meta.pt or DCP metadata, a shard
+    file missing or shorter than the metadata says, a step unlike its name's, a model of other shapes
+    than `model`'s: read from the metadata, no tensor loaded), or None."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    for name in (META_NAME, ".metadata"):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"its {name} is missing"
     try:
         meta = torch.load(os.path.join(path, META_NAME), map_location="cpu", weights_only=True)
-        saved = FileSystemReader(path).read_metadata().state_dict_metadata
+        metadata = FileSystemReader(path).read_metadata()
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         return (str(e).splitlines() or [type(e).__name__])[0][:200]
+    for item in (metadata.storage_data or {}).values():  # where each saved tensor's bytes are
+        file = os.path.join(path, item.relative_path)
+        if not os.path.isfile(file):
+            return f"its shard file {item.relative_path} is missing"
+        if os.path.getsize(file) < item.offset + item.length:
+            return f"its shard file {item.relative_path} is truncated"
+    saved = metadata.state_dict_metadata
     problem = meta_problem(meta, path)
     if problem or model is None:
         return problem

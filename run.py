@@ -457,7 +457,7 @@ def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
         if problem is None:
             problem = checkpoint_problem(state, checkpoints[-1], model)
     if problem:
-        older = f"; the older checkpoint {checkpoints[-2]} exists: delete the corrupt file to resume from it" \
+        older = f"; the older checkpoint {checkpoints[-2]} exists: delete the corrupt one to resume from it" \
             if len(checkpoints) > 1 else "; no older checkpoint exists: --overwrite starts the run again"
         raise LaunchError(f"checkpoint {checkpoints[-1]} is corrupt ({problem}){older}") from None
     step = checkpoint_step(checkpoints[-1])

@@ -132,7 +132,11 @@ def test_distributed_checkpoint_resumes_on_any_number_of_ranks(runs, tmp_path, w
     source = dirs["mfsgd", "fsdp"]
     copy = str(tmp_path / "copy")
     shutil.copytree(source, copy)
-    shutil.rmtree(os.path.join(copy, "checkpoints", f"step_{STEPS:07d}"))
+    # the step-4 save as a kill midway leaves it: a staging folder without DCP's metadata or meta.pt
+    newest = os.path.join(copy, "checkpoints", f"step_{STEPS:07d}")
+    for name in (".metadata", "meta.pt"):
+        os.remove(os.path.join(newest, name))
+    os.rename(newest, newest + ".tmp")
     with open(os.path.join(copy, "config.json")) as f:
         cfg = json.load(f)
     cfg["launch"].update(nproc=world, world_size=world)
@@ -146,6 +150,36 @@ def test_distributed_checkpoint_resumes_on_any_number_of_ranks(runs, tmp_path, w
         for key in ("U", "S", "V"):
             assert (resumed["hidden"][name][key] - state[key]).abs().max().item() <= 100 * tolerance, (name, key)
     assert [m["step"] for m in resumed["metrics"]] == list(range(STEPS + 1))
+    assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == [f"step_{2:07d}", f"step_{STEPS:07d}"]  # .tmp gone
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate .metadata", "is corrupt ("),
+    ("remove meta.pt", "its meta.pt is missing"),
+    ("remove __1_0.distcp", "its shard file __1_0.distcp is missing"),
+    ("truncate __0_0.distcp", "its shard file __0_0.distcp is truncated"),
+])
+def test_damaged_distributed_checkpoint_is_one_line_naming_the_older_one(runs, tmp_path, damage, message):
+    """run.py --resume checks the newest DCP folder before launching (meta.pt, DCP's metadata, and
+    that every shard file the metadata names is there, long enough), without loading a tensor."""
+    from run import LaunchError, check_newest_checkpoint
+
+    _, dirs = runs
+    copy = str(tmp_path / "copy")
+    shutil.copytree(dirs["mfsgd", "fsdp"], copy)
+    action, name = damage.split()
+    target = os.path.join(copy, "checkpoints", f"step_{STEPS:07d}", name)
+    if action == "remove":
+        os.remove(target)
+    else:
+        with open(target, "r+b") as f:
+            f.truncate(os.path.getsize(target) // 2)
+    with pytest.raises(LaunchError) as caught:
+        check_newest_checkpoint(copy)
+    line = str(caught.value)
+    assert "\n" not in line and message in line and f"the older checkpoint {copy}/checkpoints/step_{2:07d}" in line
+    shutil.rmtree(os.path.join(copy, "checkpoints", f"step_{STEPS:07d}"))  # as the message says
+    check_newest_checkpoint(copy)  # the older one is whole
 
 
 @pytest.mark.parametrize("optimizer,keys,message", [
