@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from configs import AdamConfig, ConfigError, resolve_config
-from helpers import TINY_VOCAB, launch, read_metrics, tiny_overrides, write_tiny_corpus
+from helpers import (TINY_VOCAB, launch, read_metrics, tiny_overrides, train_in_process, write_run_config,
+                     write_tiny_corpus)
 from model import GPT, PRESETS, SpeedrunConfig, SpeedrunGPT, create_model
 from optimizers import MoFaSGDConfig, build_optimizers, split_parameters
 
@@ -279,14 +280,16 @@ def test_grad_scale_multiplies_the_gradient(tmp_path):
     """train.grad_scale 2 (the harness's 4-GPU gradient): AdamW's first moment after one step is
     exactly twice that of grad_scale 1, for the hidden matrices and the rest alike."""
     corpus = write_tiny_corpus(str(tmp_path / "corpus"))
-    moments = {}
+    runs = {}
     for scale in (1.0, 2.0):
         cfg = tiny_overrides(corpus, steps=1)
         cfg["train"]["grad_scale"] = scale
-        name = f"scale{scale:g}"
-        r = launch(["--optimizer", "adamw", "--name", name, "--config", json.dumps(cfg)], tmp_path)
-        assert r.returncode == 0, r.stderr
-        state = torch.load(next((tmp_path / name / "checkpoints").glob("step_*.pt")), weights_only=True)
+        runs[scale] = write_run_config(tmp_path, f"scale{scale:g}", "adamw", cfg)
+    train_in_process(list(runs.values()), 1)  # the worker in a spawned process
+    moments = {}
+    for scale, run_dir in runs.items():
+        state = torch.load(next((tmp_path / os.path.basename(run_dir) / "checkpoints").glob("step_*.pt")),
+                           weights_only=True)
         moments[scale] = [s["exp_avg"] for opt in state["optimizers"] for _, s in sorted(opt["state"].items())]
     assert len(moments[1.0]) > 4 and all(m.abs().max() > 0 for m in moments[1.0])
     for one, two in zip(moments[1.0], moments[2.0]):
