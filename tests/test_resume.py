@@ -11,7 +11,8 @@ import time
 import pytest
 from unittest.mock import ANY
 
-from helpers import ROOT, launch, process_tree, read_metrics, tiny_overrides, write_tiny_corpus
+from helpers import (ROOT, launch, process_tree, read_metrics, tiny_overrides, train_in_process, write_run_config,
+                     write_tiny_corpus)
 
 STEPS = 40
 
@@ -59,10 +60,11 @@ def kill_after_step(args, results_dir, run_dir, step, timeout=120):
     ("mfsgd", 2, {"rank": 4, "memory_mode": "sketch", "parallel": "fsdp"}),  # distributed checkpoints (DCP)
 ])
 def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, extra):
-    cfg = json.dumps(config(corpus, **extra))
-    common = ["--optimizer", optimizer, "--nproc", str(nproc), "--config", cfg]
-    ref = launch(common + ["--name", "ref"], tmp_path)
-    assert ref.returncode == 0, ref.stderr
+    """The reference runs the worker in spawned processes (the launcher's start-up once less); the
+    killed run and its resume go through run.py and torchrun, as a user's would."""
+    overrides = config(corpus, **extra)
+    common = ["--optimizer", optimizer, "--nproc", str(nproc), "--config", json.dumps(overrides)]
+    train_in_process([write_run_config(tmp_path, "ref", optimizer, overrides, nproc)], nproc)
     killed_at = kill_after_step(common + ["--name", "cut"], tmp_path, tmp_path / "cut", step=5)
     assert killed_at < STEPS
     if extra.get("parallel") == "fsdp":  # DCP reshards: the launcher lets it resume on another number of ranks
