@@ -15,6 +15,7 @@ validate(), write_checkpoint() and finish(). The rest lives in modules of its ow
 """
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -333,8 +334,20 @@ def finish(run: Run, log: RunLog, step: int, elapsed: float) -> dict | None:
     if run.is_main and step == run.cfg.train.steps:
         summary = log.summary.finished(run.cfg, step, elapsed, run.world_size, run.device)
         write_json(os.path.join(run.run_dir, "summary.json"), summary)
-    shutdown_distributed()
+    leave_process_group(run)
     return summary
+
+
+def leave_process_group(run: Run) -> None:
+    """Frees the DDP wrapper, then leaves the process group. DDP's C++ reducer holds the group: freed
+    later (when train() returns), after destroy_process_group, it would be the group's last holder,
+    and gloo's destructor, run there with the GIL held, joins a worker thread that may need the GIL
+    to free a finished collective's tensors: a deadlock at the end of a run, seen rarely with gloo.
+    Freed here, while the group is still registered, the reducer frees nothing but itself."""
+    if isinstance(run.model, DDP):
+        run.model = run.raw_model
+        gc.collect()  # the wrapper's reference cycles (module hooks) go now, not at a later collection
+    shutdown_distributed()
 
 
 def first_non_finite_parameter(model) -> str | None:
@@ -355,7 +368,7 @@ def fail_non_finite(run: Run, step: int, reason: str) -> None:
                                             "steps": step - 1, "optimizer": run.cfg.optimizer_name})
         if not launched_by_run_py():  # run.py prints the line itself, as the last thing printed
             print(f"error: {reason}; the last good checkpoint is kept", file=sys.stderr, flush=True)
-    shutdown_distributed()
+    leave_process_group(run)
     exit_process(EXIT_FAILED)
 
 

@@ -93,26 +93,33 @@ def train_in_process(run_dirs, world, resume=False, dtype=None, seconds_per_run=
     with the worker's own train() on `world` spawned processes (gloo): the training loop without the
     launcher's start-up (run.py, torchrun), for tests that compare several runs. `dtype`: the
     default dtype the models are built in (torch.float64 for exact comparisons). A run that hangs
-    (ranks that never meet at rendezvous, a collective one rank skips) fails the test after
-    `seconds_per_run` per run instead of stalling the suite: the ranks are killed and the error
-    names the first run without a summary.json."""
+    (ranks that never meet at rendezvous, a collective one rank skips) fails the test once no run
+    has finished for `seconds_per_run`, instead of stalling the suite: the ranks are killed and the
+    error names the run they were at."""
     import tempfile
     import time
 
     import torch.multiprocessing as mp
 
-    run_dirs = list(run_dirs)
-    deadline = time.monotonic() + seconds_per_run * len(run_dirs)
+    run_dirs, started = list(run_dirs), time.time()
+
+    def finished() -> int:  # runs that wrote their summary.json since the start
+        summaries = [os.path.join(d, "summary.json") for d in run_dirs]
+        return sum(os.path.exists(s) and os.path.getmtime(s) >= started for s in summaries)
+
     with tempfile.TemporaryDirectory() as ports_dir:
         ranks = mp.start_processes(_train_worker, args=(world, ports_dir, run_dirs, resume, dtype), nprocs=world,
                                    start_method="spawn", join=False)
-        while not ranks.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a rank failed
-            if time.monotonic() >= deadline:
+        done, progress = 0, time.monotonic()
+        while not ranks.join(timeout=0.5):  # raises if a rank failed
+            if finished() != done:
+                done, progress = finished(), time.monotonic()
+            elif time.monotonic() - progress > seconds_per_run:
                 for process in ranks.processes:
                     process.kill()
-                stuck = next((d for d in run_dirs if not os.path.exists(os.path.join(d, "summary.json"))), None)
-                raise TimeoutError(f"train_in_process: {world} ranks were still at {stuck} after "
-                                   f"{seconds_per_run * len(run_dirs)} s ({seconds_per_run} s per run): a hang")
+                at = run_dirs[min(done, len(run_dirs) - 1)]
+                raise TimeoutError(f"train_in_process: {world} ranks were still at {at} ({done} of {len(run_dirs)} "
+                                   f"runs done) after {seconds_per_run} s without a run finishing: a hang")
 
 
 def read_metrics(run_dir):
