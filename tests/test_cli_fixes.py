@@ -51,6 +51,7 @@ def ctrl_c_when(proc, marker: str, timeout=120) -> list[str]:
     return lines + rest.splitlines(keepends=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("marker", [
     "adamw: new",  # run.py is still importing torch
     "run dir:",  # the workers are starting: torchrun and train_gpt.py are importing
@@ -69,6 +70,7 @@ def test_ctrl_c_of_a_sweep_is_one_line_and_resumable(tmp_path, corpus, marker):
         assert "adamw stopped at step" in lines[-1] and "checkpoint written" in lines[-1]
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_run_then_the_same_command_resumes(tmp_path, corpus):
     proc, argv = start_sweep(tmp_path, corpus, steps=40)
     metrics = tmp_path / "res" / "s" / "adamw" / "metrics.jsonl"
@@ -115,6 +117,7 @@ def test_resume_on_another_world_size_names_the_one_it_needs(tmp_path, capsys):
                    "--resume r --nproc 2 (train.parallel fsdp runs resume on any number)\n")
 
 
+@pytest.mark.slow
 def test_drop_checkpoints_of_finished_runs(tmp_path, corpus, capsys):
     r = launch(["--optimizer", "adamw", "--name", "a", "--drop-checkpoints", "--config",
                 json.dumps(tiny_overrides(corpus, steps=2))], tmp_path)
@@ -135,6 +138,7 @@ def test_drop_checkpoints_of_finished_runs(tmp_path, corpus, capsys):
     assert not (root / "done" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_help_texts_say_what_the_tools_take():
     def help_of(*module):
         r = subprocess.run([sys.executable, *module, "--help"], capture_output=True, text=True, cwd=ROOT)
@@ -169,6 +173,7 @@ def test_tokenize_splits_a_fraction_of_the_documents(tmp_path):
         fineweb.tokenize(str(few), str(tmp_path / "out3"), val_docs=2)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_run_py_imports_is_one_line(tmp_path, corpus):
     """A stop that reaches run.py before its workers start: nothing trained, one line, exit 75."""
     argv = [sys.executable, os.path.join(ROOT, "run.py"), "--optimizer", "adamw", "--name", "r", "--results-dir",

@@ -155,6 +155,7 @@ def test_distributed_checkpoint_resumes_on_any_number_of_ranks(runs, tmp_path, w
     assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == [f"step_{2:07d}", f"step_{STEPS:07d}"]  # .tmp gone
 
 
+@pytest.mark.slow  # the runs fixture trains in spawned processes
 @pytest.mark.parametrize("damage, message", [
     ("truncate .metadata", "is corrupt ("),
     ("remove meta.pt", "its meta.pt is missing"),
