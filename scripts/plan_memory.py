@@ -331,8 +331,6 @@ def hidden_state_bytes(p: Param, opt: OptChoice, param_dtype: str, grad_dtype: s
         return ((rows + n) * r + r) * DTYPE_BYTES[state_dtype or mofasgd_dtype(param_dtype)] + STEP_BYTES
     if opt.name == "muon":  # momentum_buffer like the gradient
         return rows * n * DTYPE_BYTES[state_dtype or grad_dtype]
-    if rows != m:
-        raise PlanError(f"optimizer {opt.name} does not run under FSDP")
     if opt.name == "adafactor":  # row_var (m x 1) and col_var (1 x n) like the gradient, and a float32 step
         return (m + n) * DTYPE_BYTES[state_dtype or grad_dtype] + STEP_BYTES
     if opt.name == "galore":
@@ -872,8 +870,8 @@ def build(args):
     if len(sources) > 1 or (sources and args.preset):
         raise PlanError("give one model: a harness config (--preset/--config), --hf-config or --shapes")
 
-    from configs import (CONFIG_DIR, ConfigError, build_dataclass, check_fsdp_support, check_numbers, deep_merge,
-                         load_yaml, parse_overrides, resolve_config, split_overrides)
+    from configs import (CONFIG_DIR, ConfigError, build_dataclass, check_numbers, deep_merge, load_yaml, parse_overrides,
+                         resolve_config, split_overrides)
     from optimizers import optimizer_config_class
 
     try:
@@ -907,8 +905,6 @@ def build(args):
             try:
                 check_numbers(opt_cfg, "optimizer")
                 opt_cfg.validate()
-                if args.parallel == "fsdp":
-                    check_fsdp_support(args.optimizer, opt_cfg)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             parallel = args.parallel or "ddp"
