@@ -112,8 +112,9 @@ def train_in_process(run_dirs, world, resume=False, dtype=None, seconds_per_run=
                                    start_method="spawn", join=False)
         done, progress = 0, time.monotonic()
         while not ranks.join(timeout=0.5):  # raises if a rank failed
-            if finished() != done:
-                done, progress = finished(), time.monotonic()
+            now_done = finished()
+            if now_done != done:
+                done, progress = now_done, time.monotonic()
             elif time.monotonic() - progress > seconds_per_run:
                 for process in ranks.processes:
                     process.kill()
