@@ -12,22 +12,38 @@ its own shards, plus meta.pt (step, seconds, schedulers, RNG states) from rank 0
 under step_NNNNNNN.tmp/ and renamed when complete, so a folder without .tmp is whole. DCP reshards
 on load: such a checkpoint resumes on any number of ranks. One file of the whole model and state:
 python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save step_NNNNNNN/ model.pt
+
+Every checkpoint is verified before it is used. Its manifest (beside a file: step_NNNNNNN.manifest.json;
+in a folder: manifest.json, written last, before the folder is renamed) records each file's size and
+CRC-32 (computed while the file is written, or by the rank that wrote a DCP shard), the step, and the
+run's config (configs.fixed_entries: what its numbers depend on) with its hash. A checkpoint without
+a manifest is unfinished (or written before manifests existed) and is not resumed from; a file whose
+size or checksum differs is corrupt; a run whose config.json no longer hashes to the manifest's is
+refused with the changed keys. CRC-32 (zlib, ~7 GB/s) rather than a cryptographic hash: it finds
+changed, truncated and swapped bytes; it is not meant to resist deliberate forgery, and sha256 (~2 GB/s
+here) would slow a GPT-2-small checkpoint write by ~20% (docs/benchmarks.md, "Checkpoint checksums").
 """
 
 import glob
+import json
 import os
 import re
 import shutil
+import zlib
 
 import torch
 import torch.distributed as dist
 
-from fileio import fsync_directory, write_atomic
+from configs import config_changes, config_hash, fixed_entries
+from fileio import fsync_directory, write_atomic, write_json
 from outcome import RunFailed
 from parallel import all_reduce_sum, collective_device
 
 CHECKPOINT_NAME = re.compile(r"step_(\d{1,18})(\.pt)?")
 META_NAME = "meta.pt"  # in a sharded (DCP) checkpoint folder: what is not sharded
+MANIFEST_NAME = "manifest.json"  # in a DCP folder; a file checkpoint's is step_NNNNNNN.manifest.json beside it
+MANIFEST_FORMAT = 1
+CHUNK = 16 * 2**20  # bytes read at a time when a checksum is computed from a file
 # DCP raises CheckpointException (a BaseException) when any rank fails to write or read
 _DCP_ERRORS = (OSError, RuntimeError, ValueError, KeyError)
 
@@ -54,6 +70,146 @@ def list_checkpoints(run_dir: str) -> list[str]:
     paths = [p for p in glob.glob(os.path.join(checkpoint_dir(run_dir), "step_*")) if checkpoint_step(p) is not None
              and (os.path.isfile(p) if p.endswith(".pt") else os.path.isdir(p))]
     return sorted(paths, key=checkpoint_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests: what a checkpoint's files must hold, and the config it was made with
+
+
+class ChecksumWriter:
+    """A binary file wrapper that keeps the CRC-32 and size of what is written through it, so a
+    checkpoint's checksum costs no second read (torch.save writes through any object with write())."""
+
+    def __init__(self, file):
+        self.file, self.crc, self.size = file, 0, 0
+
+    def write(self, data) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def entry(self) -> dict:
+        return {"bytes": self.size, "crc32": f"{self.crc:08x}"}
+
+
+def file_entry(path: str) -> dict:
+    """{"bytes": size, "crc32": hex} of a file, read in chunks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return {"bytes": size, "crc32": f"{crc:08x}"}
+
+
+def manifest_path(checkpoint: str) -> str:
+    if is_sharded_checkpoint(checkpoint):
+        return os.path.join(checkpoint, MANIFEST_NAME)
+    return os.path.join(os.path.dirname(checkpoint), f"step_{checkpoint_step(checkpoint):07d}.manifest.json")
+
+
+def make_manifest(step: int, config: dict, files: dict, world_size: int) -> dict:
+    entries = fixed_entries(config)
+    return {"format": MANIFEST_FORMAT, "step": step, "world_size": world_size, "checksum": "crc32",
+            "files": files, "config_hash": config_hash(config), "config": entries}
+
+
+def read_manifest(checkpoint: str) -> tuple[dict | None, str | None]:
+    """(the checkpoint's manifest, None), or (None, what is wrong with it)."""
+    path = manifest_path(checkpoint)
+    if not os.path.isfile(path):
+        return None, (f"it has no {os.path.basename(path)}: its write did not finish (or an older mofa wrote it, "
+                      "without checksums)")
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode())
+    except (OSError, ValueError) as e:
+        return None, f"its {os.path.basename(path)} is unreadable ({' '.join(str(e).split())[:120]})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or not isinstance(manifest.get("config_hash"), str) \
+            or not isinstance(manifest.get("config"), dict) or manifest.get("step") != checkpoint_step(checkpoint) \
+            or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("crc32"), str)
+                       for e in files.values()):
+        return None, f"its {os.path.basename(path)} is not a manifest of step {checkpoint_step(checkpoint)}"
+    return manifest, None
+
+
+def checkpoint_files(checkpoint: str, manifest: dict) -> list[tuple[str, str]]:
+    """(name in the manifest, path) of every file the manifest lists."""
+    folder = checkpoint if is_sharded_checkpoint(checkpoint) else os.path.dirname(checkpoint)
+    return [(name, os.path.join(folder, name)) for name in sorted(manifest["files"])]
+
+
+def file_problem(name: str, path: str, expected: dict) -> str | None:
+    """What is wrong with one listed file (missing, another size, another checksum), or None."""
+    if not os.path.isfile(path):
+        return f"its file {name} is missing"
+    if os.path.getsize(path) != expected["bytes"]:
+        return f"its file {name} has {os.path.getsize(path)} bytes, its manifest says {expected['bytes']}"
+    got = file_entry(path)["crc32"]
+    if got != expected["crc32"]:
+        return f"its file {name} has checksum {got}, its manifest says {expected['crc32']} (changed bytes)"
+    return None
+
+
+def integrity_problem(checkpoint: str, share: tuple[int, int] = (0, 1)) -> str | None:
+    """What makes a checkpoint unusable before any tensor of it is read: no or a bad manifest, or a
+    listed file missing, of another size or another checksum; None when it is whole. `share`
+    (rank, world): check only every world-th file from the rank-th, so ranks split a DCP folder's
+    files between them."""
+    manifest, problem = read_manifest(checkpoint)
+    if problem:
+        return problem
+    if not is_sharded_checkpoint(checkpoint) and os.path.basename(checkpoint) not in manifest["files"]:
+        return f"its manifest does not list {os.path.basename(checkpoint)}"
+    if is_sharded_checkpoint(checkpoint):
+        for name in (META_NAME, ".metadata"):
+            if name not in manifest["files"]:
+                return f"its manifest does not list {name}"
+    rank, world = share
+    for name, path in checkpoint_files(checkpoint, manifest)[rank::world]:
+        problem = file_problem(name, path, manifest["files"][name])
+        if problem:
+            return problem
+    return None
+
+
+def config_problem(checkpoint: str, config: dict) -> str | None:
+    """Whether `config` (a config dict: config.json) is the one the checkpoint was made with: None,
+    or the changed keys (old -> new) in one line. A checkpoint without a readable manifest is
+    integrity_problem's to report."""
+    manifest, _ = read_manifest(checkpoint)
+    if manifest is None or config_hash(config) == manifest["config_hash"]:
+        return None
+    changes = config_changes(manifest["config"], fixed_entries(config), ignore=())
+    return (f"config.json is not the config {checkpoint} was made with: "
+            + ("; ".join(changes) if changes else "its hash differs") + " (a run's config is fixed once it "
+            "starts: put the old values back in config.json, or start a new run with the new ones)")
+
+
+def older_checkpoint_hint(checkpoint: str) -> str:
+    """Where to go from an unusable checkpoint: the newest older one, or starting again."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    older = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) < checkpoint_step(checkpoint)]
+    if older:
+        return f"; the older checkpoint {older[-1]} exists: delete {os.path.basename(checkpoint)} to resume from it"
+    return "; no older checkpoint exists: --overwrite starts the run again"
+
+
+def agreed_problem(problem: str | None) -> str | None:
+    """The first problem any rank found (every rank gets the same answer), so all stop together."""
+    if not dist.is_initialized():
+        return problem
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
+def write_file_manifest(checkpoint: str, step: int, config: dict, written: ChecksumWriter, world_size: int) -> None:
+    write_json(manifest_path(checkpoint), make_manifest(step, config, {os.path.basename(checkpoint): written.entry()},
+                                                        world_size))
 
 
 def checkpoint_problem(state, path: str, model=None) -> str | None:
@@ -102,28 +258,42 @@ def gather_rng_states(rank: int, world_size: int) -> list[dict] | None:
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizers, elapsed: float, keep: int, rank: int,
-                    world_size: int, sharded: bool = False) -> None:
+                    world_size: int, sharded: bool = False, *, config: dict) -> None:
     """Writes step `step`'s checkpoint (every rank calls this): on rank 0 one file, the optimizer
-    states and RNG states gathered to it first; `sharded` (FSDP2): a DCP folder every rank writes
-    its shards to. Then drops all but the newest `keep`. A failed write (a full disk) raises
-    RunFailed on every rank, the older checkpoints untouched."""
+    states and RNG states gathered to it first, then its manifest; `sharded` (FSDP2): a DCP folder
+    every rank writes its shards to, its manifest last. `config`: the run's config dict (its
+    fixed entries and their hash are recorded). Then drops all but the newest `keep`. A failed write
+    (a full disk) raises RunFailed on every rank, the older checkpoints untouched."""
     rngs = gather_rng_states(rank, world_size)
     folder = checkpoint_dir(run_dir)
     failure = None
     try:
-        meta = {"step": step, "elapsed_s": elapsed, "rng": rngs}
+        meta = {"step": step, "elapsed_s": elapsed, "rng": rngs, "config_hash": config_hash(config)}
         if sharded:
-            _write_sharded_checkpoint(folder, step, model, optimizers, meta, rank, world_size)
+            _write_sharded_checkpoint(folder, step, model, optimizers, meta, rank, world_size, config)
         else:
             optimizer_states = optimizers.state_dict()  # {"optimizers": [...], "schedulers": [...]}
             if rank == 0:
                 os.makedirs(folder, exist_ok=True)
                 state = {**meta, "model": model.state_dict(), **optimizer_states}
-                write_atomic(os.path.join(folder, f"step_{step:07d}.pt"), lambda f: torch.save(state, f), binary=True)
+                path = os.path.join(folder, f"step_{step:07d}.pt")
+                writer = None
+
+                def write(f):
+                    nonlocal writer
+                    writer = ChecksumWriter(f)
+                    torch.save(state, writer)
+
+                write_atomic(path, write, binary=True)
+                write_file_manifest(path, step, config, writer, world_size)  # last: the checkpoint is finished
         if rank == 0:
-            # older checkpoints past `keep`, and temp files and folders left by a run killed mid-write
-            for old in list_checkpoints(run_dir)[:-keep] + glob.glob(os.path.join(folder, "*.tmp*")):
-                shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+            # older checkpoints past `keep`, unfinished ones (no manifest: killed before it was
+            # written), and temp files and folders left by a run killed mid-write
+            checkpoints = list_checkpoints(run_dir)
+            finished = [c for c in checkpoints if os.path.exists(manifest_path(c))]
+            unfinished = [c for c in checkpoints if c not in finished]
+            for old in finished[:-keep] + unfinished + glob.glob(os.path.join(folder, "*.tmp*")):
+                remove_checkpoint(old)
     except (*_DCP_ERRORS, dcp_exception()) as e:  # torch.save reports a failed write as a RuntimeError
         reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200] or type(e).__name__
         failure = f"cannot write the checkpoint of step {step} to {folder}: {reason}"
@@ -135,6 +305,16 @@ def save_checkpoint(run_dir: str, step: int, model, optimizers, elapsed: float, 
         raise RunFailed(f"{failure}; the older checkpoints are kept, resume with --resume once there is space")
 
 
+def remove_checkpoint(path: str) -> None:
+    """Deletes a checkpoint (file or folder) with its manifest; the manifest goes first, so a
+    deletion cut short leaves an unfinished checkpoint, never a verified one that lacks data."""
+    if checkpoint_step(path) is not None and not path.endswith(".tmp") and not is_sharded_checkpoint(path):
+        manifest = manifest_path(path)
+        if os.path.exists(manifest):
+            os.remove(manifest)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def dcp_exception() -> type:
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -142,10 +322,11 @@ def dcp_exception() -> type:
 
 
 def _write_sharded_checkpoint(folder: str, step: int, model, optimizers, meta: dict, rank: int,
-                              world_size: int) -> None:
+                              world_size: int, config: dict) -> None:
     """The DCP folder of step `step`: written under step_N.tmp/ (every rank its shards, rank 0
-    DCP's .metadata once all have written, then meta.pt), renamed to step_N/ by rank 0. The folder
-    must be one every rank sees (a shared filesystem across nodes)."""
+    DCP's .metadata once all have written, then meta.pt), each rank checksums a share of its files,
+    rank 0 writes manifest.json with them all, then renames the folder to step_N/. The folder must
+    be one every rank sees (a shared filesystem across nodes)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -160,6 +341,15 @@ def _write_sharded_checkpoint(folder: str, step: int, model, optimizers, meta: d
     if rank == 0:  # dcp.save returns once every rank's shards and the .metadata are written
         meta = {**meta, "schedulers": optimizers.scheduler_states(), "world_size": world_size}
         write_atomic(os.path.join(staging, META_NAME), lambda f: torch.save(meta, f), binary=True)
+    dist.barrier()  # meta.pt is there: every file of the folder is written
+    # the ranks checksum the folder's files between them (re-read from the page cache, in parallel)
+    names = sorted(os.listdir(staging))
+    mine = {name: file_entry(os.path.join(staging, name)) for name in names[rank::world_size]}
+    shares = [None] * world_size if rank == 0 else None
+    dist.gather_object(mine, shares, dst=0)
+    if rank == 0:
+        files = {name: entry for share in shares for name, entry in share.items()}
+        write_json(os.path.join(staging, MANIFEST_NAME), make_manifest(step, config, files, world_size))
         if os.path.isdir(final):  # the same step written again (a resume that redoes it)
             shutil.rmtree(final)
         os.rename(staging, final)
@@ -189,14 +379,24 @@ def agreed_resume_checkpoint(run_dir: str, rank: int) -> str | None:
     return path
 
 
-def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = False) -> tuple[int, float]:
+def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = False, *, config: dict) -> tuple[int, float]:
     """Restores the model, the optimizers (RunOptimizers) and this rank's RNG state from `path`
     (a file, or a DCP folder when `sharded`: every rank calls it); returns (step, elapsed seconds).
-    An unreadable or unusable checkpoint raises RunFailed."""
+    First, before any tensor is read, the checkpoint's files are checked against its manifest (a
+    file checkpoint by every rank, in case nodes hold copies; a DCP folder's files split between the
+    ranks) and `config` (config.json's dict) against the config it was made with. An unreadable,
+    corrupt or unusable checkpoint, or a changed config, raises RunFailed on every rank."""
     if sharded != is_sharded_checkpoint(path):
         kinds = ("a sharded (train.parallel fsdp) checkpoint folder", "a single-file (train.parallel ddp) checkpoint")
         raise RunFailed(f"checkpoint {path} is {kinds[0] if is_sharded_checkpoint(path) else kinds[1]}, but this run "
                         f"is {'fsdp' if sharded else 'ddp'}: resume with the train.parallel it was written with")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    problem = agreed_problem(integrity_problem(path, (rank, world) if sharded else (0, 1)))
+    if problem:
+        raise RunFailed(f"checkpoint {path} is unusable: {problem}{older_checkpoint_hint(path)}")
+    problem = config_problem(path, config)
+    if problem:
+        raise RunFailed(problem)
     if sharded:
         state = _load_sharded_checkpoint(path, model, optimizers)
     else:
@@ -205,7 +405,12 @@ def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = Fal
         if problem:
             raise RunFailed(f"checkpoint {path} is unusable: {problem}")
         model.load_state_dict(state["model"])
-        optimizers.load_state_dict(state)
+        try:
+            optimizers.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            raise RunFailed(f"checkpoint {path} does not fit this run's optimizers ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:150]}): it was written by another optimizer or "
+                            "configuration") from None
     rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -235,11 +440,27 @@ def _load_sharded_checkpoint(path: str, model, optimizers) -> dict:
     model_state, optimizer_state = get_state_dict(model, optimizers.all)
     try:
         dcp.load({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=path)
-    except (*_DCP_ERRORS, dcp_exception()) as e:
-        raise RunFailed(f"checkpoint {path} is unusable: {' '.join(str(e).split())[:300]}") from None
-    set_state_dict(model, optimizers.all, model_state_dict=model_state, optim_state_dict=optimizer_state)
-    optimizers.load_scheduler_states(meta["schedulers"])
+        set_state_dict(model, optimizers.all, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        optimizers.load_scheduler_states(meta["schedulers"])
+    except (*_DCP_ERRORS, TypeError, IndexError, dcp_exception()) as e:
+        raise RunFailed(f"checkpoint {path} cannot be loaded into this run: {dcp_failure_cause(e)}"
+                        f"{older_checkpoint_hint(path)}") from None
     return meta
+
+
+def dcp_failure_cause(error: BaseException) -> str:
+    """One line for a failed DCP load: the first failing rank's exception (type and first line of
+    its message; DCP's own text is a flattened traceback), or the error itself."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        rank, (cause, _) = sorted(failures.items(), key=lambda item: item[0])[0]
+        where = f"rank {rank}: "
+    else:
+        cause, where = error, ""
+    text = (str(cause).strip().splitlines() or [""])[0]
+    if isinstance(cause, KeyError):
+        text = f"no entry {text} in the checkpoint (another optimizer or model wrote it)"
+    return f"{where}{type(cause).__name__}: {text[:200]}"
 
 
 def sharded_checkpoint_problem(path: str, model=None) -> str | None:

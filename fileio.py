@@ -54,3 +54,11 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json(path: str, obj, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def append_json_line(path: str, obj) -> None:
+    """Appends one JSON line to `path` and makes it durable (a log that only grows)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -333,8 +333,18 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
             check_data(cfg)
             check_packages(cfg)
             check_memory(cfg)
+            step = newest_checkpoint_step(run_dir)
+            relaunch = cfg.to_dict()["launch"] != saved_launch
             if args.dry_run:
+                print(f"# resumes {resume_name} " + (f"from its checkpoint of step {step}" if step is not None else
+                                                      "from step 0 (it has no checkpoint)")
+                      + (f" on {launch['world_size']} workers (it ran on {saved_world}: the distributed checkpoint is "
+                         "resharded)" if saved_world not in (None, launch["world_size"]) else ""))
                 return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=True))
+            if relaunch:  # the workers read the launch from config.json; what the run computes is unchanged
+                write_config(run_dir, cfg)
+            if args.node_rank == 0:
+                record_launch(run_dir, cfg.to_dict()["launch"], step if step is not None else 0)
             if summary is not None or os.path.lexists(os.path.join(run_dir, "summary.json")):
                 os.remove(os.path.join(run_dir, "summary.json"))  # a stale "stopped"/"failed": this launch writes its own
         except BaseException:
@@ -368,6 +378,8 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
     try:
         if not node0_wrote:
             write_config(run_dir, cfg)
+        if args.node_rank == 0:  # (a node rank > 0 leaves the folder holding config.json alone)
+            record_launch(run_dir, cfg.to_dict()["launch"], None)
     except BaseException:
         os.close(lock_fd)
         raise
@@ -431,40 +443,59 @@ def dry_run(cfg, command: list[str]):
 
 
 def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
-    """A corrupt or unusable newest checkpoint is a clear error that names an older one to fall back
-    to; one past config.json's train.steps is an error too."""
+    """The newest checkpoint is verified before anything starts: its files against its manifest
+    (sizes and checksums: every byte is read), then `cfg` against the config it was made with, then
+    its structure (keys, the model's shapes: read without loading the tensors). A problem is one
+    line naming the checkpoint and the older one to fall back to."""
     import torch
 
-    from checkpoint import (checkpoint_problem, checkpoint_step, is_sharded_checkpoint, list_checkpoints,
-                            sharded_checkpoint_problem)
+    from checkpoint import (checkpoint_problem, config_problem, integrity_problem, is_sharded_checkpoint,
+                            list_checkpoints, older_checkpoint_hint, sharded_checkpoint_problem)
     from model import create_model
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         return
-    model = None
-    if cfg is not None:
-        with torch.device("meta"):  # shapes only, no memory
-            model = create_model(cfg.model.arch, **cfg.model.resolved())
-    problem = None
-    if is_sharded_checkpoint(checkpoints[-1]):  # train.parallel fsdp: a DCP folder
-        problem = sharded_checkpoint_problem(checkpoints[-1], model)
-    else:
-        try:  # mmap: reads the archive's index, not the tensors, so this is cheap even for big models
-            state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # any unreadable file is reported the same way
-            problem = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if problem is None:
-            problem = checkpoint_problem(state, checkpoints[-1], model)
+    newest = checkpoints[-1]
+    problem = integrity_problem(newest)
+    if problem is None and cfg is not None:
+        changed = config_problem(newest, cfg.to_dict())
+        if changed:
+            raise LaunchError(f"cannot resume: {changed}")
+    if problem is None:
+        model = None
+        if cfg is not None:
+            with torch.device("meta"):  # shapes only, no memory
+                model = create_model(cfg.model.arch, **cfg.model.resolved())
+        if is_sharded_checkpoint(newest):  # train.parallel fsdp: a DCP folder
+            problem = sharded_checkpoint_problem(newest, model)
+        else:
+            try:  # mmap: reads the archive's index, not the tensors
+                state = torch.load(newest, map_location="cpu", weights_only=True, mmap=True)
+                problem = checkpoint_problem(state, newest, model)
+            except Exception as e:  # any unreadable file is reported the same way
+                problem = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     if problem:
-        older = f"; the older checkpoint {checkpoints[-2]} exists: delete the corrupt one to resume from it" \
-            if len(checkpoints) > 1 else "; no older checkpoint exists: --overwrite starts the run again"
-        raise LaunchError(f"checkpoint {checkpoints[-1]} is corrupt ({problem}){older}") from None
-    step = checkpoint_step(checkpoints[-1])
-    if cfg is not None and step > cfg.train.steps:
-        raise LaunchError(f"cannot resume: the newest checkpoint {checkpoints[-1]} is at step {step}, past "
-                          f"train.steps={cfg.train.steps} in {os.path.join(run_dir, 'config.json')}; set train.steps "
-                          f"to at least {step} there, or --overwrite to start again")
+        raise LaunchError(f"checkpoint {newest} is unusable: {problem}{older_checkpoint_hint(newest)}") from None
+
+
+def newest_checkpoint_step(run_dir: str) -> int | None:
+    from checkpoint import checkpoint_step, list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoint_step(checkpoints[-1]) if checkpoints else None
+
+
+def record_launch(run_dir: str, launch: dict, resumed_at: int | None) -> None:
+    """One line per launch of the run in RUN/launches.jsonl: when, on what, from which step (an FSDP
+    run may resume on another number of ranks; config.json's launch section is the latest one)."""
+    from fileio import append_json_line
+
+    try:
+        append_json_line(os.path.join(run_dir, "launches.jsonl"),
+                         {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_at_step": resumed_at, "launch": launch})
+    except OSError as e:
+        raise LaunchError(f"cannot write {os.path.join(run_dir, 'launches.jsonl')}: {e.strerror}") from None
 
 
 def claim_run_dir(run_dir: str, args, cfg: RunConfig) -> int:
@@ -562,7 +593,7 @@ def outcome(args, run_dir: str, rc: int, stopped: bool) -> int:
             print(f"stopped by signal at step {summary.get('steps')}, checkpoint written; resume with: python run.py "
                   f"--resume {target} {device}{results}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
-    if status == "failed":
+    if status in ("failed", "diverged"):  # diverged: the NaN guard (train_gpt.fail_non_finite)
         reason = summary.get("reason") or f"the workers exited with code {rc}"
         print(f"error: {reason}" + ("" if "checkpoint" in reason else "; the last good checkpoint is kept"),
               file=sys.stderr, flush=True)

@@ -124,7 +124,7 @@ def set_up(run_dir: str, resume: bool) -> Run:
     start_step, elapsed = 0, 0.0
     checkpoint = agreed_resume_checkpoint(run_dir, rank) if resume else None
     if checkpoint:
-        start_step, elapsed = load_checkpoint(checkpoint, raw_model, optimizers, rank, sharded)
+        start_step, elapsed = load_checkpoint(checkpoint, raw_model, optimizers, rank, sharded, config=cfg.to_dict())
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
     eval_model = model
     routing = split_parameters(raw_model)
@@ -214,21 +214,28 @@ def train_step(run: Run, step: int, clock: StepClock) -> tuple[dict, bool]:
     lr = optimizers.lr
     if step == run.start_step:  # the gradients as held at the step
         run.memory = memory_parts(run.raw_model, optimizers.hidden, optimizers.adam)
-    optimizers.step()
+    # one collective, before the update, for the logged loss, the stop flag and the divergence
+    # check: every rank learns together whether any rank's loss or gradients are non-finite, and
+    # no rank applies an update made from them
+    stopping = torch.tensor(float(bool(STOP_SIGNALS)), device=device)
+    reduced = all_reduce_sum(torch.stack([loss_sum.float(), stopping, non_finite_gradients(run.raw_model)]))
+    train_loss = (reduced[0] / (cfg.grad_accum * run.world_size)).item()
+    if not math.isfinite(train_loss) or reduced[2].item() > 0:
+        what = f"training loss {train_loss}" if not math.isfinite(train_loss) else "gradients (NaN or inf)"
+        fail_non_finite(run, step + 1, f"non-finite {what} at step {step + 1}")
+    try:
+        optimizers.step()
+    except FloatingPointError as e:  # an optimizer's own finiteness check (MoFaSGD's factors)
+        fail_non_finite(run, step + 1, f"non-finite values in the optimizer step at step {step + 1}: {e}",
+                        agreed=not run.sharded and not getattr(cfg.optimizer, "shard", False))
     comm_hidden += optimizers.exchanged_bytes  # shard: the all-gathered step factors
     optimizers.zero_grad()
-    # one collective for the logged loss and the stop flag
-    stopping = torch.tensor(float(bool(STOP_SIGNALS)), device=device)
-    reduced = all_reduce_sum(torch.stack([loss_sum.float(), stopping]))
-    train_loss = (reduced[0] / (cfg.grad_accum * run.world_size)).item()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     step_time = clock.lap()
     if step == run.start_step:  # optimizer state exists after the first step
         run.memory.update(opt_state_bytes_hidden=state_bytes(optimizers.hidden),
                           opt_state_bytes_other=state_bytes(optimizers.adam))
-    if not math.isfinite(train_loss):
-        fail_non_finite(run, step + 1, f"non-finite training loss {train_loss} at step {step + 1}")
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     record = {"step": step + 1, "train_loss": train_loss, "lr": lr, **scheduled,
               "tokens": (step + 1) * tokens_per_step, "elapsed_s": clock.elapsed, "step_ms": step_time * 1000,
@@ -313,7 +320,7 @@ def write_checkpoint(run: Run, step: int, elapsed: float) -> None:
     if bad:
         fail_non_finite(run, step, f"non-finite values in parameter {bad} after step {step}")
     save_checkpoint(run.run_dir, step, run.raw_model, run.optimizers, elapsed, run.cfg.train.keep_checkpoints,
-                    run.rank, run.world_size, run.sharded)
+                    run.rank, run.world_size, run.sharded, config=run.cfg.to_dict())
 
 
 def crash_if_asked(cfg: RunConfig, step: int) -> None:
@@ -358,17 +365,33 @@ def first_non_finite_parameter(model) -> str | None:
     return None
 
 
-def fail_non_finite(run: Run, step: int, reason: str) -> None:
-    """Stops the run: the reason goes to stderr (one line) and summary.json; checkpoints stay as they were."""
+def non_finite_gradients(model) -> torch.Tensor:
+    """1.0 if a gradient this rank holds (FSDP2: its shard) has a NaN or an infinity, else 0.0, as
+    a tensor (no host sync): the largest magnitude of each gradient, one fused pass
+    (sketch memory mode holds no hidden gradients: MoFaSGD checks its sketches in the step)."""
+    grads = [g for g in (local_part(p.grad) for p in model.parameters() if p.grad is not None) if g.numel()]
+    if not grads:
+        return torch.zeros((), device=next(model.parameters()).device)
+    largest = torch.stack([g.float() for g in torch._foreach_norm(grads, float("inf"))]).max()
+    return (~torch.isfinite(largest)).float()
+
+
+def fail_non_finite(run: Run, step: int, reason: str, agreed: bool = True) -> None:
+    """The NaN guard, one path for every optimizer: stops the run as "diverged", the reason on
+    stderr (one line) and in summary.json, exit code 3 (EXIT_FAILED); checkpoints stay as they
+    were. `agreed`: every rank stops here together (a rank-local failure, an optimizer raising on
+    one shard, leaves the process group without the closing barrier: its peers fail at their next
+    collective or train.collective_timeout_s)."""
     bad = first_non_finite_parameter(run.raw_model)
     if bad and "parameter" not in reason:
         reason += f" (first non-finite parameter: {bad})"
     if run.is_main:
-        write_summary_quietly(run.run_dir, {"name": run.cfg.name, "status": "failed", "reason": reason,
+        write_summary_quietly(run.run_dir, {"name": run.cfg.name, "status": "diverged", "reason": reason,
                                             "steps": step - 1, "optimizer": run.cfg.optimizer_name})
         if not launched_by_run_py():  # run.py prints the line itself, as the last thing printed
             print(f"error: {reason}; the last good checkpoint is kept", file=sys.stderr, flush=True)
-    leave_process_group(run)
+    if agreed:
+        leave_process_group(run)
     exit_process(EXIT_FAILED)
 
 

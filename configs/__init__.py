@@ -138,6 +138,9 @@ class DataConfig:
             raise ValueError(f"data.val_tokens ({self.val_tokens}) must be at least data.seq_len ({self.seq_len})")
 
 
+MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600  # seconds
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200  # optimizer steps
@@ -156,6 +159,11 @@ class TrainConfig:
     ckpt_every: int = 0  # write a checkpoint every this many steps; 0: only at the end
     keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
     debug_crash_at_step: int = 0  # testing aid: raise at this step in the first attempt (not after a restart)
+    # a collective (DDP's all-reduce, validation's, a checkpoint's gather) that does not complete in this
+    # many seconds fails the run on every rank that waits: a rank stopped or died; long enough for the
+    # first step's torch.compile on a GPU, which the other ranks wait out in their first all-reduce
+    collective_timeout_s: float = 600.0
+    debug_hang_at_step: int = 0  # testing aid: the last rank stops itself (SIGSTOP) after logging this step
     # the gradient of a step is grad_scale x the gradient of the batch-mean loss (the logged loss stays
     # the mean); the paper's harness sums its micro-batches per GPU: grad_scale = micro-batches per GPU
     grad_scale: float = 1.0
@@ -175,6 +183,11 @@ class TrainConfig:
             )
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0 < self.collective_timeout_s <= MAX_COLLECTIVE_TIMEOUT_S:
+            raise ValueError(f"train.collective_timeout_s must be > 0 and at most {MAX_COLLECTIVE_TIMEOUT_S} (a week), "
+                             f"got {self.collective_timeout_s}")
+        if self.debug_hang_at_step < 0:
+            raise ValueError(f"train.debug_hang_at_step must be >= 0, got {self.debug_hang_at_step}")
         if not 0 < self.grad_scale < float("inf"):
             raise ValueError(f"train.grad_scale must be a finite number > 0, got {self.grad_scale}")
         if self.window_tokens is not None and (len(self.window_tokens) != 2 or min(self.window_tokens) < 128):
@@ -670,3 +683,53 @@ def preset_file(preset: str) -> str:
 def resolve_path(path: str) -> str:
     """Data paths in configs are relative to the repo root unless absolute."""
     return path if os.path.isabs(path) else os.path.join(ROOT, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run's numbers depend on: fixed once the run starts (resume), compared by sweeps
+
+# Entries of config.json that do not change what a run computes: its folder name, how it is
+# launched (an FSDP run may resume on another number of ranks; run.py records each launch in
+# launches.jsonl), logging, when checkpoints are written, testing aids and the collective timeout.
+# A dotted entry covers that key and everything below it.
+RUN_NEUTRAL_KEYS = ("name", "launch", "logging", "train.ckpt_every", "train.keep_checkpoints",
+                    "train.debug_crash_at_step", "train.collective_timeout_s")
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """{'train.steps': 300, 'optimizer.group_params.rank': 8, ...}: a config dict with dotted keys
+    (lists kept whole)."""
+    out = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_config(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def fixed_entries(config: dict, ignore=RUN_NEUTRAL_KEYS) -> dict:
+    """The flattened entries of a config dict (RunConfig.to_dict(), or config.json) other than the
+    `ignore` ones: by default what a run's numbers depend on, fixed once it starts."""
+    return {k: v for k, v in flatten_config(config).items()
+            if not any(k == skip or k.startswith(skip + ".") for skip in ignore)}
+
+
+def config_hash(config: dict, ignore=RUN_NEUTRAL_KEYS) -> str:
+    """A canonical hash (sha256 of the sorted entries as JSON) of what a run's numbers depend on."""
+    import hashlib
+
+    text = json.dumps(fixed_entries(config, ignore), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_changes(old: dict, new: dict, ignore=RUN_NEUTRAL_KEYS) -> list[str]:
+    """The entries that differ between two config dicts, as 'key old -> new' (sorted; a key on one
+    side only shows <absent> on the other), leaving out the `ignore` ones."""
+    a, b = fixed_entries(old, ignore), fixed_entries(new, ignore)
+    absent = object()
+    show = lambda v: "<absent>" if v is absent else json.dumps(v)  # noqa: E731
+    return [f"{key} {show(a.get(key, absent))} -> {show(b.get(key, absent))}" for key in sorted(set(a) | set(b))
+            if json.dumps(a.get(key, absent) if key in a else None) != json.dumps(b.get(key) if key in b else None)
+            or (key in a) != (key in b)]

@@ -19,7 +19,7 @@ import pytest
 import run
 import runlock
 from configs import SECTIONS, ConfigError, resolve_config
-from helpers import ROOT, launch, process_tree, read_metrics, tiny_overrides, write_tiny_corpus
+from helpers import ROOT, launch, process_tree, read_metrics, reseal_checkpoint, tiny_overrides, write_tiny_corpus
 from optimizers import OPTIMIZERS
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -139,8 +139,8 @@ def test_resume_with_bad_config_json(done, tmp_path, capsys, name, content, need
 @pytest.mark.slow
 @pytest.mark.parametrize("change,needle", [
     (lambda c: c["optimizer"].update(lr=float("nan")), "optimizer.lr must be a finite number"),
-    (lambda c: c["train"].update(steps=2), "is at step 6, past train.steps=2"),
-    (lambda c: c["model"].update(n_embd=64), "is corrupt (its model's"),
+    (lambda c: c["train"].update(steps=2), "was made with: train.steps 6 -> 2 (a run's config is fixed"),
+    (lambda c: c["model"].update(n_embd=64), "was made with: model.n_embd 32 -> 64"),
     (lambda c: c.update(model=3), "model must be a mapping"),
 ])
 def test_resume_with_edited_config_json(done, tmp_path, capsys, change, needle):
@@ -174,6 +174,7 @@ def test_resume_with_a_checkpoint_without_its_keys(done, tmp_path, capsys, state
             full["rng"] = [{}]
         state = full
     torch.save(state, newest)
+    reseal_checkpoint(str(newest))  # its manifest matches: the structure itself is checked
     before = digest(r)
     one_error_line(run.main(["--resume", "r", "--results-dir", str(tmp_path)]), capsys.readouterr().err, needle)
     assert "step_0000003.pt exists" in needle or True
@@ -342,15 +343,17 @@ def test_live_run_has_one_owner_and_its_workers_die_with_the_launcher(tmp_path, 
         time.sleep(0.1)
     assert not any(alive(pid) for pid in tree[1:]), "trainers outlived their launcher"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
-    cfg_path = run_dir / "config.json"
-    saved = json.loads(cfg_path.read_text())
     stopped_at = json.loads((run_dir / "summary.json").read_text())["steps"]
-    saved["train"]["steps"] = stopped_at + 6  # a short rest of the run
-    cfg_path.write_text(json.dumps(saved))
-    resumed = launch(["--resume", "live"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert [m["step"] for m in read_metrics(run_dir)] == list(range(stopped_at + 7))
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    # the resume (its config is fixed: the same 1,000,000 steps) trains a few steps, then is stopped
+    resumed = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), "--resume", "live", "--results-dir",
+                                str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    wait_for_step(run_dir / "metrics.jsonl", stopped_at + 3, resumed)
+    resumed.send_signal(signal.SIGINT)
+    assert resumed.wait(timeout=120) == 75, resumed.stderr.read()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["steps"] > stopped_at
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(summary["steps"] + 1))  # every step once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +372,7 @@ def test_full_disk_while_checkpointing(tmp_path, corpus, monkeypatch):
     model = torch.nn.Linear(4, 4)
     opts = RunOptimizers(torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1),
                          lambda s: 1.0)
-    save_checkpoint(str(tmp_path), 3, model, opts, 1.0, 2, 0, 1)
+    save_checkpoint(str(tmp_path), 3, model, opts, 1.0, 2, 0, 1, config={})
     old = (tmp_path / "checkpoints" / "step_0000003.pt").read_bytes()
     real_save = torch.save
 
@@ -381,9 +384,9 @@ def test_full_disk_while_checkpointing(tmp_path, corpus, monkeypatch):
 
         monkeypatch.setattr(torch, "save", failing_save)
         with pytest.raises(RunFailed) as e:
-            save_checkpoint(str(tmp_path), 6, model, opts, 2.0, 2, 0, 1)
+            save_checkpoint(str(tmp_path), 6, model, opts, 2.0, 2, 0, 1, config={})
         assert "cannot write the checkpoint of step 6" in str(e.value) and "\n" not in str(e.value)
-        assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000003.pt"]
+        assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000003.manifest.json", "step_0000003.pt"]
         assert (tmp_path / "checkpoints" / "step_0000003.pt").read_bytes() == old
     monkeypatch.setattr(torch, "save", real_save)
 

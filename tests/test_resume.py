@@ -111,15 +111,17 @@ def test_non_finite_loss_stops_with_reason(tmp_path, corpus):
     r = launch(["--optimizer", "adamw", "--name", "nan", "--config", json.dumps(cfg)], tmp_path)
     assert r.returncode == 3
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
-    assert summary["status"] == "failed" and "non-finite" in summary["reason"]
+    assert summary["status"] == "diverged" and "non-finite" in summary["reason"]
     # the guard's one line is the last thing printed: no torchrun traceback after it
     assert r.stderr.strip().splitlines()[-1].startswith("error: non-finite")
     assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
     # every checkpoint kept holds finite weights
     import torch
 
-    for name in os.listdir(tmp_path / "nan" / "checkpoints"):
-        state = torch.load(tmp_path / "nan" / "checkpoints" / name, weights_only=True)
+    from checkpoint import list_checkpoints
+
+    for path in list_checkpoints(str(tmp_path / "nan")):
+        state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
@@ -152,14 +154,15 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, corpus):
     r = launch(["--optimizer", "adamw", "--name", "c", "--config", json.dumps(cfg)], tmp_path)
     assert r.returncode == 0, r.stderr
     ckpts = sorted(os.listdir(tmp_path / "c" / "checkpoints"))
-    assert ckpts == ["step_0000003.pt", "step_0000006.pt"]
+    assert ckpts == ["step_0000003.manifest.json", "step_0000003.pt", "step_0000006.manifest.json", "step_0000006.pt"]
     os.remove(tmp_path / "c" / "summary.json")  # pretend it was interrupted
     newest = tmp_path / "c" / "checkpoints" / ckpts[-1]
     newest.write_bytes(newest.read_bytes()[:1000])
     r = launch(["--resume", "c"], tmp_path)
     assert r.returncode == 2
     line = r.stderr.strip()
-    assert "\n" not in line and "is corrupt" in line and "step_0000003.pt exists" in line
+    assert "\n" not in line and "is unusable: its file step_0000006.pt has 1000 bytes" in line
+    assert "the older checkpoint" in line and "step_0000003.pt exists" in line
 
 
 @pytest.mark.slow
