@@ -198,6 +198,16 @@ def older_checkpoint_hint(checkpoint: str) -> str:
     return "; no older checkpoint exists: --overwrite starts the run again"
 
 
+def embedded_config_problem(state: dict, path: str, config: dict) -> str | None:
+    """The config hash a checkpoint file (or a DCP folder's meta.pt) holds itself, inside its
+    checksummed bytes, against `config`'s: a manifest that agrees with config.json but not with the
+    file (copied from another checkpoint, or edited) cannot pass a foreign state to the optimizers."""
+    if state.get("config_hash") == config_hash(config):
+        return None
+    return ("it was made with another config than config.json (the config hash it holds differs; its manifest "
+            "does not belong to it)")
+
+
 def agreed_problem(problem: str | None) -> str | None:
     """The first problem any rank found (every rank gets the same answer), so all stop together."""
     if not dist.is_initialized():
@@ -398,10 +408,10 @@ def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = Fal
     if problem:
         raise RunFailed(problem)
     if sharded:
-        state = _load_sharded_checkpoint(path, model, optimizers)
+        state = _load_sharded_checkpoint(path, model, optimizers, config)
     else:
         state = _read(path, path)
-        problem = checkpoint_problem(state, path, model)
+        problem = checkpoint_problem(state, path, model) or embedded_config_problem(state, path, config)
         if problem:
             raise RunFailed(f"checkpoint {path} is unusable: {problem}")
         model.load_state_dict(state["model"])
@@ -425,14 +435,14 @@ def _read(path: str, shown: str):
         raise RunFailed(f"checkpoint {shown} is corrupt ({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
 
 
-def _load_sharded_checkpoint(path: str, model, optimizers) -> dict:
+def _load_sharded_checkpoint(path: str, model, optimizers, config: dict) -> dict:
     """Loads a DCP folder into the FSDP2 model and the optimizers, whatever number of ranks wrote it
     (DCP reads each rank's rows from the shards that hold them); returns meta.pt's entries."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     meta = _read(os.path.join(path, META_NAME), path)
-    problem = meta_problem(meta, path)
+    problem = meta_problem(meta, path) or embedded_config_problem(meta, path, config)
     if problem:
         raise RunFailed(f"checkpoint {path} is unusable: {problem}")
     # the state of this run's model and optimizers as templates: DCP fills them in place (an

@@ -693,7 +693,7 @@ def resolve_path(path: str) -> str:
 # launches.jsonl), logging, when checkpoints are written, testing aids and the collective timeout.
 # A dotted entry covers that key and everything below it.
 RUN_NEUTRAL_KEYS = ("name", "launch", "logging", "train.ckpt_every", "train.keep_checkpoints",
-                    "train.debug_crash_at_step", "train.collective_timeout_s")
+                    "train.debug_crash_at_step", "train.debug_hang_at_step", "train.collective_timeout_s")
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:

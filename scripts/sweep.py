@@ -34,22 +34,37 @@ Learning-rate tuning (an entry's `lr` mapping), for each combination of the entr
                       best lr is one of the seeds' runs when tune_seed is in seeds (it was picked
                       as the best on that seed, a small bias in its favour: give a tune_seed
                       outside seeds to compare on fresh seeds only)
-"Best" is the lowest final val loss; a run stopped by the NaN/Inf guard counts as diverged (worst).
-Runs are named BASE-lrLR-seedS, so the seeds of the chosen lr form one group in summarize.py and
-plot.py. The chosen lrs, with every lr tried and its loss, go to RESULTS/NAME/tuning.json; the
-sweep file itself is copied to RESULTS/NAME/sweep.yaml.
+"Best" is the lowest final val loss; a run stopped by the NaN/Inf guard (summary.json status
+"diverged") counts as diverged, the worst lr. If every lr tried diverged, the entry stops there
+with one line (no lr chosen, no seeds run; tuning.json says status "all-diverged") and the sweep
+exits 1: try smaller lrs. Runs are named BASE-lrLR-seedS, so the seeds of the chosen lr form one
+group in summarize.py and plot.py. The chosen lrs, with every lr tried and its loss, go to
+RESULTS/NAME/tuning.json; the sweep file itself is copied to RESULTS/NAME/sweep.yaml.
 
-Resumable: a finished run (summary.json present) is skipped; an unfinished one with a checkpoint
-is resumed; one without a checkpoint is started again from scratch (run.py --restart-broken, which
-re-checks that under the run folder's lock). A run another process owns (a live launcher or its
-workers hold the folder's lock) is skipped, never overwritten. Never mixed silently. Tuning
+Names: every run an entry can make (each grid point; for a tuned entry every lr it may try,
+extensions included, with the tune seed and every seed) is named when the file loads; two
+entries (or two grid values of one) that would make the same name are an error naming both.
+Float values keep the digits that tell them apart (0.01 and 0.010000001 are two names).
+
+Resumable, and only ever with the same config: an existing run is reused only if its config.json
+is the config the sweep would launch now (resolved as run.py writes it; name and logging aside,
+and for train.parallel fsdp runs the number of ranks aside, which a resume may change). Then a
+finished run is skipped, one with a checkpoint is resumed, and one stopped by the NaN guard is
+kept as diverged; one without a checkpoint is started again from scratch (run.py
+--restart-broken, which re-checks that under the run folder's lock). If a finished, resumable or
+diverged run was made with another config (or its config.json is unreadable), the sweep runs
+nothing: it prints one line per such run with the keys that changed (old -> new) and exits 2
+(--dry-run too). --rerun-changed runs them again with the new config, each old folder kept aside
+(moved, never deleted) to RESULTS/NAME/_old/RUN-YYYYmmdd-HHMMSS, where summarize.py and plot.py
+of RESULTS/NAME do not see it. --overwrite redoes every run anyway. A run another process owns
+(a live launcher or its workers hold the folder's lock) is skipped, never overwritten. Tuning
 decisions are re-derived from the finished runs, so a stopped sweep resumes where it was.
 
 Top-level keys other than name, launch, preset, config and runs are errors; `name` and run names
 are single folder names. Outcomes: ok, stopped (a graceful stop: SIGTERM/SIGINT (Ctrl-C) to the
 sweep or the run; the run in progress writes a checkpoint, the sweep ends there with one line
-saying so, exit 75; rerun the same command to resume), failed, or skipped; the exit code is 1 if
-any run failed or was skipped.
+saying so, exit 75; rerun the same command to resume), failed, diverged, or skipped; the exit code
+is 1 if any run failed or was skipped, a run outside the tuning diverged, or no lr was chosen.
 """
 
 import signal
@@ -82,7 +97,8 @@ if not __package__ and sys.path[:1] != [ROOT]:  # python scripts/sweep.py: this 
 
 import run as launcher  # noqa: E402
 import runlock  # noqa: E402
-from configs import NAME, ConfigError, read_json_file, read_text, resolve_config, safe_yaml  # noqa: E402
+from configs import (NAME, ConfigError, RunConfig, config_changes, read_json_file, read_text,  # noqa: E402
+                     resolve_config, safe_yaml)
 from outcome import EXIT_STOPPED  # noqa: E402
 
 TOP_KEYS = ("name", "launch", "preset", "config", "runs")
@@ -92,6 +108,7 @@ TUNE_KEYS = ("tune", "extend", "max_extend", "seeds", "tune_seed")
 RESERVED_ARGS = ("--name", "--resume", "--overwrite", "--restart-broken", "--results-dir", "--optimizer", "--config",
                  "--preset", "--dry-run", "--drop-checkpoints")
 SWEEP_ENV = "MOFA_SWEEP"  # set for run.py: the sweep, not run.py, tells how to resume
+OLD_RUNS = "_old"  # runs kept aside by --rerun-changed: RESULTS/NAME/_old/RUN-TIME (never a run name: see NAME)
 
 
 class SweepError(ValueError):
@@ -110,8 +127,11 @@ def set_dotted(overrides: dict, key: str, value) -> None:
 
 
 def format_value(value) -> str:
+    """A grid value as it goes into a run name: floats as `:g` (0.002, 1e-05) where that reads back
+    as the same number, else with every digit needed (0.010000001): distinct floats, distinct names."""
     if isinstance(value, float):
-        return f"{value:g}"
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value).replace(" ", "")
@@ -144,12 +164,32 @@ class TuneJob:
     extend: float = 2.0
     max_extend: int = 3
 
+    def run_name(self, lr: float, seed: int) -> str:
+        return f"{self.base}-lr{format_value(lr)}-seed{seed}"
+
     def run(self, lr: float, seed: int) -> dict:
         config = copy.deepcopy(self.config)
         config["lr"] = lr
         set_dotted(config, "train.seed", seed)
-        return dict(name=f"{self.base}-lr{format_value(lr)}-seed{seed}", optimizer=self.optimizer, config=config,
-                    preset=self.preset)
+        return dict(name=self.run_name(lr, seed), optimizer=self.optimizer, config=config, preset=self.preset)
+
+    def possible_lrs(self) -> list[float]:
+        """Every lr the tuning may try: the grid and up to max_extend extensions past either edge
+        (tune_state widens one side only, but which one depends on losses not known yet)."""
+        lrs, low, high = set(self.grid), self.grid[0], self.grid[-1]
+        for _ in range(self.max_extend):
+            low, high = extension_lr(low, self.extend, down=True), extension_lr(high, self.extend, down=False)
+            lrs.update((low, high))
+        return sorted(lrs)
+
+    def all_seeds(self) -> list[int]:
+        """The tune seed, then the other seeds."""
+        return [self.tune_seed] + [s for s in self.seeds if s != self.tune_seed]
+
+    def possible_names(self) -> list[str]:
+        """Every run name the job may create: each lr it may try with every seed (the chosen lr,
+        which the seeds run, is one of them)."""
+        return [self.run_name(lr, seed) for lr in self.possible_lrs() for seed in self.all_seeds()]
 
 
 def tune_spec(value, where: str) -> dict:
@@ -193,13 +233,17 @@ def expand(sweep: dict) -> list:
     preset = sweep.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise SweepError(f"preset must be a preset name, got {type(preset).__name__}")
-    jobs, names = [], set()
+    jobs, owners = [], {}  # owners: run name -> the entry that makes it
 
     def claim_name(name: str, where: str) -> None:
+        """Each run folder belongs to one run of one entry: two would share (and mix) its results."""
         check_name(name, where)
-        if name in names:
-            raise SweepError(f"two runs of the sweep would be named {name!r}; give an entry a 'name'")
-        names.add(name)
+        if name in owners:
+            other = owners[name]
+            whose = f"{other} and {where}" if other != where else f"both {where} (two grid values that print alike)"
+            raise SweepError(f"two runs of the sweep would be named {name!r}: {whose}; give an entry a 'name' or "
+                             "change the grid values")
+        owners[name] = where
 
     for i, entry in enumerate(sweep["runs"]):
         where = f"runs[{i}]"
@@ -247,10 +291,8 @@ def expand(sweep: dict) -> list:
             if isinstance(overrides.get("train"), dict):
                 overrides["train"].pop("seed", None)
             job = TuneJob(base=name, optimizer=entry["optimizer"], config=overrides, preset=preset, **tuning)
-            for run in [job.run(lr, job.tune_seed) for lr in job.grid] + [job.run(job.grid[0], s) for s in job.seeds]:
-                check_name(run["name"], where)
-            if any(isinstance(j, TuneJob) and j.base == name for j in jobs):
-                raise SweepError(f"two tuned entries of the sweep would be named {name!r}; give an entry a 'name'")
+            for run_name in job.possible_names():
+                claim_name(run_name, where)
             jobs.append(job)
     return jobs
 
@@ -269,12 +311,18 @@ class TuneState:
     need: list = field(default_factory=list)  # lrs to run with the tune seed before deciding
     chosen: float | None = None
     at_edge: bool = False
+    all_diverged: bool = False  # every lr tried diverged: none is chosen (no extension past an inf)
     failed: str | None = None  # set by the sweep: a tuning run failed (not by diverging) or was skipped
 
 
 def round_lr(lr: float) -> float:
     """6 significant digits: 0.02 / 2 twice is 0.005, not 0.0049999999."""
     return float(f"{lr:.6g}")
+
+
+def extension_lr(edge: float, extend: float, down: bool) -> float:
+    """The next lr past an edge of the lrs tried: below the smallest, or above the largest."""
+    return round_lr(edge / extend if down else edge * extend)
 
 
 def tune_state(job: TuneJob, loss_of) -> TuneState:
@@ -291,8 +339,11 @@ def tune_state(job: TuneJob, loss_of) -> TuneState:
             return state
         best = min(lrs, key=lambda lr: (state.tried[lr], lr))
         edge = best == lrs[0] or best == lrs[-1]
-        if edge and len(state.extensions) < job.max_extend and math.isfinite(state.tried[best]):
-            new = round_lr(lrs[0] / job.extend if best == lrs[0] else lrs[-1] * job.extend)
+        if not math.isfinite(state.tried[best]):  # nothing to go on: which way is better is unknown
+            state.all_diverged = True
+            return state
+        if edge and len(state.extensions) < job.max_extend:
+            new = extension_lr(lrs[0] if best == lrs[0] else lrs[-1], job.extend, down=best == lrs[0])
             state.extensions.append(new)
             lrs = sorted(lrs + [new])
             continue
@@ -305,21 +356,29 @@ def tune_record(job: TuneJob, state: TuneState) -> dict:
             "tune_seed": job.tune_seed, "seeds": job.seeds,
             "tried": {format_value(lr): loss for lr, loss in sorted(state.tried.items())},
             "extensions": state.extensions, "chosen_lr": state.chosen, "chosen_at_edge": state.at_edge,
-            "status": "failed" if state.failed else "chosen" if state.chosen is not None else "tuning"}
+            "status": "failed" if state.failed else "all-diverged" if state.all_diverged
+            else "chosen" if state.chosen is not None else "tuning"}
 
 
 def run_loss(run_dir: str):
     """A tuning run's outcome: its final val loss when finished, inf when the NaN/Inf guard stopped
     it (the lr diverged), None otherwise (not run yet, unfinished, or failed for another reason:
     the sweep resumes or restarts it like any other run)."""
-    if run_state(run_dir) == "finished":
+    state = run_state(run_dir)
+    if state == "finished":
         summary = read_json_file(os.path.join(run_dir, "summary.json"))
         loss = summary.get("final_val_loss")
         return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
-    summary = read_summary_if_any(run_dir)
-    if summary and summary.get("status") == "failed" and "non-finite" in str(summary.get("reason", "")):
-        return math.inf
-    return None
+    return math.inf if state == "diverged" else None
+
+
+def diverged(summary) -> bool:
+    """summary.json of a run the NaN/Inf guard stopped: status "diverged" (or, as older runs wrote
+    it, "failed" with a non-finite reason)."""
+    if not isinstance(summary, dict):
+        return False
+    status = summary.get("status")
+    return status == "diverged" or (status == "failed" and "non-finite" in str(summary.get("reason", "")))
 
 
 def read_summary_if_any(run_dir: str) -> dict | None:
@@ -340,8 +399,9 @@ def run_holder(run_dir: str) -> str | None:
 
 
 def run_state(run_dir: str) -> str:
-    """new, running (another process owns it), finished, resumable (has a checkpoint) or broken
-    (started, nothing to resume from). Unreadable files never make a run look finished."""
+    """new, running (another process owns it), finished, diverged (the NaN/Inf guard stopped it:
+    resumed, it would diverge again), resumable (has a checkpoint) or broken (started, nothing to
+    resume from). Unreadable files never make a run look finished."""
     if run_holder(run_dir):
         return "running"
     if not os.path.exists(os.path.join(run_dir, "config.json")):
@@ -356,10 +416,109 @@ def run_state(run_dir: str) -> str:
     if isinstance(summary, dict) and summary.get("status", "finished") == "finished" \
             and summary.get("steps") == train.get("steps"):
         return "finished"
+    if diverged(summary):
+        return "diverged"
     ckpts = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(ckpts) and any(f.startswith("step_") and f.endswith(".pt") for f in os.listdir(ckpts)):
         return "resumable"
     return "broken"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reuse: an existing run counts only if it was made with the config the sweep would launch now
+
+REUSED_STATES = ("finished", "resumable", "diverged")  # what the sweep takes over: skip, resume, keep
+# config.json keys that may differ between a run and the sweep's config for it: the folder name and
+# logging change nothing a run computes (the launch section does: the world size fixes the batch's
+# reduction layout, the device the numbers)
+UNCOMPARED_KEYS = ("name", "logging")
+# a train.parallel fsdp run resumes on any number of ranks (its checkpoint is resharded), and run.py
+# then records that launch: for those the number of ranks is not compared
+RESHARDABLE_LAUNCH_KEYS = ("nproc", "nnodes", "world_size")
+
+
+def launched_config(run: dict, launch: dict) -> dict:
+    """The config.json run.py would write for `run` now: resolved, and through JSON as written."""
+    cfg = resolve_config(run["optimizer"], run["config"], preset=run["preset"], name=run["name"], launch=launch)
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+def is_fsdp(config: dict) -> bool:
+    train = config.get("train")
+    return isinstance(train, dict) and train.get("parallel") == "fsdp"
+
+
+def as_resumed(saved: dict) -> dict:
+    """A run's config.json as run.py reads it to resume the run: a key added to the configs since the
+    run started gets its default, which is what the run goes on with. One that no longer loads (a
+    key since removed, a value no longer valid) is compared as written: it shows as changed."""
+    try:
+        return json.loads(json.dumps(RunConfig.from_dict(saved).to_dict()))
+    except (ConfigError, ValueError, TypeError):
+        return copy.deepcopy(saved)
+
+
+def config_drift(run_dir: str, expected: dict) -> list[str]:
+    """How the run folder's config.json differs from `expected` ('key old -> new' each; [] when
+    they agree). An unreadable config.json differs: nothing says what the run computed."""
+    try:
+        saved = as_resumed(read_json_file(os.path.join(run_dir, "config.json")))
+    except ConfigError as e:
+        return [f"config.json unreadable ({str(e).splitlines()[0]})"]
+    expected = copy.deepcopy(expected)
+    if is_fsdp(saved) and is_fsdp(expected):
+        for config in (saved, expected):
+            if isinstance(config.get("launch"), dict):
+                for key in RESHARDABLE_LAUNCH_KEYS:
+                    config["launch"].pop(key, None)
+    return config_changes(saved, expected, ignore=UNCOMPARED_KEYS)
+
+
+def drift_line(name: str, changes: list[str], most: int = 8) -> str:
+    shown = "; ".join(changes[:most]) + (f"; and {len(changes) - most} more" if len(changes) > most else "")
+    return f"{name}: made with another config than the sweep's now: {shown}"
+
+
+def sweep_runs(jobs: list) -> list[dict]:
+    """Every run the jobs may make: plain runs, and each tuning's runs at every lr it may try."""
+    runs = []
+    for job in jobs:
+        if isinstance(job, TuneJob):
+            runs += [job.run(lr, seed) for lr in job.possible_lrs() for seed in job.all_seeds()]
+        else:
+            runs.append(job)
+    return runs
+
+
+def changed_runs(results_dir: str, jobs: list, expected) -> list[tuple[str, list[str]]]:
+    """The existing runs the sweep would take over (finished, resumable, diverged) whose config.json
+    is not `expected(run)`, with their changed keys."""
+    found = []
+    for run in sweep_runs(jobs):
+        run_dir = os.path.join(results_dir, run["name"])
+        if os.path.isdir(run_dir) and run_state(run_dir) in REUSED_STATES:
+            changes = config_drift(run_dir, expected(run))
+            if changes:
+                found.append((run["name"], changes))
+    return found
+
+
+def keep_aside(run_dir: str) -> str:
+    """Moves a run folder to SWEEP/_old/RUN-YYYYmmdd-HHMMSS (-2, -3, ... if taken), under the
+    folder's lock so no launch starts in it meanwhile; returns the new path. Nothing is deleted."""
+    old_dir = os.path.join(os.path.dirname(run_dir), OLD_RUNS)
+    os.makedirs(old_dir, exist_ok=True)
+    stem = os.path.join(old_dir, f"{os.path.basename(run_dir)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    target, n = stem, 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{stem}-{n}"
+    lock_fd = runlock.claim(run_dir)  # RunLockError if a launcher or its workers hold it
+    try:
+        os.rename(run_dir, target)  # the lock keeps another sweep from taking `target` for this run meanwhile
+    finally:
+        os.close(lock_fd)
+    return target
 
 
 def run_command(sweep: dict, run: dict, results_dir: str, state: str, overwrite: bool,
@@ -427,10 +586,9 @@ def launch_settings(launch_args: list) -> dict:
                 backend="nccl" if device == "cuda" else "gloo", distributed=bool(args.distributed))
 
 
-def validate_configs(sweep: dict, jobs: list) -> None:
+def validate_configs(jobs: list, launch: dict) -> None:
     """Every run's config resolved and checked as run.py will (unknown keys, types, values), so a
     typo in the last run stops the sweep before the first one starts."""
-    launch = launch_settings(sweep.get("launch") or [])
     for job in jobs:
         if isinstance(job, TuneJob):
             runs = [job.run(lr, job.tune_seed) for lr in job.grid] + [job.run(job.grid[0], s) for s in job.seeds]
@@ -466,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check every run's config and print the commands the sweep would run now; run nothing")
     p.add_argument("--overwrite", action="store_true", help="redo finished runs too")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="run again the existing runs made with another config than the sweep's now, each old folder "
+                        f"kept aside in RESULTS_DIR/NAME/{OLD_RUNS}/RUN-YYYYmmdd-HHMMSS (without it the sweep refuses)")
     p.add_argument("--only", help="run only the runs (and tuned entries) whose name contains this text")
     p.add_argument("--drop-checkpoints", action="store_true",
                    help="delete the checkpoints of every finished run (they can be large); unfinished runs keep theirs")
@@ -480,11 +641,36 @@ def main(argv=None) -> int:
         jobs = expand(sweep)
         if args.only:
             jobs = [j for j in jobs if args.only in (j.base if isinstance(j, TuneJob) else j["name"])]
-        validate_configs(sweep, jobs)
+        launch = launch_settings(sweep.get("launch") or [])
+        validate_configs(jobs, launch)
     except SweepError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     results_dir = os.path.join(args.results_dir, sweep["name"])
+    expected_configs = {}
+
+    def expected(run: dict) -> dict:  # resolved once per run name: the tuning asks again after every run
+        if run["name"] not in expected_configs:
+            try:
+                expected_configs[run["name"]] = launched_config(run, launch)
+            except ConfigError as e:  # an extension lr's run: the rest was validated above
+                raise SweepError(f"run {run['name']}: {e}") from None
+        return expected_configs[run["name"]]
+
+    if not args.overwrite:  # --overwrite redoes every run: nothing old is taken over
+        try:
+            changed = changed_runs(results_dir, jobs, expected)
+        except SweepError as e:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        if changed and not args.rerun_changed:
+            for name, changes in changed:
+                print(drift_line(name, changes), file=sys.stderr)
+            print(f"error: {len(changed)} existing run(s) of {results_dir} differ from the config the sweep would run "
+                  f"now (listed above), so nothing was run: to run them again with this config add --rerun-changed "
+                  f"(each old folder is kept aside in {os.path.join(results_dir, OLD_RUNS)}), or undo the change to "
+                  f"{args.sweep}", file=sys.stderr)
+            return 2
     started, outcomes, done_times = time.time(), {}, []
     child = None
     rerun = "python -m scripts.sweep " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -502,28 +688,60 @@ def main(argv=None) -> int:
     counter = itertools.count(1)
     redone = set()  # --overwrite: each run is redone once per invocation
 
+    def say(tag: str, line: str) -> None:  # --dry-run: `# line` among the commands; else a progress line
+        if args.dry_run:
+            print(f"# {line}", flush=True)
+        else:
+            print(f"{tag} {line}".lstrip(), file=sys.stderr, flush=True)
+
+    def take_over(run: dict, run_dir: str, tag: str, state: str) -> str:
+        """The state to go on from for an existing run (finished, resumable, diverged): its own when
+        its config is the sweep's, "new" once a changed one is kept aside (--rerun-changed), or
+        "changed" / "running" when it must be left alone."""
+        changes = config_drift(run_dir, expected(run))
+        if not changes:
+            return state
+        if not args.rerun_changed:  # it appeared after the check at the start
+            say(tag, drift_line(run["name"], changes) + "; not run (--rerun-changed runs it again)")
+            return "changed"
+        if args.dry_run:
+            say(tag, drift_line(run["name"], changes) + f"; would be kept aside in {OLD_RUNS}/ and run again")
+            return "new"
+        try:
+            aside = keep_aside(run_dir)
+        except runlock.RunLockError as e:
+            say(tag, f"{run['name']}: {e}; skipped")
+            return "running"
+        except OSError as e:
+            say(tag, f"{run['name']}: cannot keep it aside ({e.strerror}); not run")
+            return "changed"
+        say(tag, drift_line(run["name"], changes) + f"; kept aside as {os.path.relpath(aside, results_dir)}, run again")
+        return "new"
+
     def execute(run: dict) -> str:
-        """Runs (or, with --dry-run, prints) one run; its outcome: ok, stopped, failed, skipped, planned or
-        not started (a stop came first)."""
+        """Runs (or, with --dry-run, prints) one run; its outcome: ok, stopped, failed, diverged, skipped,
+        changed (made with another config: left alone), planned or not started (a stop came first)."""
         nonlocal child
         i = next(counter)
         tag = f"[{i}/{max(planned, i)}]"
         run_dir = os.path.join(results_dir, run["name"])
         state = run_state(run_dir)
         overwrite = args.overwrite and run["name"] not in redone
+        if state in REUSED_STATES and not overwrite:
+            state = take_over(run, run_dir, tag, state)
+            if state == "changed":
+                return "changed"
         if state == "running":
-            line = f"{run['name']}: in use by {run_holder(run_dir) or 'another process'}, skipped"
-            print(f"# {line}" if args.dry_run else f"{tag} {line}", file=sys.stdout if args.dry_run else sys.stderr,
-                  flush=True)
+            say(tag, f"{run['name']}: in use by {run_holder(run_dir) or 'another process'}, skipped")
             return "skipped"
         if state == "finished" and not overwrite:
-            if args.dry_run:
-                print(f"# {run['name']}: finished, skipped")
-                return "ok"
-            dropped = args.drop_checkpoints and launcher.drop_checkpoints(run_dir)
-            print(f"{tag} {run['name']}: finished, skipped" + (" (checkpoints dropped)" if dropped else ""),
-                  file=sys.stderr, flush=True)
+            dropped = not args.dry_run and args.drop_checkpoints and launcher.drop_checkpoints(run_dir)
+            say(tag, f"{run['name']}: finished, skipped" + (" (checkpoints dropped)" if dropped else ""))
             return "ok"
+        if state == "diverged" and not overwrite:  # resumed, it would diverge again
+            reason = (read_summary_if_any(run_dir) or {}).get("reason", "non-finite values")
+            say(tag, f"{run['name']}: diverged ({reason}), not run again (--overwrite does)")
+            return "diverged"
         cmd = run_command(sweep, run, results_dir, state, overwrite, args.drop_checkpoints)
         if args.dry_run:
             print(" ".join(shlex.quote(c) for c in cmd))
@@ -546,17 +764,26 @@ def main(argv=None) -> int:
             return "ok"
         if rc == EXIT_STOPPED or (stops and rc != 0):
             return "stopped"
+        summary = read_summary_if_any(run_dir)
+        if diverged(summary):
+            print(f"{tag} {run['name']}: diverged ({summary.get('reason', 'non-finite values')})", file=sys.stderr,
+                  flush=True)
+            return "diverged"
         print(f"{tag} {run['name']}: FAILED (exit {rc})", file=sys.stderr, flush=True)
         return "failed"
 
     tuning, extensions = {}, {}
+    tuning_runs, no_lr = set(), []  # the tune-seed runs launched (their divergence is a result); all-diverged entries
     stopped_run = None
 
     def tuning_loss(job: TuneJob, lr: float):
-        name = job.run(lr, job.tune_seed)["name"]
-        if args.overwrite and name not in redone:
+        run = job.run(lr, job.tune_seed)
+        run_dir = os.path.join(results_dir, run["name"])
+        if args.overwrite and run["name"] not in redone:
             return None  # to be redone by this invocation
-        return run_loss(os.path.join(results_dir, name))
+        if run_state(run_dir) in REUSED_STATES and config_drift(run_dir, expected(run)):
+            return None  # not this config's result: execute() reruns it (--rerun-changed) or refuses
+        return run_loss(run_dir)
 
     def record(name: str, outcome: str) -> None:
         nonlocal stopped_run
@@ -584,10 +811,9 @@ def main(argv=None) -> int:
                 break
             run = job.run(state.need[0], job.tune_seed)
             outcome = execute(run)
-            if outcome == "failed" and run_loss(os.path.join(results_dir, run["name"])) == math.inf:
-                outcome = "diverged"  # the NaN/Inf guard stopped it: this lr is too large, the tuning goes on
-            record(run["name"], outcome)
-            if outcome in ("failed", "skipped"):
+            tuning_runs.add(run["name"])
+            record(run["name"], outcome)  # diverged: this lr is too large, the tuning goes on
+            if outcome in ("failed", "skipped", "changed"):
                 state.failed = f"{run['name']} {outcome}"
                 tuning[job.base] = tune_record(job, state)
                 break
@@ -597,6 +823,11 @@ def main(argv=None) -> int:
             break
         if state.failed:
             print(f"{job.base}: the lr tuning stopped: {state.failed}", file=sys.stderr, flush=True)
+            continue
+        if state.all_diverged:
+            no_lr.append(job.base)
+            say("", f"{job.base}: every lr tried diverged (lr {', '.join(map(format_value, sorted(state.tried)))}): "
+                    "no lr chosen, no seeds run; try smaller lrs")
             continue
         if state.chosen is None:  # --dry-run: the rest depends on losses not known yet
             print(f"# {job.base}: then lrs past an edge (x{job.extend:g}, at most {job.max_extend} more) while the best "
@@ -616,7 +847,11 @@ def main(argv=None) -> int:
             record(run["name"], execute(run))
     if args.dry_run:
         return 0
-    by = {k: [n for n, o in outcomes.items() if o == k] for k in ("ok", "stopped", "failed", "skipped", "diverged")}
+    by = {k: [n for n, o in outcomes.items() if o == k]
+          for k in ("ok", "stopped", "failed", "skipped", "diverged", "changed")}
+    tuned_diverged = [n for n in by["diverged"] if n in tuning_runs]
+    other_diverged = [n for n in by["diverged"] if n not in tuning_runs]  # at a fixed or chosen lr: a failure
+    failures = by["failed"] or by["skipped"] or by["changed"] or other_diverged or no_lr
     minutes = (time.time() - started) / 60
     if stops or stopped_run:
         not_started = [n for n, o in outcomes.items() if o == "not started"]
@@ -628,13 +863,17 @@ def main(argv=None) -> int:
                     else f"{stopped_run} stopped before it trained a step")
         print(f"sweep {sweep['name']} interrupted after {minutes:.1f} min: {what}; {len(by['ok'])} of at least "
               f"{planned} runs finished; rerun the same command to resume: {rerun}", file=sys.stderr, flush=True)
-        return 1 if by["failed"] or by["skipped"] else EXIT_STOPPED
+        return 1 if failures else EXIT_STOPPED
     print(f"sweep {sweep['name']}: {len(by['ok'])}/{len(outcomes)} runs ok in {minutes:.1f} min"
-          + (f"; diverged while tuning (counted as the worst lr): {', '.join(by['diverged'])}" if by["diverged"] else "")
+          + (f"; diverged while tuning (counted as the worst lr): {', '.join(tuned_diverged)}"
+             if tuned_diverged else "")
+          + (f"; no lr chosen (every lr diverged): {', '.join(no_lr)}" if no_lr else "")
+          + (f"; diverged: {', '.join(other_diverged)}" if other_diverged else "")
           + (f"; failed: {', '.join(by['failed'])}" if by["failed"] else "")
+          + (f"; not run (made with another config): {', '.join(by['changed'])}" if by["changed"] else "")
           + (f"; skipped (in use elsewhere): {', '.join(by['skipped'])}" if by["skipped"] else ""),
           file=sys.stderr)
-    return 1 if by["failed"] or by["skipped"] else 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -133,6 +133,9 @@ def test_drop_checkpoints_of_finished_runs(tmp_path, corpus, capsys):
     assert run.drop_checkpoints(str(root / "half")) is False and (root / "half" / "checkpoints").exists()
     (tmp_path / "sw.yaml").write_text("name: s\nruns:\n  - optimizer: adamw\n    name: done\n    config: "
                                       "{train: {steps: 10, seed: 0, batch_size: 8}}\n")
+    # reused only as the very config the sweep would launch (as run.py writes it)
+    done = dict(name="done", optimizer="adamw", config={"train": {"steps": 10, "seed": 0, "batch_size": 8}}, preset=None)
+    (root / "done" / "config.json").write_text(json.dumps(sweep.launched_config(done, sweep.launch_settings([]))))
     assert sweep.main([str(tmp_path / "sw.yaml"), "--results-dir", str(tmp_path / "res"), "--drop-checkpoints"]) == 0
     assert "done: finished, skipped (checkpoints dropped)" in capsys.readouterr().err
     assert not (root / "done" / "checkpoints").exists()

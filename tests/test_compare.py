@@ -256,6 +256,13 @@ def test_tuned_entry_may_not_set_lr_or_seed_itself():
                                             "lr": {"tune": [0.1, 0.2], "seeds": [0]}}]})
 
 
+def write_sweep_config(run_dir, optimizer, overrides, preset=None):
+    """config.json as run.py writes it for a sweep's run (no launch arguments): what the sweep reuses."""
+    run = dict(name=os.path.basename(run_dir), optimizer=optimizer, config=overrides, preset=preset)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(sweep.launched_config(run, sweep.launch_settings([])), f)
+
+
 class FakeRun:
     """Stands in for run.py: writes a finished run folder whose final val loss is a bowl in log lr
     around `best_lr` (plus 0.01 per seed), so a sweep's tuning runs in milliseconds."""
@@ -272,7 +279,8 @@ class FakeRun:
         lr = config.get("lr", 0.002)
         loss = 5 + (math.log2(lr / FakeRun.best_lr)) ** 2 / 10 + 0.01 * seed
         run_dir = write_run_folder(get("--results-dir"), name, get("--optimizer"), lr, seed,
-                                   rank=config.get("rank"), final=loss)
+                                   rank=config.get("rank"), final=loss, steps=config["train"]["steps"])
+        write_sweep_config(run_dir, get("--optimizer"), config)
         self.run_dir = run_dir
 
     def wait(self, timeout=None):
@@ -310,7 +318,8 @@ def test_a_sweep_tunes_then_reruns_the_best_lr_with_every_seed(tmp_path, monkeyp
 def test_dry_run_prints_what_the_sweep_would_do(tmp_path, capsys):
     (tmp_path / "sw.yaml").write_text("name: t\nconfig: {train: {steps: 10}}\nruns:\n  - optimizer: adamw\n"
                                       "  - optimizer: mfsgd\n    lr: {tune: [0.01, 0.02], seeds: [0, 1]}\n")
-    write_run_folder(tmp_path / "results" / "t", "adamw", "adamw", steps=10)
+    write_sweep_config(write_run_folder(tmp_path / "results" / "t", "adamw", "adamw", steps=10), "adamw",
+                       {"train": {"steps": 10}})
     assert sweep.main([str(tmp_path / "sw.yaml"), "--results-dir", str(tmp_path / "results"), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "# adamw: finished, skipped"  # what the real sweep does: never --overwrite

@@ -157,14 +157,14 @@ def test_distributed_checkpoint_resumes_on_any_number_of_ranks(runs, tmp_path, w
 
 @pytest.mark.slow  # the runs fixture trains in spawned processes
 @pytest.mark.parametrize("damage, message", [
-    ("truncate .metadata", "is corrupt ("),
-    ("remove meta.pt", "its meta.pt is missing"),
-    ("remove __1_0.distcp", "its shard file __1_0.distcp is missing"),
-    ("truncate __0_0.distcp", "its shard file __0_0.distcp is truncated"),
+    ("truncate .metadata", "is unusable: its file .metadata has"),
+    ("remove meta.pt", "is unusable: its file meta.pt is missing"),
+    ("remove __1_0.distcp", "is unusable: its file __1_0.distcp is missing"),
+    ("truncate __0_0.distcp", "is unusable: its file __0_0.distcp has"),
 ])
 def test_damaged_distributed_checkpoint_is_one_line_naming_the_older_one(runs, tmp_path, damage, message):
-    """run.py --resume checks the newest DCP folder before launching (meta.pt, DCP's metadata, and
-    that every shard file the metadata names is there, long enough), without loading a tensor."""
+    """run.py --resume checks the newest DCP folder before launching (every file its manifest lists:
+    meta.pt, DCP's metadata, the shards), without loading a tensor."""
     from run import LaunchError, check_newest_checkpoint
 
     _, dirs = runs

@@ -11,6 +11,7 @@ import time
 import pytest
 from unittest.mock import ANY
 
+from checkpoint import list_checkpoints
 from helpers import (ROOT, launch, process_tree, read_metrics, tiny_overrides, train_in_process, write_run_config,
                      write_tiny_corpus)
 
@@ -82,7 +83,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, ext
     assert summary["status"] == "finished" and summary["final_val_loss"] == a[-1]["val_loss"]
     for key in ("best_val_loss", "final_train_loss", "param_bytes", "opt_state_bytes_hidden"):
         assert summary[key] == ref_summary[key], key  # the summary sees the steps before the kill too
-    assert len(os.listdir(tmp_path / "cut" / "checkpoints")) == 2  # keep_checkpoints
+    assert len(list_checkpoints(str(tmp_path / "cut"))) == 2  # keep_checkpoints
     if optimizer == "adamw" or extra.get("parallel") == "fsdp":  # a file and a folder checkpoint; the rest alike
         again = launch(["--resume", "cut", "--nproc", str(nproc)], tmp_path)
         assert again.returncode == 2 and "already finished" in again.stderr
@@ -117,8 +118,6 @@ def test_non_finite_loss_stops_with_reason(tmp_path, corpus):
     assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
     # every checkpoint kept holds finite weights
     import torch
-
-    from checkpoint import list_checkpoints
 
     for path in list_checkpoints(str(tmp_path / "nan")):
         state = torch.load(path, weights_only=True)
@@ -188,7 +187,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_resumes(tmp_path, corpus):
     assert err.strip().splitlines()[-1].startswith("stopped by signal at step")
     assert "resume with: python run.py --resume term" in err and "Traceback" not in err
     assert json.loads((tmp_path / "term" / "summary.json").read_text())["status"] == "stopped"
-    ckpts = os.listdir(tmp_path / "term" / "checkpoints")
+    ckpts = [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "term"))]
     assert len(ckpts) == 1 and ckpts[0] != f"step_{STEPS:07d}.pt"
     resumed = launch(["--resume", "term"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr

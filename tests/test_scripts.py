@@ -87,8 +87,11 @@ def test_sweep_resume_decisions(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_skips_finished_runs(tmp_path, capsys):
-    (tmp_path / "sw.yaml").write_text("name: s\nruns:\n  - optimizer: adamw\n")
-    make_run(tmp_path / "results" / "s", "adamw", "adamw", None)
+    (tmp_path / "sw.yaml").write_text("name: s\nconfig: {train: {steps: 4}}\nruns:\n  - optimizer: adamw\n")
+    run_dir = make_run(tmp_path / "results" / "s", "adamw", "adamw", None)
+    # reused only as the very config the sweep would launch (as run.py writes it)
+    run = dict(name="adamw", optimizer="adamw", config={"train": {"steps": 4}}, preset=None)
+    (run_dir / "config.json").write_text(json.dumps(sweep.launched_config(run, sweep.launch_settings([]))))
     assert sweep.main([str(tmp_path / "sw.yaml"), "--results-dir", str(tmp_path / "results")]) == 0
     assert "finished, skipped" in capsys.readouterr().err
 
