@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import sys
 from contextlib import nullcontext
@@ -29,7 +30,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import agreed_resume_checkpoint, load_checkpoint, save_checkpoint
-from configs import RunConfig, resolve_path
+from configs import RunConfig, config_hash, resolve_path
 from data.loader import StreamLoader, TokenLoader, val_sequences
 from data.shards import find_shards
 from fileio import write_json
@@ -38,12 +39,16 @@ from memory import current_memory_bytes, memory_parts, peak_memory_bytes, peak_m
 from metrics import MetricsLog, RunLog, StepClock, environment_info, start_wandb
 from model import create_model, window_blocks_at
 from optimizers import RunOptimizers, split_parameters, state_bytes
-from outcome import DISK_ERRNOS, EXIT_FAILED, RunFailed, exit_process, launched_by_run_py, write_summary_quietly
+from outcome import (DISK_ERRNOS, EXIT_FAILED, RunFailed, collective_failure, exit_process, launched_by_run_py,
+                     write_summary_quietly)
 from parallel import (GradientExchange, all_reduce_sum, setup_distributed, shard_model, shutdown_distributed,
                       wrap_data_parallel)
 
 # SIGTERM/SIGINT received (from the worker's start, see __main__): the run stops after the step
 STOP_SIGNALS: list = []
+# the step train() is on, as metrics.jsonl numbers it (None: before the first), for the line a collective
+# that failed on a lost rank ends the run with
+CURRENT_STEP: list = [None]
 
 
 def train(run_dir: str, resume: bool = False) -> dict | None:
@@ -56,6 +61,7 @@ def train(run_dir: str, resume: bool = False) -> dict | None:
         log.write({"step": 0, **validate(run, 0), "tokens": 0, "elapsed_s": 0.0})
     step, clock = run.start_step, StepClock(run.elapsed)
     while step < total_steps:
+        CURRENT_STEP[0] = step + 1
         record, stop_now = train_step(run, step, clock)
         step += 1
         last = step == total_steps
@@ -324,9 +330,15 @@ def write_checkpoint(run: Run, step: int, elapsed: float) -> None:
 
 
 def crash_if_asked(cfg: RunConfig, step: int) -> None:
-    """train.debug_crash_at_step, a testing aid: the first attempt, not a torchrun restart, crashes."""
-    if cfg.train.debug_crash_at_step == step and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    """Testing aids, in the first attempt only (not a torchrun restart): train.debug_crash_at_step
+    crashes every rank; train.debug_hang_at_step stops the last rank (SIGSTOP, as `kill -STOP`), so
+    the others wait in their next collective: the next step's, or this step's checkpoint when due."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if cfg.train.debug_crash_at_step == step:
         raise RuntimeError(f"debug_crash_at_step: injected crash at step {step}")
+    if cfg.train.debug_hang_at_step == step and int(os.environ.get("RANK", "0")) == cfg.launch.world_size - 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +351,9 @@ def finish(run: Run, log: RunLog, step: int, elapsed: float) -> dict | None:
     log.close()
     summary = None
     if run.is_main and step == run.cfg.train.steps:
-        summary = log.summary.finished(run.cfg, step, elapsed, run.world_size, run.device)
+        # the hash of what the numbers depend on: a later edit of config.json shows (sweeps, reports)
+        summary = {**log.summary.finished(run.cfg, step, elapsed, run.world_size, run.device),
+                   "config_hash": config_hash(run.cfg.to_dict())}
         write_json(os.path.join(run.run_dir, "summary.json"), summary)
     leave_process_group(run)
     return summary
@@ -407,25 +421,70 @@ def report_stop(run: Run, step: int) -> None:
         print(f"stopped by signal at step {step}, checkpoint written; resume with --resume", file=sys.stderr, flush=True)
 
 
-def fail_run(run_dir: str, reason: str) -> None:
+def fail_run(run_dir: str, reason: str, peers_lost: bool = False) -> None:
     """A handled failure of every rank (RunFailed), or of rank 0 alone (a full disk): one line on
-    stderr (from run.py when it launched us), "failed" in summary.json if it can be written."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    stderr (from run.py when it launched us), "failed" in summary.json if it can be written.
+    `peers_lost` (a collective failed on a rank that stopped or died): every rank that saw it writes
+    the summary (rank 0 may be the one lost), and none waits for the others on the way out."""
+    if peers_lost or int(os.environ.get("RANK", "0")) == 0:
         try:
             with open(os.path.join(run_dir, "config.json")) as f:
                 saved = json.load(f)
         except (OSError, ValueError):
             saved = {}
         saved = saved if isinstance(saved, dict) else {}
-        write_summary_quietly(run_dir, {"name": saved.get("name"), "status": "failed", "reason": reason,
-                                        "optimizer": saved.get("optimizer_name")})
+        summary = {"name": saved.get("name"), "status": "failed", "reason": reason, "optimizer": saved.get("optimizer_name")}
+        if peers_lost:  # run.py puts a crashed rank's own error before this one
+            summary["lost_rank"] = True
+        write_summary_quietly(run_dir, summary)
         if not launched_by_run_py():
             print(f"error: {reason}", file=sys.stderr, flush=True)
-    try:
-        shutdown_distributed()
-    except Exception:  # noqa: BLE001 - a peer already gone; the outcome is written
-        pass
+    if not peers_lost:  # leaving together takes a barrier, which a lost rank never reaches
+        try:
+            shutdown_distributed()
+        except Exception:  # noqa: BLE001 - a peer already gone; the outcome is written
+            pass
     exit_process(EXIT_FAILED)
+
+
+# what train() was doing, by the function a collective failed in
+PHASES = {"set_up": "during set-up", "train_step": "in the training step", "validate": "in validation",
+          "write_checkpoint": "while writing its checkpoint", "finish": "while finishing"}
+
+
+def lost_rank_reason(run_dir: str, error: BaseException) -> str | None:
+    """The one line for a collective that failed because a rank stopped answering (timed out) or is
+    gone, naming the step and what the run was doing; None for any other error."""
+    import traceback
+
+    message = str(error).strip()
+    kind = collective_failure(message)
+    if kind is None:
+        return None
+    names = [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+    doing = next((PHASES[name] for name in names if name in PHASES), None)
+    step = CURRENT_STEP[0]
+    if step is None and doing == PHASES["validate"]:
+        step = 0  # the first validation, before any step
+    where = ", ".join(filter(None, [f"at step {step}" if step is not None else None, doing])) or "before the first step"
+    if kind == "timeout":
+        timeout = configured_collective_timeout(run_dir)
+        return (f"a collective did not complete within train.collective_timeout_s={timeout:g} s {where} "
+                "(a rank stopped responding or died)")
+    # gloo's message: "[.../pair.cc:553] Connection closed by peer [ADDR]:PORT. This is typically ..."
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", message.splitlines()[0]).split(". ")[0]
+    return f"a collective lost its connection to another rank {where} (a rank died or stopped): {detail}"
+
+
+def torchrun_restarts_left() -> bool:
+    """Whether torchrun restarts the workers after a failure (run.py --max-restarts, not used up)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+
+
+def configured_collective_timeout(run_dir: str) -> float:
+    """train.collective_timeout_s of the run (config.json), as the process group was given it."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return float(RunConfig.from_dict(json.load(f)).train.collective_timeout_s)
 
 
 def main():
@@ -446,6 +505,11 @@ def main():
             raise
         fail_run(args.run_dir, f"cannot write to {e.filename or args.run_dir}: {e.strerror}; resume with --resume "
                                "once there is space")
+    except RuntimeError as e:  # gloo's and NCCL's collective errors (DistBackendError, ...) are RuntimeErrors
+        reason = lost_rank_reason(args.run_dir, e)
+        if reason is None or torchrun_restarts_left():  # a crash: torchrun restarts every rank
+            raise
+        fail_run(args.run_dir, reason, peers_lost=True)
     # Every output is written and closed and the process group is left: skip the interpreter's
     # and C++ static teardown, where a communication thread's destructor can abort a finished
     # rank (SIGABRT, "terminate called without an active exception", seen rarely with gloo).

@@ -68,7 +68,7 @@ class Run:
         workers hold the folder); unfinished (no summary, or one with fewer steps than the config)."""
         if self.finished:
             return "finished"
-        if self.summary is not None and self.summary.get("status") in ("stopped", "failed"):
+        if self.summary is not None and self.summary.get("status") in ("stopped", "failed", "diverged", "edited"):
             return self.summary["status"]
         import runlock
 
@@ -132,9 +132,25 @@ def load_run(path: str) -> Run:
     config = _read_json(os.path.join(path, "config.json"))
     if config is None:
         raise FileNotFoundError(f"{path} is not a run folder (no config.json)")
-    return Run(path=path, config=config, metrics=read_jsonl(os.path.join(path, "metrics.jsonl")),
-               summary=_read_json(os.path.join(path, "summary.json")),
+    summary = _read_json(os.path.join(path, "summary.json"))
+    if isinstance(summary, dict) and isinstance(summary.get("config_hash"), str) and not made_with(config, summary):
+        import sys
+
+        print(f"warning: {path}/config.json was edited after the run finished (it no longer hashes to summary.json's "
+              "config_hash): the run is left out", file=sys.stderr)
+        summary = {**summary, "status": "edited"}
+    return Run(path=path, config=config, metrics=read_jsonl(os.path.join(path, "metrics.jsonl")), summary=summary,
                env=_read_json(os.path.join(path, "env.json")) or {})
+
+
+def made_with(config: dict, summary: dict) -> bool:
+    """Whether config.json is the config the finished run recorded (its hash in summary.json)."""
+    from configs import ConfigError, RunConfig, config_hash  # torch: only for runs that recorded a hash
+
+    try:
+        return config_hash(RunConfig.from_dict(config).to_dict()) == summary["config_hash"]
+    except (ConfigError, ValueError, TypeError):
+        return False
 
 
 def find_runs(paths: list[str]) -> list[Run]:

@@ -97,7 +97,7 @@ if not __package__ and sys.path[:1] != [ROOT]:  # python scripts/sweep.py: this 
 
 import run as launcher  # noqa: E402
 import runlock  # noqa: E402
-from configs import (NAME, ConfigError, RunConfig, config_changes, read_json_file, read_text,  # noqa: E402
+from configs import (NAME, ConfigError, RunConfig, config_changes, config_hash, read_json_file, read_text,  # noqa: E402
                      resolve_config, safe_yaml)
 from outcome import EXIT_STOPPED  # noqa: E402
 
@@ -465,6 +465,9 @@ def config_drift(run_dir: str, expected: dict) -> list[str]:
         saved = as_resumed(read_json_file(os.path.join(run_dir, "config.json")))
     except ConfigError as e:
         return [f"config.json unreadable ({str(e).splitlines()[0]})"]
+    made_with = (read_summary_if_any(run_dir) or {}).get("config_hash")
+    if isinstance(made_with, str) and made_with != config_hash(saved):
+        return ["config.json was edited after the run finished (it no longer hashes to summary.json's config_hash)"]
     expected = copy.deepcopy(expected)
     if is_fsdp(saved) and is_fsdp(expected):
         for config in (saved, expected):

@@ -401,3 +401,35 @@ def test_every_optimizer_diverging_ends_through_the_nan_guard(corpus, tmp_path, 
     assert summary["status"] == "diverged" and summary["reason"].startswith("non-finite"), summary
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite") and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_a_finished_run_whose_config_json_was_edited_is_left_out(done, tmp_path, capsys):
+    """summary.json records the config's hash: reports leave a run out whose config.json was edited
+    afterwards (its groups and labels would claim values it never ran with), and a sweep does not
+    reuse it."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import results
+    import sweep
+
+    r = tmp_path / "r"
+    shutil.copytree(done, r)
+    assert results.load_run(str(r)).status == "finished"
+    config = json.loads((r / "config.json").read_text())
+    config["optimizer"]["lr"] = 0.5
+    (r / "config.json").write_text(json.dumps(config))
+    assert results.load_run(str(r)).status == "edited"
+    assert "config.json was edited after the run finished" in capsys.readouterr().err
+    assert sweep.config_drift(str(r), config) == [
+        "config.json was edited after the run finished (it no longer hashes to summary.json's config_hash)"]
+
+
+def test_checkpoint_benchmark_prints_its_table(tmp_path, capsys):
+    from scripts import bench_checkpoint
+
+    assert bench_checkpoint.main(["--model", "cpu-tiny", "--repeats", "1", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for row in ("| write, plain torch.save |", "| write with manifest (CRC-32) |", "| verify (read + CRC-32) |",
+                "| CRC-32 of the bytes alone |"):
+        assert row in out
+    assert os.listdir(tmp_path) == []  # its checkpoints are gone
