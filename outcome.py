@@ -3,6 +3,7 @@ summary.json whose "status" says finished, stopped or failed (with a reason)."""
 
 import errno
 import os
+import re
 import sys
 
 from fileio import write_json
@@ -15,6 +16,25 @@ EXIT_STOPPED = 75  # a graceful stop (SIGTERM/SIGINT): "stopped" in summary.json
 
 # errors of a full or size-limited disk: the run fails with one line, older checkpoints kept
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+# What a collective's error says when a peer rank stopped answering (gloo: "Timed out waiting 5000ms for
+# recv operation to complete"; NCCL's watchdog: "Watchdog caught collective operation timeout") or is
+# gone (gloo: "Connection closed by peer", "Connection reset by peer")
+COLLECTIVE_TIMED_OUT = re.compile(r"timed out waiting|collective operation timeout", re.IGNORECASE)
+PEER_LOST = re.compile(r"connection (closed|reset) by peer|broken pipe", re.IGNORECASE)
+# statuses of summary.json that end a run as a failure (exit code 3): "diverged" is a failure too
+FAILED_STATUSES = ("failed", "diverged")
+
+
+def collective_failure(message: str) -> str | None:
+    """'timeout' or 'lost' if `message` (an error of a collective) says a peer rank stopped answering
+    or is gone; None for anything else."""
+    if COLLECTIVE_TIMED_OUT.search(message):
+        return "timeout"
+    if PEER_LOST.search(message):
+        return "lost"
+    return None
 
 
 class RunFailed(Exception):

@@ -1,6 +1,7 @@
 """Data parallelism for the worker: the process group, the small collectives the harness needs, DDP
 or FSDP2 over the model, and how a step's gradients are averaged (and the bytes that costs each rank)."""
 
+import datetime
 import inspect
 import os
 from dataclasses import dataclass
@@ -21,7 +22,11 @@ def setup_distributed(cfg):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 or cfg.launch.distributed or cfg.train.parallel == "fsdp":  # FSDP2 needs a mesh, even of 1
-        dist.init_process_group(backend=cfg.launch.backend, device_id=device if device.type == "cuda" else None)
+        # a collective that waits longer than this raises on the ranks that wait (gloo: a RuntimeError
+        # "Timed out waiting ...ms"), instead of gloo's 30-minute default: train_gpt.main fails the run
+        timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
+        dist.init_process_group(backend=cfg.launch.backend, device_id=device if device.type == "cuda" else None,
+                                timeout=timeout)
     if world_size != cfg.launch.world_size:
         raise SystemExit(f"error: launched with world size {world_size}, but config.json says {cfg.launch.world_size}")
     return rank, world_size, device

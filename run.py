@@ -22,6 +22,7 @@ if __name__ == "__main__":
         signal.signal(_sig, lambda signum, frame: STOPS.append(signum))
 
 import argparse  # noqa: E402
+import codecs  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -34,7 +35,7 @@ from configs import NAME as RUN_NAME  # noqa: E402
 from configs import ConfigError, RunConfig, read_json_file, resolve_config, resolve_path  # noqa: E402
 from data.shards import ShardError, find_shards, open_shard, read_header  # noqa: E402
 from fileio import write_json  # noqa: E402
-from outcome import EXIT_FAILED, EXIT_STOPPED  # noqa: E402
+from outcome import EXIT_FAILED, EXIT_STOPPED, FAILED_STATUSES  # noqa: E402
 from runlock import RunLockError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -421,9 +422,10 @@ def wait_for_node0_config(run_dir: str, cfg: RunConfig, args) -> bool:
 
 
 def written_by_peer_node(run_dir: str, cfg: RunConfig) -> bool:
-    """A folder holding nothing but another node's lock files and this very config.json: a node rank
-    > 0 whose --node-wait ran out before this node started; node 0 takes it over as a new run."""
-    entries = [e for e in os.listdir(run_dir) if not runlock.is_lock_file(e)]
+    """A folder holding nothing but another node's lock files and output log and this very
+    config.json: a node rank > 0 whose --node-wait ran out before this node started; node 0 takes it
+    over as a new run."""
+    entries = [e for e in os.listdir(run_dir) if not runlock.is_lock_file(e) and not re.fullmatch(r"workers\.node\d+\.log", e)]
     return entries == ["config.json"] and holds_config(run_dir, cfg)
 
 
@@ -569,8 +571,10 @@ def caught_signals(pid: int) -> int:
     return -1
 
 
-def outcome(args, run_dir: str, rc: int, stopped: bool) -> int:
-    """run.py's last line and exit code, from summary.json and torchrun's exit code."""
+def outcome(args, run_dir: str, rc: int, stopped: bool, crash: str | None = None) -> int:
+    """run.py's last line and exit code, from summary.json and torchrun's exit code. `crash`: what the
+    workers' output says failed (a worker's error line, or torchrun's word on a worker killed by a
+    signal), the reason when the workers wrote none."""
     summary = None
     path = os.path.join(run_dir, "summary.json")
     try:
@@ -593,22 +597,23 @@ def outcome(args, run_dir: str, rc: int, stopped: bool) -> int:
             print(f"stopped by signal at step {summary.get('steps')}, checkpoint written; resume with: python run.py "
                   f"--resume {target} {device}{results}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
-    if status in ("failed", "diverged"):  # diverged: the NaN guard (train_gpt.fail_non_finite)
+    # diverged: the NaN guard (train_gpt.fail_non_finite); a crashed rank's error comes before the
+    # failure its peers then wrote (lost_rank: a collective lost its connection to it)
+    if status in FAILED_STATUSES and not (crash and summary.get("lost_rank")):
         reason = summary.get("reason") or f"the workers exited with code {rc}"
         print(f"error: {reason}" + ("" if "checkpoint" in reason else "; the last good checkpoint is kept"),
               file=sys.stderr, flush=True)
         return EXIT_FAILED
-    reason = (f"the workers exited with code {rc}" if rc else "the workers ended without a summary") + \
-        (" after a stop signal" if stopped else "")
-    try:  # a crash: its traceback is above; the summary says what happened
-        with open(os.path.join(run_dir, "config.json")) as f:
-            saved = json.load(f)
-        write_json(path, {"name": saved.get("name"), "status": "failed", "reason": reason,
-                          "optimizer": saved.get("optimizer_name")})
-    except (OSError, ValueError, AttributeError):
-        pass
+    # a crash (its traceback is in the workers' log): the summary says what happened
+    if crash:
+        reason = crash + (f"; then {summary['reason']}" if status in FAILED_STATUSES else "") + \
+            (" (after a stop signal)" if stopped else "")
+    else:
+        reason = (f"the workers exited with code {rc}" if rc else "the workers ended without a summary") + \
+            (" after a stop signal" if stopped else "")
+    write_failed_summary(run_dir, reason)
     print(f"error: {reason}; resume with --resume {name} (from its newest checkpoint)", file=sys.stderr, flush=True)
-    return rc if rc not in (0, 2, EXIT_FAILED, EXIT_STOPPED) else 1
+    return rc if rc > 0 and rc not in (2, EXIT_FAILED, EXIT_STOPPED) else 1  # torchrun killed: 1 too
 
 
 def drop_checkpoints(run_dir: str) -> bool:
@@ -630,6 +635,372 @@ def drop_checkpoints(run_dir: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The workers' output: all of it in RUN/workers.log; on the terminal without their failure reports
+
+
+WORKER_LOG_NAME = re.compile(r"workers(\.node\d+)?\.log")
+
+
+def worker_log_path(run_dir: str, node_rank: int) -> str:
+    """RUN/workers.log: torchrun's and the workers' stdout and stderr, each launch appended (node rank
+    K > 0: workers.nodeK.log, as a results dir shared between nodes holds every node's)."""
+    return os.path.join(run_dir, "workers.log" if node_rank == 0 else f"workers.node{node_rank}.log")
+
+
+def open_worker_log(path: str, cmd: list[str]) -> tuple[int, int]:
+    """Opens the log for torchrun to append to, after a line that starts this launch's part; returns
+    (its fd, the offset where torchrun's output starts)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        return fd, os.fstat(fd).st_size
+    except OSError:
+        os.close(fd)
+        raise
+
+
+# A line a worker's uncaught exception prints under a process group: "[rank1]: Traceback ..."
+RANK_LINE = re.compile(rb"\[rank(\d+)\]: ?")
+TRACEBACK = b"Traceback (most recent call last):"
+# torchrun's log lines on its worker processes ("failed (exitcode: 1) local_rank: 0 (pid: ...)", "Sending
+# process N closing signal SIGTERM"): the start of its failure report
+TORCHRUN_LINE = re.compile(rb"[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/multiprocessing/")
+REPORT_START = re.compile(b"|".join([RANK_LINE.pattern, re.escape(TRACEBACK), TORCHRUN_LINE.pattern]))
+WORKER_FAILED = re.compile(rb"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+CHAINED = (b"During handling of the above exception", b"The above exception was the direct cause")
+NCCL_WATCHDOG = b"Watchdog caught collective operation timeout"
+
+
+class WorkerOutput:
+    """Shows RUN/workers.log on the launcher's stderr as torchrun and the workers write it, but for
+    their failure reports, which only the log keeps: a worker's traceback shows as its error line
+    (once per distinct error, pointing to the log), torchrun's own report (its lines on failed
+    workers, its ChildFailedError traceback) not at all. Bytes are shown as they come, so the
+    progress bar's \\r updates show live; a line without \\r is shown once complete (it may start a
+    traceback). `crash`: the first worker error shown, the reason of a crash; `failed_worker`:
+    torchrun's word on the first worker that failed (one killed by a signal prints no traceback)."""
+
+    def __init__(self, path: str, offset: int):
+        self.path = path
+        self.file = open(path, "rb")
+        self.file.seek(offset)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.line = b""  # the line being received, not complete yet
+        self.shown = 0  # how many of its bytes are on the terminal already (a progress bar)
+        self.at_line_start = True  # the terminal's cursor: whether the last byte shown ended a line
+        self.block = None  # a traceback without rank prefix being kept off the terminal: stack, after, report
+        self.rules = 0  # "=====" lines seen of torchrun's ChildFailedError report
+        self.in_stack: set = set()  # ranks whose traceback's stack lines are coming
+        self.errors: dict = {}  # rank (None: no prefix) -> its traceback's error line, not shown yet
+        self.seen: set = set()  # error lines shown
+        self.kept_back = self.pointed = False  # something was kept off the terminal; a line said where it is
+        self.crash: str | None = None
+        self.failed_worker: str | None = None
+
+    def pump(self) -> bool:
+        """Shows what was written since the last call; False if nothing was."""
+        data = self.file.read(1 << 20)
+        if not data:
+            self.show_errors()  # a pause in the output: the tracebacks held are complete
+            return False
+        self.line += data
+        while (end := self.line.find(b"\n")) >= 0:
+            line, self.line = self.line[:end + 1], self.line[end + 1:]
+            shown, self.shown = self.shown, 0
+            self.take_line(line, shown)
+        if b"\r" in self.line and self.block is None:  # a progress bar, shown as it updates
+            safe = self.showable_end(self.line)
+            if safe > self.shown:
+                self.echo(self.line[self.shown:safe])
+                self.shown = safe
+        return True
+
+    def close(self) -> None:
+        """Shows the rest, ends the terminal's line, points to the log if it kept something back."""
+        while self.pump():
+            pass
+        if self.line:
+            line, self.line = self.line + b"\n", b""
+            self.take_line(line, self.shown)
+        self.block = None
+        self.show_errors()
+        if not self.at_line_start:
+            self.echo(b"\n")
+        if self.kept_back and not self.pointed:
+            self.echo(f"(the workers' full output: {self.path})\n".encode())
+        self.file.close()
+
+    def take_line(self, line: bytes, shown: int) -> None:
+        """A complete line whose first `shown` bytes are on the terminal already."""
+        if self.block and self.keep_in_block(line.rstrip(b"\r\n")):
+            return
+        start = REPORT_START.search(line, shown)
+        if start is None:
+            self.echo(line[shown:])
+            return
+        if start.start() > 0:  # a progress bar's text before it: its line ends here
+            self.echo(line[shown:start.start()] + b"\n")
+        self.kept_back = True
+        text = line[start.start():].rstrip(b"\r\n")
+        rank = RANK_LINE.match(text)
+        if rank:
+            self.take_rank_line(int(rank[1]), text[rank.end():])
+        elif text.startswith(TRACEBACK):
+            self.block = "stack"
+        else:
+            self.take_torchrun_line(text)
+
+    def keep_in_block(self, text: bytes) -> bool:
+        """Whether a line belongs to the traceback (or torchrun report) being kept off the terminal."""
+        if self.block == "stack":
+            if not text or text[:1] in (b" ", b"\t"):
+                return True
+            if b"ChildFailedError" in text:  # torchrun's own: its report follows, between two rules
+                self.block, self.rules = "report", 0
+            else:  # the error line of a worker without a process group (a chain's last one wins)
+                self.errors[None] = text
+                self.block = "after"
+            return True
+        if self.block == "report":
+            if len(text) >= 10 and text == b"=" * len(text):
+                self.rules += 1
+            if self.rules >= 2:
+                self.block = None
+            return True
+        if not text or text.startswith(CHAINED):  # "after": between the tracebacks of a chain
+            return True
+        if text.startswith(TRACEBACK):
+            self.block = "stack"
+            return True
+        self.block = None
+        self.show_errors()
+        return False
+
+    def take_rank_line(self, rank: int, text: bytes) -> None:
+        """A line of rank `rank`'s traceback (the "[rankN]: " prefix taken off)."""
+        if text.startswith(TRACEBACK):
+            self.in_stack.add(rank)
+        elif rank in self.in_stack and (not text or text[:1] in (b" ", b"\t")):
+            pass  # the stack
+        elif rank in self.in_stack:
+            self.in_stack.discard(rank)
+            self.errors[rank] = text  # its error line (a chained traceback's later one replaces it)
+        elif NCCL_WATCHDOG in text:  # NCCL ends the process itself: its log line is the error
+            self.errors.setdefault(rank, re.sub(rb"^\[[^\]]*\]\s*", b"", text))
+
+    def take_torchrun_line(self, text: bytes) -> None:
+        failed = WORKER_FAILED.search(text)
+        if failed and self.failed_worker is None:
+            code, local_rank = int(failed[1]), int(failed[2])
+            how = f"exited with code {code}"
+            if code < 0 and -code in signal.valid_signals():
+                how = f"was killed by {signal.Signals(-code).name}"
+            self.failed_worker = f"the worker of local rank {local_rank} {how}"
+
+    def show_errors(self) -> None:
+        """Shows the error lines of the tracebacks held, each distinct one once, with where the rest is."""
+        if self.block == "after":
+            return  # another traceback of the chain may follow
+        if self.errors and not self.at_line_start:  # under a progress bar, not on its line
+            self.echo(b"\n")
+        for rank, text in self.errors.items():
+            error = text.decode(errors="replace").strip()
+            who = "a worker" if rank is None else f"rank {rank}"
+            self.crash = self.crash or f"{who} crashed: {error}"
+            if error not in self.seen:
+                self.seen.add(error)
+                prefix = "" if rank is None else f"[rank{rank}]: "
+                self.echo(f"{prefix}{error} (traceback: {self.path})\n".encode())
+                self.pointed = True
+        self.errors.clear()
+
+    def echo(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            sys.stderr.write(self.decoder.decode(data))
+            sys.stderr.flush()
+        except OSError:  # a terminal gone (a closed pipe): the launcher goes on, the log has it all
+            pass
+        self.at_line_start = data.endswith(b"\n")
+
+    @staticmethod
+    def showable_end(line: bytes) -> int:
+        """How much of an incomplete line may be shown: up to what may start a report."""
+        start = REPORT_START.search(line)
+        end = start.start() if start else len(line)
+        for marker in (b"[rank", TRACEBACK):
+            for k in range(min(len(marker) - 1, end), 0, -1):
+                if line[:end].endswith(marker[:k]):
+                    end -= k
+                    break
+        return end
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers that cannot end by themselves: stuck after a stop, or left over after a failure
+
+# After a stop reached every worker, how long they may go without writing to the run folder before
+# the launcher takes them for stuck (a rank waiting on a stopped one) and kills them: at least this,
+# and twice the longest they went without writing so far in this launch (a slow step, validation or
+# checkpoint of a big model, the first step's compile)
+STOP_GRACE_S = 5.0
+# A further stop at least this long after the first kills the workers at once (one Ctrl-C can arrive
+# twice: through the terminal's process group and from a sweep that passes it on)
+FORCE_STOP_AFTER_S = 2.0
+# After a worker reported the run failed (summary.json says so, or torchrun a failed worker), how long
+# the others get to exit by themselves (a stopped or stuck rank never does; torchrun would wait for
+# it for its --shutdown-timeout)
+FAILED_GRACE_S = 1.0
+POLL_S = 0.1
+
+
+class RunWatch:
+    """What the launcher sees of the run folder while the workers run: when they last wrote to it
+    (metrics.jsonl, checkpoints, summary.json), the longest they went without writing, summary.json's
+    status. Polled every half second (a few stat calls)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.state = self.files()
+        self.checked = self.changed = None  # monotonic times; changed: None until the workers write
+        self.longest_quiet = 0.0
+        self.status = None
+
+    def files(self) -> frozenset:
+        """(path, size, mtime) of every file of the run folder and its checkpoints/, but the workers' logs."""
+        found = set()
+        for folder, dirs, names in os.walk(self.run_dir):
+            if folder == self.run_dir:
+                dirs[:] = [d for d in dirs if d == "checkpoints"]
+            for name in names:
+                path = os.path.join(folder, name)
+                if not WORKER_LOG_NAME.fullmatch(name):
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue  # renamed or removed meanwhile
+                    found.add((path, st.st_size, st.st_mtime_ns))
+        return frozenset(found)
+
+    def poll(self, now: float) -> None:
+        if self.checked is not None and now - self.checked < 0.5:
+            return
+        self.checked = now
+        state = self.files()
+        if state == self.state:
+            return
+        if self.changed is not None:
+            self.longest_quiet = max(self.longest_quiet, now - self.changed)
+        self.state, self.changed = state, now
+        try:
+            summary = read_json_file(os.path.join(self.run_dir, "summary.json"))
+            self.status = summary.get("status") if isinstance(summary, dict) else None
+        except (ConfigError, OSError):
+            self.status = None
+
+    def stuck_since(self, stop_reached: float, now: float) -> float | None:
+        """Seconds the workers have been quiet since a stop reached them and past the grace they get,
+        or None while they may still be busy (or have not written anything yet: still starting,
+        where only the collective timeout bounds a lost rank)."""
+        if self.changed is None:
+            return None
+        grace = max(STOP_GRACE_S, 2 * self.longest_quiet)
+        quiet = now - max(stop_reached, self.changed)
+        return quiet if quiet > grace else None
+
+
+def kill_workers(child: subprocess.Popen) -> None:
+    """SIGKILL to torchrun and everything under it: a stopped or stuck worker ends only so (SIGTERM
+    waits until a stopped process continues)."""
+    for pid in [child.pid] + runlock.descendants(child.pid):  # collected before torchrun dies
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def supervise(child: subprocess.Popen, output: WorkerOutput, watch: RunWatch, stops: list, stop_times: list,
+              deliver, signalled: set, max_restarts: int) -> tuple[int, str | None]:
+    """Waits for torchrun, showing the workers' output; kills the workers when they cannot end by
+    themselves: stuck after a stop (past their grace, or at a further stop), or left over after a
+    failure (FAILED_GRACE_S). Returns (torchrun's exit code, why the launcher killed them: None,
+    "failed", or after a stop how: "at a further stop", "after N s without progress")."""
+    stop_reached = failed = None  # monotonic times: a stop reached every worker; a worker reported failure
+    while (rc := child.poll()) is None:
+        output.pump()
+        now = time.monotonic()
+        watch.poll(now)
+        why = None
+        if stops:
+            deliver()  # a worker whose stop handler was not in place yet gets it now
+            workers = runlock.child_pids(child.pid)
+            if stop_reached is None and workers and set(workers) <= signalled:
+                stop_reached = now
+            quiet = watch.stuck_since(stop_reached, now) if stop_reached is not None else None
+            if len(stop_times) > 1 and stop_times[-1] - stop_times[0] >= FORCE_STOP_AFTER_S:
+                why = "at a further stop"
+            elif quiet is not None:
+                why = f"after {quiet:.0f} s without progress"
+        if failed is None and (watch.status in FAILED_STATUSES or (output.failed_worker and max_restarts == 0)):
+            failed = now
+        if failed is not None and now - failed > FAILED_GRACE_S:
+            why = why or "failed"
+        if why:
+            kill_workers(child)
+            return child.wait(), why
+        time.sleep(POLL_S)
+    return rc, None
+
+
+def last_logged_step(run_dir: str) -> int | None:
+    """The step of metrics.jsonl's last complete record (read from its end), or None."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def write_failed_summary(run_dir: str, reason: str) -> None:
+    """summary.json: "failed" with `reason`, where the workers could not write it themselves."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)
+        write_json(os.path.join(run_dir, "summary.json"), {"name": saved.get("name"), "status": "failed",
+                                                           "reason": reason, "optimizer": saved.get("optimizer_name")})
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def record_stuck_stop(run_dir: str, stops: list, how: str) -> None:
+    """After the launcher killed workers that had not stopped (`how`: "after N s without progress",
+    or "at a further stop"): "failed" in summary.json, with where the run stood and where a resume
+    starts, unless the workers wrote their own outcome first."""
+    summary = read_summary(run_dir)
+    if isinstance(summary, dict) and summary.get("status") in ("stopped", *FAILED_STATUSES):
+        return
+    name = os.path.basename(run_dir)
+    stop = signal.Signals(stops[0]).name if stops else "a signal"
+    step = last_logged_step(run_dir)
+    at = f" after step {step} (the last logged)" if step is not None else ""
+    state = "busy" if how == "at a further stop" else "stuck"  # a further stop may cut a slow checkpoint short
+    checkpoint = newest_checkpoint_step(run_dir)
+    written = checkpoint is not None and step is not None and checkpoint >= step
+    resume = (f"resume with --resume {name} from step {checkpoint}" if checkpoint is not None else
+              f"resume with --resume {name} from step 0 (no checkpoint yet)")
+    write_failed_summary(run_dir, f"stopped by {stop}, but the workers were {state}{at} and were killed {how}; "
+                                  f"{'' if written else 'no stop checkpoint written; '}{resume}")
 
 
 def stopped_before_start(args, run_dir: str) -> int:
@@ -664,11 +1035,20 @@ def main(argv=None) -> int:
     # which write a stop checkpoint), and has a session of its own, so a Ctrl-C reaches only us and
     # we hand it to the workers (a signal to torchrun ends in its ChildFailedError traceback)
     signalled = set()
+    log_path = worker_log_path(run_dir, args.node_rank)
+    try:  # torchrun's and the workers' output, all of it; the terminal gets it without failure reports
+        log_fd, log_start = open_worker_log(log_path, cmd)
+    except OSError as e:
+        os.close(lock_fd)
+        print(f"error: cannot write {log_path}: {e.strerror}", file=sys.stderr)
+        return 2
     try:
-        child = subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,), start_new_session=True,
-                                 preexec_fn=runlock.torchrun_preexec(os.getpid()))
+        child = subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,), start_new_session=True, stdout=log_fd,
+                                 stderr=log_fd, preexec_fn=runlock.torchrun_preexec(os.getpid()))
     finally:
         os.close(lock_fd)  # torchrun holds it now: the folder stays claimed as long as torchrun lives
+        os.close(log_fd)
+    output, watch, stop_times = WorkerOutput(log_path, log_start), RunWatch(run_dir), []
 
     def deliver(resend=False):
         # Whatever stop we got, the workers get SIGTERM: Python turns SIGINT into KeyboardInterrupt
@@ -687,18 +1067,16 @@ def main(argv=None) -> int:
 
     def forward(signum, frame):  # a stop sent to the launcher alone reaches the workers too
         stops.append(signum)
+        stop_times.append(time.monotonic())
         deliver(resend=True)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    while True:
-        try:
-            rc = child.wait(timeout=0.2)
-            break
-        except subprocess.TimeoutExpired:
-            if stops:
-                deliver()
-    code = outcome(args, run_dir, rc, bool(stops))
+    rc, killed = supervise(child, output, watch, stops, stop_times, deliver, signalled, args.max_restarts)
+    output.close()
+    if killed and killed != "failed":  # stuck after a stop
+        record_stuck_stop(run_dir, stops, killed)
+    code = outcome(args, run_dir, rc, bool(stops), crash=output.crash or output.failed_worker)
     if code == 0 and args.drop_checkpoints and drop_checkpoints(run_dir):
         print(f"checkpoints of {os.path.basename(run_dir)} dropped (--drop-checkpoints)", file=sys.stderr)
     return code

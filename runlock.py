@@ -212,6 +212,24 @@ def torchrun_preexec(launcher_pid: int):
     return preexec
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` (its children, theirs, ...), from one pass over /proc (Linux; []
+    elsewhere): collected before killing a tree, whose orphans would be re-parented away from it."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            children.setdefault(_parent_of(int(entry)), []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of `pid`, from /proc (Linux; [] elsewhere)."""
     out = []  # (not /proc/PID/task/PID/children: it lists only the children of one thread)

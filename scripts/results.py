@@ -189,7 +189,7 @@ def find_runs_or_report(paths: list[str]) -> list[Run] | None:
 # Config entries that never change what a run computes: a run's name and seed, logging, and when
 # checkpoints are written. Runs whose configs agree on everything else form a group.
 NOT_GROUPING = ("name", "train.seed", "train.ckpt_every", "train.keep_checkpoints", "train.debug_crash_at_step",
-                "logging")
+                "train.debug_hang_at_step", "train.collective_timeout_s", "logging")
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

@@ -64,6 +64,7 @@ def test_node_zero_takes_over_a_folder_a_peer_node_made(tmp_path):
     cmd, run_dir, fd = run.prepare_run(run.parse_args(common + ["--node-rank", "1", "--node-wait", "0"]))
     os.close(fd)
     assert sorted(e for e in os.listdir(run_dir) if not run.runlock.is_lock_file(e)) == ["config.json"]
+    (tmp_path / "late" / "workers.node1.log").write_text("the peer node's torchrun output\n")
     cmd, run_dir0, fd = run.prepare_run(run.parse_args(common + ["--node-rank", "0"]))
     os.close(fd)
     assert run_dir0 == run_dir and "--rdzv-backend=c10d" in cmd and "--rdzv-id=late" in cmd

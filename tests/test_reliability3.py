@@ -433,3 +433,19 @@ def test_checkpoint_benchmark_prints_its_table(tmp_path, capsys):
                 "| CRC-32 of the bytes alone |"):
         assert row in out
     assert os.listdir(tmp_path) == []  # its checkpoints are gone
+
+
+def test_a_failed_distributed_load_is_one_line_with_its_cause():
+    """DCP raises a CheckpointException whose text is every rank's flattened traceback: the line
+    keeps the first failing rank's exception, and says what a missing entry means."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from checkpoint import dcp_failure_cause
+
+    error = CheckpointException("load failed", {1: (KeyError("optimizers.state.x.U"), None),
+                                                0: (RuntimeError("size mismatch\nfor U: [4, 2] vs [4, 3]"), None)})
+    assert dcp_failure_cause(error) == "rank 0: RuntimeError: size mismatch"
+    error = CheckpointException("load failed", {1: (KeyError("optimizers.state.x.U"), None)})
+    assert dcp_failure_cause(error) == ("rank 1: KeyError: no entry 'optimizers.state.x.U' in the checkpoint (another "
+                                        "optimizer or model wrote it)")
+    assert dcp_failure_cause(ValueError("bad\nmore")) == "ValueError: bad"
