@@ -406,14 +406,16 @@ def key_suggestion(cls, path: str, key, value) -> str:
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(f.type) and key in {g.name for g in dataclasses.fields(f.type)}:
             return f" (did you mean {path}.{f.name}.{key}? write {{\"{f.name}\": {{\"{key}\": ...}}}})"
-    if path == "optimizer":
-        section = difflib.get_close_matches(key, list(SECTIONS), n=1, cutoff=0.6)
-        if section:
-            inner = f".{next(iter(value))}" if isinstance(value, dict) and value else ""
-            return f" (did you mean {section[0]}{inner}? {section[0]} is a section)"
+    # a key of the section the user is in first ({"ranks": 8} means rank, not train); then, for an
+    # optimizer key, a misspelt section name ({"trian": {...}})
     candidates = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    return f" (did you mean {path}.{close[0]}?)" if close else ""
+    own = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    section = difflib.get_close_matches(key, list(SECTIONS), n=1, cutoff=0.6) if path == "optimizer" else []
+    if section and (not own or isinstance(value, dict) or
+                    difflib.SequenceMatcher(None, key, section[0]).ratio() > difflib.SequenceMatcher(None, key, own[0]).ratio()):
+        inner = f".{next(iter(value))}" if isinstance(value, dict) and value else ""
+        return f" (did you mean {section[0]}{inner}? {section[0]} is a section)"
+    return f" (did you mean {path}.{own[0]}?)" if own else ""
 
 
 def _coerce(value, hint, path: str):
@@ -657,7 +659,11 @@ def resolve_config(optimizer: str, overrides: dict | None = None, preset: str | 
             presets_dir = os.path.join(CONFIG_DIR, "presets")
             names = os.listdir(presets_dir) if os.path.isdir(presets_dir) else []
             available = sorted(p[:-5] for p in names if p.endswith(".yaml"))
-            raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(available) or 'none'}")
+            from model import PRESETS
+
+            size = (f"; {preset} is a model size: --config '{{\"model\": {{\"preset\": \"{preset}\"}}}}'"
+                    if preset in PRESETS else "")
+            raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(available) or 'none'}{size}")
         data = deep_merge(data, split_overrides(load_yaml(preset_path)))
     data = deep_merge(data, split_overrides(overrides or {}))
     data.update(name=name, optimizer_name=optimizer, launch=launch or {})

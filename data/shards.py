@@ -95,5 +95,15 @@ def find_shards(pattern):
     files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(str(p)))})
     if not files:
         shown = patterns[0] if len(patterns) == 1 else patterns
-        raise ShardError(f"no shards match {shown}")
+        raise ShardError(f"no shards match {shown}{how_to_build(patterns)}")
     return files
+
+
+def how_to_build(patterns) -> str:
+    """Where the project's own corpora come from, for a missing-shards error: '' for other data."""
+    text = " ".join(str(p) for p in patterns)
+    if "shakespeare" in text:
+        return "; build the embedded default corpus with `make data` (python -m data.build_default)"
+    if "fineweb10B" in text:
+        return "; download FineWeb's GPT-2 shards with `python -m data.fineweb download --num-shards 8`"
+    return ""

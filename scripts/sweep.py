@@ -867,7 +867,11 @@ def main(argv=None) -> int:
         print(f"sweep {sweep['name']} interrupted after {minutes:.1f} min: {what}; {len(by['ok'])} of at least "
               f"{planned} runs finished; rerun the same command to resume: {rerun}", file=sys.stderr, flush=True)
         return 1 if failures else EXIT_STOPPED
+    # the counter's total ([i/N]) counted every run a tuning could need: say why fewer ran
+    unneeded = planned - len(outcomes)
     print(f"sweep {sweep['name']}: {len(by['ok'])}/{len(outcomes)} runs ok in {minutes:.1f} min"
+          + (f" ({unneeded} of the {planned} counted runs were not needed: a tuning stopped or chose no lr)"
+             if unneeded > 0 else "")
           + (f"; diverged while tuning (counted as the worst lr): {', '.join(tuned_diverged)}"
              if tuned_diverged else "")
           + (f"; no lr chosen (every lr diverged): {', '.join(no_lr)}" if no_lr else "")

@@ -385,7 +385,9 @@ def test_every_lr_diverging_as_it_runs_stops_the_entry(tmp_path, capsys, stub):
     assert stub.launched == ["mfsgd-lr0.01-seed0", "mfsgd-lr0.02-seed0", "mfsgd-lr0.04-seed0"]
     assert "[1/4] mfsgd-lr0.01-seed0: diverged (non-finite training loss nan at step 3)" in err and "FAILED" not in err
     assert "mfsgd: every lr tried diverged (lr 0.01, 0.02, 0.04)" in err
-    assert err.strip().splitlines()[-1] == ("sweep s: 0/3 runs ok in 0.0 min; diverged while tuning (counted as the "
+    # the counter said [1/4]: the line says why only 3 ran
+    assert err.strip().splitlines()[-1] == ("sweep s: 0/3 runs ok in 0.0 min (1 of the 4 counted runs were not needed: "
+                                            "a tuning stopped or chose no lr); diverged while tuning (counted as the "
                                             "worst lr): mfsgd-lr0.01-seed0, mfsgd-lr0.02-seed0, mfsgd-lr0.04-seed0; "
                                             "no lr chosen (every lr diverged): mfsgd")
 
