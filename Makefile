@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_VERSION := 2.13.0
 # Where torch comes from: empty = pip's configured index (PyPI: on Linux the CUDA build). For the
 # CPU-only build: make TORCH_INDEX=https://download.pytorch.org/whl/cpu; a specific CUDA build:
-# make TORCH_INDEX=https://download.pytorch.org/whl/cu128 (README, "Environment").
+# make TORCH_INDEX=https://download.pytorch.org/whl/cu128 (docs/environment.md).
 TORCH_INDEX ?=
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
@@ -61,7 +61,7 @@ test: data package-check
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# The suite against the oldest supported torch (README, "Supported torch versions"): that torch in
+# The suite against the oldest supported torch (docs/environment.md, "Supported torch versions"): that torch in
 # build/torch-VERSION, put before the env's own on the path; every other package from the lock.
 # PyPI's Linux torch is a CUDA build: about 7 GB there, installed once (not part of `make test`).
 COMPAT_TORCH ?= 2.9.1

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
               "example: MoFaSGD at rank 16 on the embedded corpus, 300 steps, 2 CPU workers:\n"
               "  python run.py --optimizer mfsgd --nproc 2 --config '{\"rank\": 16, \"train\": {\"steps\": 300, "
               "\"micro_batch_size\": 4}}'\n\n"
-              "Every config key: README.md, \"Config keys\". Exit codes: 0 finished, 2 bad input, 3 failed, 75 stopped.")
+              "Every config key: docs/config.md. Exit codes: 0 finished, 2 bad input, 3 failed, 75 stopped.")
     p = argparse.ArgumentParser(description="Train GPT-2 with MoFaSGD, GaLore, AdamW, Muon or Adafactor.", epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", help="optimizer name: a file configs/optimizers/NAME.yaml")
