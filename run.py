@@ -32,7 +32,8 @@ import time  # noqa: E402
 
 import runlock  # noqa: E402
 from configs import NAME as RUN_NAME  # noqa: E402
-from configs import ConfigError, RunConfig, read_json_file, resolve_config, resolve_path  # noqa: E402
+from configs import (ConfigError, RunConfig, partial_nested_overrides, read_json_file, resolve_config,  # noqa: E402
+                     resolve_path)
 from data.shards import ShardError, find_shards, open_shard, read_header  # noqa: E402
 from fileio import write_json  # noqa: E402
 from outcome import EXIT_FAILED, EXIT_STOPPED, FAILED_STATUSES  # noqa: E402
@@ -364,7 +365,7 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
         raise LaunchError(f"run name {name!r} may hold only letters, digits and . _ = , + - (one folder name, at most "
                           "200 characters, starting with a letter or digit)")
     cfg = resolve_config(args.optimizer, overrides, preset=args.preset, name=name, launch=launch)
-    for warning in cfg.warnings():
+    for warning in cfg.warnings() + partial_nested_overrides(args.optimizer, overrides):
         print(f"warning: {warning}", file=sys.stderr)
     check_data(cfg)
     check_packages(cfg)

@@ -670,6 +670,26 @@ def resolve_config(optimizer: str, overrides: dict | None = None, preset: str | 
     return RunConfig.from_dict(data)
 
 
+def partial_nested_overrides(optimizer: str, overrides: dict) -> list[str]:
+    """Warnings for --config overrides that give a nested optimizer mapping (GaLore's group_params)
+    only in part. mofa merges them key by key; the paper harness merges --config shallowly, so
+    there the mapping replaces the YAML's whole, and the keys left out take the harness's code
+    defaults: the same command would train another run."""
+    if optimizer not in OPTIMIZERS:
+        return []
+    yaml_keys = load_yaml(os.path.join(CONFIG_DIR, "optimizers", f"{optimizer}.yaml"))
+    given = split_overrides(overrides).get("optimizer", {})
+    out = []
+    for key, value in given.items():
+        base = yaml_keys.get(key)
+        if isinstance(value, dict) and isinstance(base, dict) and set(base) - set(value):
+            kept = ", ".join(f"{k} {json.dumps(base[k])}" for k in sorted(set(base) - set(value)))
+            out.append(f"--config gives {key} in part: here its other keys keep configs/optimizers/{optimizer}.yaml's "
+                       f"values ({kept}); the paper harness merges --config shallowly, so there they take its code "
+                       f"defaults (for GaLore, update_proj_gap 200). Give every {key} key to train the same run in both")
+    return out
+
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*")  # run, preset and sweep names: one path component
 
 

@@ -43,3 +43,17 @@ def test_missing_shards_say_how_to_get_the_project_s_corpora(tmp_path, pattern, 
     message = str(caught.value)
     assert message.startswith("no shards match") and "\n" not in message
     assert (hint in message) if hint else message.endswith(".bin")
+
+
+def test_a_nested_optimizer_mapping_given_in_part_warns_that_the_paper_harness_differs():
+    """The paper harness merges --config shallowly: {"group_params": {"rank": 16}} replaces GaLore's
+    whole group_params there, so the same command would train another run; a full mapping does not warn."""
+    from configs import partial_nested_overrides
+
+    (line,) = partial_nested_overrides("galore", {"group_params": {"rank": 16}})
+    assert "\n" not in line and "proj_type \"std\", scale 0.25, update_proj_gap 75" in line
+    assert "update_proj_gap 200" in line and "Give every group_params key" in line
+    assert partial_nested_overrides("galore", {"optimizer": {"group_params": {"rank": 8}}}) == [line]  # as a section
+    full = {"rank": 16, "update_proj_gap": 150, "scale": 0.25, "proj_type": "std"}
+    assert partial_nested_overrides("galore", {"lr": 0.008, "group_params": full}) == []
+    assert partial_nested_overrides("mfsgd", {"rank": 16, "lr": 0.0009}) == []
