@@ -100,6 +100,7 @@ class Run:
     autocast: object  # torch.autocast to bf16, or a null context
     window: "SlidingWindow"
     comm: GradientExchange
+    spectrum: "SpectrumMonitor | None" = None  # logging.spectrum_every: spectral diagnostics around the step
     start_step: int = 0  # a resume's checkpoint step
     elapsed: float = 0.0  # training seconds before start_step
     memory: dict = field(default_factory=dict)  # memory_parts, logged with every step
@@ -140,8 +141,25 @@ def set_up(run_dir: str, resume: bool) -> Run:
         model = wrap_data_parallel(model, [p for _, p in routing["hidden"]] if comm.sketch else [], device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.autocast == "bf16" else nullcontext()
     window = SlidingWindow(cfg.train.window_tokens, cfg.train.steps, device)
+    spectrum = spectrum_monitor(cfg, run_dir, routing["hidden"], optimizers.hidden, rank, start_step)
     return Run(run_dir, cfg, rank, world_size, device, raw_model, model, eval_model, optimizers,
-               training_loader(cfg, device), autocast, window, comm, start_step, elapsed)
+               training_loader(cfg, device), autocast, window, comm, spectrum, start_step, elapsed)
+
+
+def spectrum_monitor(cfg: RunConfig, run_dir: str, named_hidden, hidden_optimizer, rank: int, start_step: int):
+    """logging.spectrum_every's monitor on rank 0 (the replicas are equal, so its values are every
+    rank's); None elsewhere and when off: no extra work or memory. It writes RUN/spectrum.jsonl; a
+    resume keeps the lines up to the checkpoint (and the shadow restarts from the factors)."""
+    if not cfg.logging.spectrum_every or rank != 0:
+        return None
+    from spectrum import SpectrumMonitor, keep_lines_up_to
+
+    path = os.path.join(run_dir, "spectrum.jsonl")
+    if start_step:
+        keep_lines_up_to(path, start_step)
+    elif os.path.exists(path):
+        os.remove(path)  # a fresh start
+    return SpectrumMonitor(named_hidden, hidden_optimizer, cfg.logging.spectrum_every, cfg.logging.spectrum_shadow, path)
 
 
 def training_loader(cfg: RunConfig, device) -> TokenLoader | StreamLoader:
@@ -229,12 +247,16 @@ def train_step(run: Run, step: int, clock: StepClock) -> tuple[dict, bool]:
     if not math.isfinite(train_loss) or reduced[2].item() > 0:
         what = f"training loss {train_loss}" if not math.isfinite(train_loss) else "gradients (NaN or inf)"
         fail_non_finite(run, step + 1, f"non-finite {what} at step {step + 1}")
+    if run.spectrum is not None:
+        run.spectrum.before_step(step)
     try:
         optimizers.step()
     except FloatingPointError as e:  # an optimizer's own finiteness check (MoFaSGD's factors)
         fail_non_finite(run, step + 1, f"non-finite values in the optimizer step at step {step + 1}: {e}",
                         agreed=not run.sharded and not getattr(cfg.optimizer, "shard", False))
     comm_hidden += optimizers.exchanged_bytes  # shard: the all-gathered step factors
+    if run.spectrum is not None:
+        run.spectrum.after_step(step)
     optimizers.zero_grad()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -247,7 +269,8 @@ def train_step(run: Run, step: int, clock: StepClock) -> tuple[dict, bool]:
               "tokens": (step + 1) * tokens_per_step, "elapsed_s": clock.elapsed, "step_ms": step_time * 1000,
               "tokens_per_s": tokens_per_step / step_time, **peak_memory_record(device),
               "activation_peak_bytes": activation_peak, **run.memory, "comm_bytes_hidden": comm_hidden,
-              "comm_bytes_other": run.comm.other_bytes, "comm_bytes": comm_hidden + run.comm.other_bytes}
+              "comm_bytes_other": run.comm.other_bytes, "comm_bytes": comm_hidden + run.comm.other_bytes,
+              **({"spectrum_shadow_bytes": run.spectrum.shadow_bytes} if run.spectrum and run.spectrum.shadow else {})}
     return record, reduced[1].item() > 0
 
 

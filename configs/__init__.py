@@ -217,9 +217,19 @@ class LoggingConfig:
     wandb: Literal["off", "offline", "online"] = "off"  # offline: local files, sync later
     wandb_project: str = "mofa"
     progress: bool = True  # tqdm progress bar on rank 0
+    # every this many steps, rank 0 appends the hidden matrices' spectral diagnostics to
+    # RUN/spectrum.jsonl (spectrum.py); 0: off, no extra work or memory
+    spectrum_every: int = 0
+    # MoFaSGD: a full-rank momentum kept beside the factors, to log how far the factors are from it
+    # (an m x n matrix per hidden matrix, reported as spectrum_shadow_bytes)
+    spectrum_shadow: bool = False
 
     def validate(self):
-        """Nothing beyond the types: wandb's choices are its Literal's."""
+        """wandb's choices are its Literal's."""
+        if self.spectrum_every < 0:
+            raise ValueError(f"logging.spectrum_every must be >= 0 (0: off), got {self.spectrum_every}")
+        if self.spectrum_shadow and not self.spectrum_every:
+            raise ValueError("logging.spectrum_shadow needs logging.spectrum_every > 0 (the steps it is logged at)")
 
 
 @dataclass
@@ -254,6 +264,25 @@ def check_fsdp_support(name: str, optimizer_cfg) -> None:
     if getattr(optimizer_cfg, "comm", "full") == "sketch":
         raise ValueError("optimizer.comm must be full under train.parallel fsdp: FSDP reduce-scatters the "
                          "gradients itself (memory_mode sketch still works: it sketches each reduced shard)")
+
+
+def check_spectrum_support(cfg) -> None:
+    """Raises ValueError where logging.spectrum_every / spectrum_shadow cannot run: they read the
+    whole reduced gradient and the optimizer's state of every hidden matrix on rank 0."""
+    if not cfg.logging.spectrum_every:
+        return
+    why = None
+    if cfg.train.parallel == "fsdp":
+        why = "train.parallel fsdp (each rank holds only its rows of the gradient and the state)"
+    elif getattr(cfg.optimizer, "shard", False) and (cfg.launch.world_size > 1 or cfg.launch.distributed):
+        why = "optimizer.shard on several ranks (only a matrix's owner holds its state; shard: false)"
+    elif "sketch" in (getattr(cfg.optimizer, "memory_mode", "full"), getattr(cfg.optimizer, "comm", "full")):
+        why = "optimizer memory_mode or comm sketch (no reduced gradient is held)"
+    if why:
+        raise ValueError(f"logging.spectrum_every does not run with {why}; use train.parallel ddp with full gradients")
+    if cfg.logging.spectrum_shadow and cfg.optimizer_name != "mfsgd":
+        raise ValueError(f"logging.spectrum_shadow is for MoFaSGD (optimizer mfsgd): {cfg.optimizer_name} keeps "
+                         "its full momentum already (logging.spectrum_every logs its spectrum)")
 
 
 SECTIONS = {
@@ -329,6 +358,7 @@ class RunConfig:
             if sketched and self.train.grad_clip > 0:
                 raise ValueError(f"train.grad_clip must be 0 with optimizer.{sketched[0]} sketch: the global gradient "
                                  "norm needs the full (averaged) gradients, which sketch mode never holds")
+            check_spectrum_support(self)
             if self.train.parallel == "fsdp":
                 check_fsdp_support(self.optimizer_name, self.optimizer)
             elif getattr(self.optimizer, "memory_mode", "full") == "sketch" and \

@@ -1,0 +1,158 @@
+"""logging.spectrum_every / spectrum_shadow: every logged quantity against a dense fp64 reference
+(the projections formed as m x n matrices, the SVD of beta M + G_hat), the shadow momentum equal
+to the factors at full rank, and off meaning no monitor at all."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from spectrum import (SpectrumMonitor, energy_top, keep_lines_up_to, projection_energies, subspace_overlap,
+                      truncation_energy)
+
+
+def orthonormal(rows, cols, generator):
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator))
+    return q
+
+
+def dense_tangent(G, U, V):
+    PU, PV = U @ U.T, V @ V.T
+    return PU @ G + G @ PV - PU @ G @ PV
+
+
+@pytest.mark.parametrize("m,n,r", [(12, 9, 3), (9, 12, 3), (10, 10, 5)])
+def test_projection_energies_equal_the_dense_projections(m, n, r):
+    g = torch.Generator().manual_seed(m * n + r)
+    G, U, V = torch.randn(m, n, dtype=torch.float64, generator=g), orthonormal(m, r, g), orthonormal(n, r, g)
+    got = projection_energies(G, U, V)
+    total = (G ** 2).sum()
+    assert got["tangent_energy"] == pytest.approx(float((dense_tangent(G, U, V) ** 2).sum() / total), abs=1e-12)
+    assert got["left_energy"] == pytest.approx(float(((U @ U.T @ G) ** 2).sum() / total), abs=1e-12)
+    assert got["right_energy"] == pytest.approx(float(((G @ V @ V.T) ** 2).sum() / total), abs=1e-12)
+    assert got["twosided_energy"] == pytest.approx(float(((U @ U.T @ G @ V @ V.T) ** 2).sum() / total), abs=1e-12)
+    # the paper's ordering (Theorem 4.3): the tangent projection keeps at least what either side keeps
+    assert got["tangent_energy"] >= max(got["left_energy"], got["right_energy"]) - 1e-12
+    assert min(got["left_energy"], got["right_energy"]) >= got["twosided_energy"] - 1e-12
+    full = projection_energies(G, orthonormal(m, min(m, n), g), orthonormal(n, min(m, n), g))
+    assert full["tangent_energy"] == pytest.approx(1.0, abs=1e-12)  # full-rank factors keep everything
+
+
+@pytest.mark.parametrize("momentum", ["sum", "ema"])
+def test_truncation_energy_is_the_share_the_rank_r_update_keeps(momentum):
+    """From the factors alone, equal to the dense SVD of beta M + c G_hat; and the optimizer's own
+    update keeps exactly the top r of those singular values."""
+    from mofasgd.optimizer import gradient_sketches, update_momentum_factors
+
+    g = torch.Generator().manual_seed(7)
+    m, n, r, beta = 16, 11, 3, 0.8
+    U, V = orthonormal(m, r, g), orthonormal(n, r, g)
+    S = torch.sort(torch.rand(r, dtype=torch.float64, generator=g) * 3, descending=True).values
+    G = torch.randn(m, n, dtype=torch.float64, generator=g)
+    scale = 1.0 if momentum == "sum" else 1 - beta
+    s = torch.linalg.svdvals(beta * (U * S) @ V.T + scale * dense_tangent(G, U, V))
+    _, S_new, _ = update_momentum_factors(U, S, V, *gradient_sketches(G, U, V), beta, momentum)
+    assert torch.allclose(S_new, s[:r], atol=1e-12)
+    energies = projection_energies(G, U, V)
+    got = truncation_energy(S, S_new, energies["core"], energies["tangent_sq"], beta, scale)
+    assert got == pytest.approx(float((s[:r] ** 2).sum() / (s ** 2).sum()), abs=1e-12)
+    assert 0 < got <= 1
+
+
+def test_subspace_overlap_and_energy_top():
+    g = torch.Generator().manual_seed(3)
+    U = orthonormal(10, 4, g)
+    assert subspace_overlap(U, U @ orthonormal(4, 4, g)) == pytest.approx(1.0, abs=1e-12)  # same span, rotated
+    W = orthonormal(10, 4, g)
+    W = W - U @ (U.T @ W)  # orthogonal to span(U)
+    assert subspace_overlap(U, torch.linalg.qr(W)[0]) == pytest.approx(0.0, abs=1e-12)
+    M = torch.randn(40, 100, dtype=torch.float64, generator=g)
+    s2 = np.linalg.svd(M.numpy(), compute_uv=False) ** 2
+    top = energy_top(M)
+    assert set(top) == {"8", "16", "32", "64", "1/4", "1/2"}
+    for key, k in {"8": 8, "16": 16, "32": 32, "64": 40, "1/4": 10, "1/2": 20}.items():  # 64 capped at min(m, n)
+        assert top[key] == pytest.approx(s2[:k].sum() / s2.sum(), abs=1e-12)
+
+
+@pytest.mark.parametrize("init,momentum", [("weight_svd", "sum"), ("zero", "ema")])
+def test_the_shadow_equals_the_factors_at_full_rank(tmp_path, init, momentum):
+    """At rank = min(m, n) the tangent projection is the identity and the truncation keeps all: the
+    factors are the full momentum, so the shadow kept beside them differs by rounding only, with
+    the beta of each step (a schedule) and the optimizer's own M_0. Below full rank it differs."""
+    from mofasgd import MoFaSGD
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64)),
+              torch.nn.Parameter(torch.randn(5, 5, dtype=torch.float64))]
+    for rank, full in ((6, True), (2, False)):
+        model_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = MoFaSGD(model_params, lr=0.01, rank=rank, init=init, momentum=momentum)
+        named = [(f"w{i}", p) for i, p in enumerate(model_params)]
+        path = str(tmp_path / f"spectrum-{rank}.jsonl")
+        monitor = SpectrumMonitor(named, opt, every=1, shadow=True, path=path)
+        for step in range(5):
+            for group in opt.param_groups:
+                group["beta"] = 0.6 + 0.05 * step  # the step's beta, as BetaWarmup sets it
+            for p in model_params:
+                p.grad = torch.randn_like(p)
+            monitor.before_step(step)
+            opt.step()
+            line = monitor.after_step(step)
+            errors = [m["shadow_error"] for m in line["matrices"].values()]
+            assert (max(errors) < 1e-12) if full else (min(errors) > 1e-6), (rank, step, errors)
+        assert line["shadow_bytes"] == (6 * 4 + 5 * 5) * 8
+        lines = [json.loads(x) for x in open(path)]
+        assert [x["step"] for x in lines] == [1, 2, 3, 4, 5]
+
+
+def test_keep_lines_up_to_drops_what_a_resume_redoes(tmp_path):
+    path = tmp_path / "spectrum.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "matrices": {}}) + "\n" for s in (2, 4, 6)) + '{"step": 8, "ma')
+    keep_lines_up_to(str(path), 4)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [2, 4]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"logging": {"spectrum_every": -1}}, "logging.spectrum_every must be >= 0"),
+    ({"logging": {"spectrum_shadow": True}}, "logging.spectrum_shadow needs logging.spectrum_every > 0"),
+    ({"logging": {"spectrum_every": 5}, "memory_mode": "sketch"}, "memory_mode or comm sketch"),
+    ({"logging": {"spectrum_every": 5}, "train": {"parallel": "fsdp"}}, "train.parallel fsdp"),
+])
+def test_the_config_refuses_what_the_monitor_cannot_read(overrides, message):
+    from configs import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_config("mfsgd", overrides)
+    with pytest.raises(ConfigError, match="logging.spectrum_shadow is for MoFaSGD"):
+        resolve_config("adamw", {"logging": {"spectrum_every": 5, "spectrum_shadow": True}})
+
+
+@pytest.mark.slow  # trains in spawned processes
+def test_a_run_logs_its_spectrum_and_off_logs_nothing(tmp_path):
+    from helpers import read_metrics, tiny_overrides, train_in_process, write_run_config, write_tiny_corpus
+
+    data = write_tiny_corpus(str(tmp_path / "corpus"))
+    dirs = {}
+    for name, optimizer, logging in (("mf", "mfsgd", {"spectrum_every": 2, "spectrum_shadow": True}),
+                                     ("adam", "adamw", {"spectrum_every": 2}), ("off", "mfsgd", {})):
+        overrides = tiny_overrides(data, steps=4, rank=4)
+        if optimizer != "mfsgd":
+            overrides.pop("rank")
+        overrides["logging"].update(logging)
+        dirs[name] = write_run_config(tmp_path, name, optimizer, overrides)
+    train_in_process(list(dirs.values()), 1)
+    lines = [json.loads(x) for x in open(os.path.join(dirs["mf"], "spectrum.jsonl"))]
+    assert [x["step"] for x in lines] == [2, 4] and len(lines[0]["matrices"]) == 8  # 2 layers x 4 matrices
+    first = next(iter(lines[-1]["matrices"].values()))
+    for key in ("tangent_energy", "left_energy", "right_energy", "twosided_energy", "truncation_energy",
+                "overlap_u", "overlap_v", "singular_values", "shadow_error", "shadow_energy_top"):
+        assert key in first, key
+    assert len(first["singular_values"]) == 4
+    shadow = read_metrics(dirs["mf"])[1]["spectrum_shadow_bytes"]
+    assert shadow == lines[-1]["shadow_bytes"] == 4 * 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32)
+    adam = [json.loads(x) for x in open(os.path.join(dirs["adam"], "spectrum.jsonl"))]
+    assert set(next(iter(adam[-1]["matrices"].values()))) == {"momentum_energy_top"}
+    assert not os.path.exists(os.path.join(dirs["off"], "spectrum.jsonl"))
+    assert all("spectrum_shadow_bytes" not in m for m in read_metrics(dirs["off"]))
