@@ -156,3 +156,20 @@ def test_a_run_logs_its_spectrum_and_off_logs_nothing(tmp_path):
     assert set(next(iter(adam[-1]["matrices"].values()))) == {"momentum_energy_top"}
     assert not os.path.exists(os.path.join(dirs["off"], "spectrum.jsonl"))
     assert all("spectrum_shadow_bytes" not in m for m in read_metrics(dirs["off"]))
+    # the figures and the table, the runs side by side
+    from scripts import spectrum as report
+
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path), "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["drift.png", "energy.png", "spectrum.md", "tangent.png"]
+    table = (out / "spectrum.md").read_text()
+    assert "| mf | 4 | attn qkv | 2 |" in table and "| adam | 4 | mlp in | 2 |" in table and "| off |" not in table
+
+
+def test_layer_types_of_both_architectures():
+    from scripts.spectrum import layer_type
+
+    assert [layer_type(n) for n in ("transformer.h.0.attn.c_attn.weight", "transformer.h.3.attn.c_proj.weight",
+                                    "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight",
+                                    "blocks.2.attn.c_q.weight", "blocks.2.attn.c_k.weight", "blocks.2.attn.c_v.weight")] \
+        == ["attn qkv", "attn out", "mlp in", "mlp out", "attn q", "attn k", "attn v"]
