@@ -82,18 +82,77 @@ def wrap_data_parallel(model: torch.nn.Module, sketched_params: list, device) ->
                gradient_as_bucket_view=True, **no_buffer_sync)
 
 
+def _unit_modules(unit: torch.nn.Module, stop: set) -> list[torch.nn.Module]:
+    """`unit` and its submodules, leaving out the subtrees of `stop` (modules already sharded), in
+    post-order (children first, as fully_shard must be called bottom-up)."""
+    order = []
+    for child in unit.children():
+        if child not in stop:
+            order += _unit_modules(child, stop)
+    return order + [unit]
+
+
+def dtype_units(unit: torch.nn.Module, stop: set) -> list[torch.nn.Module]:
+    """The submodules of `unit` to shard on their own so that every FSDP unit holds parameters of
+    one dtype (FSDP2 flattens a unit's parameters into one all-gather buffer and refuses mixed
+    dtypes: "FSDP expects uniform original parameter dtype"). `unit` keeps the dtype of its own
+    parameters (those registered on it: they cannot move), or, when it has none, the dtype of most
+    of its elements; every submodule whose own parameters have another dtype becomes a unit. Tied
+    parameters count once, where first seen. `stop`: modules already sharded, left out."""
+    modules = _unit_modules(unit, stop)
+    seen, own = set(), {}
+    for module in reversed(modules):  # parents first: a tied parameter belongs to the outer owner
+        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            dtypes = {p.dtype for p in params}
+            if len(dtypes) > 1:
+                raise ValueError(f"FSDP: {type(module).__name__} holds parameters of {len(dtypes)} dtypes "
+                                 f"({', '.join(sorted(str(d) for d in dtypes))}): one FSDP unit needs one dtype")
+            own[module] = (dtypes.pop(), sum(p.numel() for p in params))
+    if len({dtype for dtype, _ in own.values()}) < 2:
+        return []
+    if unit in own:
+        keep = own[unit][0]
+    else:
+        sizes = {}
+        for dtype, numel in own.values():
+            sizes[dtype] = sizes.get(dtype, 0) + numel
+        keep = max(sizes, key=sizes.get)
+    split = [m for m in modules if m in own and own[m][0] != keep]
+    for module in split:  # its unsharded submodules' parameters go into its unit: they must match it
+        inner = {own[m][0] for m in _unit_modules(module, stop | set(split) - {module}) if m in own}
+        if len(inner) > 1:
+            raise ValueError(f"FSDP: {type(module).__name__} ({own[module][0]}) contains parameters of another "
+                             "dtype: give them their own module, or one dtype")
+    return split
+
+
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 over the model (train.parallel fsdp): fully_shard on each transformer block, then on the
     root, which takes the embeddings, the head and the final norm. Every parameter becomes a DTensor
     split by rows (Shard(0)) over all ranks; a block's full weights exist only while its forward or
     backward runs (all-gathered, freed after), and its gradients are reduce-scattered (averaged over
     the ranks) as soon as backward has made them. Parameters stay in their dtype: with train.autocast
-    the forward casts, as under DDP, so both give the same numbers. Call before building the optimizers,
+    the forward casts, as under DDP, so both give the same numbers.
+
+    One FSDP unit holds one dtype (dtype_units): a module whose parameters have a dtype other than
+    its unit's is sharded on its own first (the paper preset's bf16 embedding tables, beside the
+    root's fp32 head and skip weights). Such a unit is gathered by its own forward pre-hook, so the
+    module must be called, not only have its weight read (the speedrun's lm_head is read, and is
+    fp32 like the root). Units split off the root keep their parameters gathered from forward to
+    backward, as the root does (one all-gather per micro-batch, the GradientExchange count); those
+    split off a block reshard after forward, as the block. Call before building the optimizers,
     which must see the sharded parameters."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.transformer_blocks():
+    blocks = model.transformer_blocks()
+    for block in blocks:
+        for module in dtype_units(block, set()):
+            fully_shard(module)
         fully_shard(block)
+    for module in dtype_units(model, set(blocks)):
+        fully_shard(module, reshard_after_forward=False)
     return fully_shard(model)
 
 

@@ -1,5 +1,6 @@
 """train.parallel fsdp: the harness's training loop on FSDP2 equals DDP (fp64, 2 gloo ranks, gradient
-accumulation), its distributed checkpoints resume bit for bit on as many ranks and to rounding on
+accumulation; the paper preset's bf16 tables beside fp32 weights, each dtype its own FSDP unit, to
+bf16 rounding), its distributed checkpoints resume bit for bit on as many ranks and to rounding on
 fewer, and the config refuses what FSDP cannot run."""
 
 import json
@@ -210,3 +211,77 @@ def test_fsdp_allows_memory_mode_sketch_without_comm_sketch():
         else:
             with pytest.raises(ConfigError, match="needs optimizer.comm sketch"):  # DDP still needs it
                 resolve_config("mfsgd", overrides, launch=dict(nproc=2, world_size=2))
+
+
+# The paper preset at tiny size: the speedrun model with bf16 embedding tables (model.bf16, from the
+# preset) beside fp32 matrices, head and skip weights, its stream layout, window and grad_scale
+PAPER_TINY = {"model": {"preset": "speedrun-tiny", "n_embd": 32, "block_size": 64, "vocab_size": 256,
+                        "loss_chunk_tokens": 16},
+              "train": {"steps": 3, "batch_size": 4, "micro_batch_size": 1, "val_every": 3, "val_batch_size": 1,
+                        "compile": False, "ckpt_every": 0},
+              "data": {"val_tokens": 256}, "logging": {"progress": False}}
+
+
+def write_paper_tiny_run(root, name, optimizer, keys, parallel):
+    from configs import deep_merge, resolve_config
+
+    data = write_tiny_corpus(os.path.join(root, "corpus"))
+    overrides = deep_merge(PAPER_TINY, {"data": {k: data[k] for k in ("train_files", "val_files", "seq_len")},
+                                        "train": {"parallel": parallel}, "optimizer": keys})
+    cfg = resolve_config(optimizer, overrides, preset="nanogpt-paper", name=name,
+                         launch=dict(nproc=WORLD, world_size=WORLD, distributed=True))
+    run_dir = os.path.join(root, name)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_paper_preset_with_bf16_embeddings_under_fsdp_equals_ddp(tmp_path):
+    """The paper preset (model.bf16: bf16 embedding tables, fp32 everything else) failed at FSDP's
+    first forward ("FSDP expects uniform original parameter dtype"); each dtype is now its own unit.
+    3 steps on 2 ranks (step 1 moves only the head and the tables, step 2 the output projections,
+    step 3 everything), MoFaSGD and AdamW: FSDP equals DDP within bf16 rounding of the tables."""
+    dirs = {(opt, par): write_paper_tiny_run(str(tmp_path), f"{opt}-{par}", opt, keys, par)
+            for opt, keys in (("mfsgd", {"rank": 4}), ("adamw", {})) for par in ("ddp", "fsdp")}
+    train_in_process(list(dirs.values()), WORLD)
+    for opt in ("mfsgd", "adamw"):
+        fsdp, ddp = final_state(dirs[opt, "fsdp"], 3), final_state(dirs[opt, "ddp"], 3)
+        assert {k: v.dtype for k, v in fsdp["model"].items()} == {k: v.dtype for k, v in ddp["model"].items()}
+        assert fsdp["model"]["embed.weight"].dtype == torch.bfloat16
+        for name, weight in ddp["model"].items():
+            # relative to the weight's largest entry. The bf16 tables' gradients are reduced in bf16
+            # (DDP's all-reduce, FSDP's reduce-scatter: other orders), so a table entry may differ by
+            # a few ulps (2^-8 relative; measured 6e-3); the model runs in bf16 (stream, matmuls),
+            # so the fp32 weights see that through their gradients (measured 3e-4)
+            error = (fsdp["model"][name].double() - weight.double()).abs().max().item()
+            tolerance = 2**-6 if weight.dtype == torch.bfloat16 else 2e-3
+            assert error <= tolerance * weight.double().abs().max().item(), (opt, name, error)
+        for a, b in zip(fsdp["metrics"], ddp["metrics"], strict=True):
+            for key in ("train_loss", "val_loss"):
+                if key in b:
+                    assert abs(a[key] - b[key]) < 1e-3, (opt, a["step"], key)
+
+
+def test_each_dtype_is_its_own_fsdp_unit():
+    """parallel.dtype_units on the paper model (meta device): the bf16 tables leave the root, which
+    keeps its fp32 skip weights and head; fp32 blocks and a one-dtype model need no extra unit; a
+    module holding two dtypes itself is one line."""
+    from model import create_model
+    from parallel import dtype_units
+
+    with torch.device("meta"):
+        paper = create_model("speedrun", n_layer=12, n_head=6, n_embd=768, vocab_size=50304, block_size=1024,
+                             bf16=True)
+        plain = create_model("speedrun", n_layer=12, n_head=6, n_embd=768, vocab_size=50304, block_size=1024)
+    blocks = paper.transformer_blocks()
+    units = dtype_units(paper, set(blocks))
+    assert units == [paper.embed, *paper.value_embeds.embed]
+    assert all(dtype_units(block, set()) == [] for block in blocks)
+    assert dtype_units(plain, set(plain.transformer_blocks())) == []
+    mixed = torch.nn.Linear(4, 4)
+    mixed.bias.data = mixed.bias.data.bfloat16()
+    line = r"^FSDP: Linear holds parameters of 2 dtypes \(torch.bfloat16, torch.float32\): one FSDP unit needs one"
+    with pytest.raises(ValueError, match=line):
+        dtype_units(torch.nn.Sequential(mixed), set())

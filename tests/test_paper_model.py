@@ -126,9 +126,10 @@ def test_gpt2_vocabulary_and_end_of_text_token():
 
 
 @pytest.mark.slow
-def test_window_blocks_as_a_tensor_and_batches_of_streams():
-    """A 0-d tensor window (what the training loop passes, so a compiled model does not recompile as
-    it grows) and B > 1 streams, each with its own documents, give the per-stream results."""
+def test_a_0d_tensor_window_and_batches_of_streams_give_the_per_stream_losses():
+    """A 0-d tensor window (what the training loop passes) and B > 1 streams, each with its own
+    documents, give the per-stream results, eagerly on CPU (dense mask). That a compiled model does
+    not retrace as the tensor grows: tests/test_gpu_path.py (CPU), and with flex_attention on CUDA."""
     model = small_model()
     a, ta = stream(seed=1)
     b, tb = stream(seed=2, eots=(5, 130, 131, 400))

@@ -294,3 +294,36 @@ def test_grad_scale_multiplies_the_gradient(tmp_path):
     assert len(moments[1.0]) > 4 and all(m.abs().max() > 0 for m in moments[1.0])
     for one, two in zip(moments[1.0], moments[2.0]):
         torch.testing.assert_close(two, 2 * one, rtol=1e-6, atol=0)
+
+
+def test_the_paper_models_first_steps_take_no_householder_fallback(monkeypatch):
+    """The zero head and output projections make every hidden gradient exactly 0 at step 1 (all
+    68 matrices of the paper's 12 layers) and that of q, k, v and c_fc at step 2 (45): Cholesky-QR2
+    cannot factor a zero W, and each of them took the per-matrix Householder fallback (with host
+    syncs). They now take the exact no-new-direction path (mofasgd.optimizer._umf_within_bases)."""
+    import mofasgd.optimizer as impl
+
+    torch.manual_seed(0)
+    cfg = resolve_config("mfsgd", {"model": {"n_layer": 12, "n_head": 2, "n_embd": 16, "block_size": 32,
+                                             "vocab_size": 256}, "data": {"seq_len": 32, "val_tokens": 256},
+                                   "rank": 4}, preset="nanogpt-paper")
+    model = create_model(cfg.model.arch, **cfg.model.resolved())
+    assert model.embed.weight.dtype == torch.bfloat16  # the preset's model.bf16
+    hidden, adam = build_optimizers(model, "mfsgd", cfg.optimizer, cfg.adam)
+    unreliable, real = [], impl._umf_fast
+
+    def fast(*args):  # what Cholesky-QR2 alone could not factor: the old fallback
+        out = real(*args)
+        unreliable[-1] += int((~out[3]).sum())
+        return out
+
+    monkeypatch.setattr(impl, "_umf_fast", fast)
+    idx = torch.randint(0, 256, (1, 32))
+    for _ in range(3):
+        unreliable.append(0)
+        model(idx, idx)[1].backward()
+        for opt in (hidden, adam):
+            opt.step()
+            opt.zero_grad()
+    assert unreliable == [68, 45, 0]
+    assert hidden.householder_updates == 0 and hidden.cholesky_updates == 3 * 68

@@ -77,11 +77,12 @@ def test_outputs_and_refusal_to_overwrite(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_like_the_eager_one(tmp_path, corpus, monkeypatch):
-    """train.compile (torch.compile of the model, a GPU speed-up) changes how the model computes,
-    not what: the same run compiled and eager gives the same losses to float tolerance. Both run
-    under FSDP2 on 2 ranks (train.parallel fsdp: the compiled forward all-gathers and frees each
-    block's shards). The CPU compile of this tiny model, on both ranks at once, is most of this test."""
+def test_compiled_gpt2_fp32_under_fsdp_on_cpu_trains_like_the_eager_one(tmp_path, corpus, monkeypatch):
+    """train.compile changes how the model computes, not what: the same GPT-2 run in fp32 on CPU,
+    compiled (inductor's C++ kernels) and eager, gives the same losses to float tolerance. Both run
+    under FSDP2 on 2 gloo ranks (the compiled forward all-gathers and frees each block's shards).
+    Not the paper preset's GPU path (speedrun model, bf16, flex_attention, Triton kernels): that is
+    tests/test_gpu_path.py's CUDA check. The CPU compile, on both ranks at once, is most of this test."""
     kernels = tmp_path / "inductor"  # where the compiled run's generated kernels land
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(kernels))  # inherited by the spawned workers
     runs = {}
@@ -174,11 +175,11 @@ def test_checkpoints_are_ordered_by_step_number(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer,extra", [("mfsgd", {"rank": 4, "shard": True, "comm": "sketch", "memory_mode": "sketch"}),
                                              ("muon", {})])
-def test_one_worker_with_a_process_group_trains_like_one_without(tmp_path, corpus, optimizer, extra):
-    """launch.distributed (run.py --distributed; gpu_check.sh launches with it, tests/test_scripts.py
-    runs that on CPU): one worker still builds the process group, DDP, the overlapped sketch
-    all-reduces and the shard all-gathers (what a one-GPU check needs to exercise NCCL), with the
-    results of the plain one-worker run; the collectives' bytes are counted."""
+def test_one_gloo_worker_with_a_process_group_trains_like_one_without(tmp_path, corpus, optimizer, extra):
+    """launch.distributed (run.py --distributed, as gpu_check.sh launches) on one CPU worker: it
+    still builds the gloo process group, DDP, the overlapped sketch all-reduces and the shard
+    all-gathers, with the results of the plain one-worker run; the collectives' bytes are counted.
+    gloo has no CUDA streams: the NCCL version is tests/test_gpu_path.py's CUDA check."""
     cfg = tiny_overrides(corpus, steps=3, **extra)
     dirs = {name: write_run_config(tmp_path, name, optimizer, cfg, 1, distributed=name == "distributed")
             for name in ("plain", "distributed")}
