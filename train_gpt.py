@@ -132,6 +132,10 @@ def set_up(run_dir: str, resume: bool) -> Run:
     checkpoint = agreed_resume_checkpoint(run_dir, rank) if resume else None
     if checkpoint:
         start_step, elapsed = load_checkpoint(checkpoint, raw_model, optimizers, rank, sharded, config=cfg.to_dict())
+    if sharded and getattr(optimizers.hidden, "memory_mode", "full") == "sketch":
+        # the factors of FSDP2's row-sharded weights are made here, on the default stream and in one
+        # order on every rank, not in the backward hooks on FSDP's reduce-scatter stream
+        optimizers.hidden.init_state_()
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
     eval_model = model
     routing = split_parameters(raw_model)

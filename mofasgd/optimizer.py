@@ -27,8 +27,10 @@ Implementation notes (why the code looks the way it does):
         beta M + G_hat = [U, Q_w] [[beta diag(S) + C, R_v^T], [R_w, 0]] [V, Q_v]^T,
     and [U, Q_w], [V, Q_v] are orthonormal, so only m x r and n x r blocks need a QR. These are done
     by Cholesky-QR2 (matmuls plus two r x r Cholesky factorisations), several times cheaper on CPU
-    than Householder QR of the m x 2r blocks. Cholesky-QR is unreliable when W is rank-deficient
-    or badly conditioned (zero gradient, r >= min(m, n), m < 2r, low-rank gradients); that is
+    than Householder QR of the m x 2r blocks. Where W_u or W_v is zero (a zero gradient, or one
+    inside the factors' span on that side), beta M + G_hat has rank <= r and an r x 2r, 2r x r or
+    r x r SVD gives it exactly (`_umf_within_bases`). Cholesky-QR is otherwise unreliable when W is
+    rank-deficient or badly conditioned (r >= min(m, n), m < 2r, low-rank gradients); that is
     detected per matrix and the update falls back to the reference form (Householder QR of
     [U, G V] and [V, G^T U], the form written in the paper and the official code).
   * Parameters of the same shape are updated as one batch: the dozens of small QR/SVD-sized
@@ -48,10 +50,12 @@ G; the stored factors are those of the first update, the step uses those of the 
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import sys
 import warnings
+import weakref
 
 import torch
 from torch.optim import Optimizer
@@ -171,12 +175,14 @@ def assign_owners(sizes: list[int], world_size: int) -> list[int]:
     """Owner rank of each matrix for sharded optimizer work: largest first, each onto the rank with
     the least total size so far (ties: lower rank). Deterministic, so every rank derives the same
     assignment, and no rank's load exceeds the mean by more than the largest matrix."""
-    loads = [0] * world_size
+    # A heap of (load, rank) pops exactly the (least load, lowest rank) choice, in O(log world)
+    # per matrix instead of O(world): the memory planner assigns over tens of thousands of ranks.
+    heap = [(0, k) for k in range(world_size)]  # sorted, so already a heap
     owners = [0] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        owner = min(range(world_size), key=lambda k: (loads[k], k))
+        load, owner = heapq.heappop(heap)
         owners[i] = owner
-        loads[owner] += sizes[i]
+        heapq.heappush(heap, (load + sizes[i], owner))
     return owners
 
 
@@ -287,14 +293,24 @@ def _umf_fast(U, S, V, GV, GtU, C, beta):
     """UMF via the new directions only (module docstring), batched over the leading dim.
 
     Inputs are (B, m, r), (B, r), (B, n, r), (B, m, r), (B, n, r), (B, r, r). Returns
-    (U', S', V', reliable); entries where `reliable` is False are meaningless (the caller redoes
-    them with the Householder form).
+    (U', S', V', reliable, parts); entries where `reliable` is False are meaningless (the caller
+    redoes them). parts = (none_u, none_v, reliable_u, reliable_v, Q_w, R_w, Q_v, R_v): which
+    entries bring no new direction beside U (V) and each side's Cholesky-QR2, for
+    _umf_within_bases.
     """
     r = U.shape[-1]
     tolerance = _cholesky_tolerance(U.dtype)
     # New directions: the parts of G V and G^T U outside span(U) and span(V).
     W_u = torch.baddbmm(GV, U, C, alpha=-1.0)  # G V - U (U^T G V)
     W_v = torch.baddbmm(GtU, V, C.mT, alpha=-1.0)  # G^T U - V (V^T G^T U)
+    # No new direction on a side (a zero gradient, or one inside the factors' span on that side;
+    # every hidden matrix at the speedrun's first step): W is exactly 0, or at the rounding level of
+    # forming G V (~ sqrt(n) eps ||G V||, n the products' inner dimension; 8x for margin). Dropping it
+    # changes beta M + G_hat by no more than that rounding, and Cholesky-QR of it would fail.
+    eps = torch.finfo(U.dtype).eps
+    m, n = U.shape[-2], V.shape[-2]
+    none_u = torch.linalg.matrix_norm(W_u) <= 8 * math.sqrt(n) * eps * torch.linalg.matrix_norm(GV)
+    none_v = torch.linalg.matrix_norm(W_v) <= 8 * math.sqrt(m) * eps * torch.linalg.matrix_norm(GtU)
     Q_w, R_w, reliable_u = _cholesky_qr2(W_u, U, tolerance)
     Q_v, R_v, reliable_v = _cholesky_qr2(W_v, V, tolerance)
     reliable = reliable_u & reliable_v
@@ -310,7 +326,30 @@ def _umf_fast(U, S, V, GV, GtU, C, beta):
     # Rotate the augmented bases by the leading r singular vectors of Mid (top r = SVD_r).
     U_new = torch.bmm(U, u[:, :r, :r]).baddbmm_(Q_w, u[:, r:, :r])
     V_new = torch.bmm(V, vh[:, :r, :r].mT).baddbmm_(Q_v, vh[:, :r, r:].mT)
-    return U_new, s[:, :r], V_new, reliable
+    return U_new, s[:, :r], V_new, reliable, (none_u, none_v, reliable_u, reliable_v, Q_w, R_w, Q_v, R_v)
+
+
+def _umf_within_bases(U, S, V, C, beta, side, Q=None, R=None):
+    """UMF, batched, for entries whose gradient brings no new direction beside U (side "u": W_u = 0),
+    beside V ("v": W_v = 0) or either ("both"); Q R is the other side's W (Cholesky-QR2). With
+    K = beta diag(S) + C,  beta M + G_hat = U K V^T + W_u V^T + U W_v^T  (module docstring) becomes
+        both:  U K V^T                    K = a s b^T          U' = U a,             V' = V b
+        "u":   U [K, R^T] [V, Q]^T        r x 2r SVD a s b^T   U' = U a,             V' = [V, Q] b
+        "v":   [U, Q] [K; R] V^T          2r x r SVD a s b^T   U' = [U, Q] a,        V' = V b
+    of rank <= r, so this SVD is the exact rank-r truncation (no Householder QR, no host sync), and
+    a, b have orthonormal columns whatever the rank of K (ties at zero too): U', V' stay orthonormal."""
+    r = U.shape[-1]
+    K = C.clone()
+    K.diagonal(dim1=-2, dim2=-1).add_(S, alpha=beta)
+    if side == "u":
+        K = torch.cat([K, R.mT], dim=-1)
+    elif side == "v":
+        K = torch.cat([K, R], dim=-2)
+    a, s, bh = torch.linalg.svd(K, full_matrices=False)
+    b = bh.mT
+    U_new = torch.bmm(U, a[:, :r]).baddbmm_(Q, a[:, r:]) if side == "v" else torch.bmm(U, a)
+    V_new = torch.bmm(V, b[:, :r]).baddbmm_(Q, b[:, r:]) if side == "u" else torch.bmm(V, b)
+    return U_new, s, V_new
 
 
 def _umf_householder(U, S, V, GV, GtU, C, beta):
@@ -337,7 +376,8 @@ def _umf_householder(U, S, V, GV, GtU, C, beta):
 
 def _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method):
     """update_momentum_factors on a batch (B, m, r) ...; also returns a (B,) bool tensor telling
-    which entries took the Cholesky fast path."""
+    which entries took a fast path (Cholesky-QR2, or no new directions: _umf_within_bases), not
+    the per-matrix Householder fallback."""
     check_choice("momentum", momentum, Momentum)
     if method not in _METHOD_CHOICES:
         raise ValueError(f"method must be one of {_METHOD_CHOICES}, got {method!r}")
@@ -353,8 +393,20 @@ def _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method):
     if method == "cholesky" and not fast_possible:
         raise RuntimeError(f"Cholesky-QR path needs m, n >= 2r; got m={m}, n={n}, r={r}")
     if method != "householder" and fast_possible:
-        U_new, S_new, V_new, fast = _umf_fast(U, S, V, GV, GtU, C, beta)
-        redo = (~fast).nonzero().flatten().tolist()  # the one host sync per batch
+        U_new, S_new, V_new, fast, parts = _umf_fast(U, S, V, GV, GtU, C, beta)
+        none_u, none_v, reliable_u, reliable_v, Q_w, R_w, Q_v, R_v = parts
+        # per entry: no new direction on both sides (1), beside U only (2), beside V only (3), each
+        # with the other side's QR reliable; else the fast path (0) or the fallback (4)
+        path = torch.where(none_u & none_v, 1, torch.where(none_u & reliable_v, 2, torch.where(
+            none_v & reliable_u, 3, torch.where(fast, 0, 4)))).tolist()  # the one host sync per batch
+        for kind, side, Q, R in ((1, "both", None, None), (2, "u", Q_v, R_v), (3, "v", Q_w, R_w)):
+            rows = [i for i, k in enumerate(path) if k == kind]
+            if rows:
+                at = torch.tensor(rows, device=U.device)
+                U_new[at], S_new[at], V_new[at] = _umf_within_bases(
+                    U[at], S[at], V[at], C[at], beta, side, None if Q is None else Q[at], None if R is None else R[at])
+        redo = [i for i, k in enumerate(path) if k == 4]
+        fast = torch.tensor([k != 4 for k in path], device=U.device)
         if redo and method == "cholesky":
             raise RuntimeError("Cholesky-QR path unreliable here (rank-deficient or ill-conditioned)")
     else:
@@ -440,6 +492,95 @@ def _unsupported_shape_message(shape: tuple) -> str:
         "view it as 4-D in forward (F.conv2d(x, w.view(out, in, kh, kw))), or give it to torch.optim.AdamW"
     )
     return f"MoFaSGD only supports 2-D weight matrices; got {what} of shape {shape}: {hint}"
+
+
+def _parameter_label(group: dict, index: int, p) -> str:
+    """How errors name a parameter: by name when the group has param_names (the optimizer was given
+    named_parameters()), else by its position in its group; with its shape."""
+    names = group.get("param_names")
+    where = repr(names[index]) if names and index < len(names) else f"#{index} of its param group"
+    return f"parameter {where} of shape {tuple(p.shape)}"
+
+
+def _parameter_problem(p, sketch: bool) -> str | None:
+    """Why MoFaSGD cannot train the 2-D parameter p, worded to follow its label, or None."""
+    if p.numel() == 0:
+        return "is empty: leave it out of the optimizer, it has nothing to train"
+    if p.is_complex():
+        return (f"is complex ({p.dtype}); MoFaSGD's factors are real: give it to torch.optim.AdamW, "
+                "which trains complex parameters")
+    if not p.is_floating_point():
+        return f"has dtype {p.dtype}; MoFaSGD trains floating-point matrices (fp32, fp64, bf16, fp16)"
+    if sketch and not p.requires_grad:
+        return ("does not require grad, and memory_mode='sketch' hooks every parameter's gradient: leave "
+                "frozen parameters out, or set requires_grad=True before building the optimizer")
+    return None
+
+
+def _check_dense_gradient(p, G) -> None:
+    """Sparse gradients (nn.Embedding(sparse=True)) have no thin sketches here: one line, before
+    anything is changed."""
+    if G.layout != torch.strided:
+        raise RuntimeError(f"MoFaSGD: the gradient of a {'x'.join(map(str, p.shape))} parameter is {G.layout}; "
+                           "MoFaSGD needs dense gradients: build the layer with sparse=False (e.g. "
+                           "nn.Embedding(sparse=False)) or give the parameter to torch.optim.SparseAdam")
+
+
+class _SketchHook:
+    """The post-accumulate-grad hook of a memory_mode="sketch" MoFaSGD on one parameter.
+
+    It holds its optimizer through a weak reference: a hook must not keep a discarded optimizer
+    alive (it would go on deleting every gradient of the parameter, so the next optimizer over it
+    would silently never move it). The optimizer's finalizer removes its hooks; one whose optimizer
+    is already gone does nothing."""
+
+    __slots__ = ("optimizer",)
+
+    def __init__(self, optimizer):
+        self.optimizer = weakref.ref(optimizer)
+
+    def __call__(self, p) -> None:
+        optimizer = self.optimizer()
+        if optimizer is not None and p.grad is not None:
+            optimizer._fold_gradient_into_sketch(p, free=not _sketched_later(p, self))
+
+
+def _side_stream(G: torch.Tensor):
+    """The CUDA stream a gradient hook runs on when it is not the default one (FSDP2 runs
+    post-accumulate-grad hooks on its reduce-scatter stream); None on the default stream and on CPU."""
+    if not G.is_cuda:
+        return None
+    stream = torch.cuda.current_stream(G.device)
+    return None if stream == torch.cuda.default_stream(G.device) else stream
+
+
+def _sketched_later(p, hook: _SketchHook) -> bool:
+    """Whether the hook of another live sketch-mode MoFaSGD runs on p after `hook`: then that one
+    frees the gradient, so each optimizer over p sees it, as torch.optim optimizers do. torch keeps
+    a tensor's post-accumulate-grad hooks in this ordered dict and runs them in its order (FSDP2
+    reads it the same way)."""
+    hooks = getattr(p, "_post_accumulate_grad_hooks", None) or {}
+    after = False
+    for other in list(hooks.values()):
+        if other is hook:
+            after = True
+        elif after and isinstance(other, _SketchHook) and other.optimizer() is not None:
+            return True
+    return False
+
+
+def _remove_handles(handles: list) -> None:
+    """Removes hooks by their handles (the finalizer of a sketch-mode MoFaSGD, and remove_hooks)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+_STATE_KEYS = ("U", "S", "V", "step")
+# A param group's MoFaSGD hyperparameters (torch.optim adds its own keys, e.g. "differentiable", to
+# `defaults` on load_state_dict, which a saved group need not have)
+_HYPERPARAMETERS = ("lr", "rank", "beta", "eta1", "eta2", "use_current_projection", "use_ones_for_nonzero_s",
+                    "nesterov", "eps", "max_value", "init", "momentum")
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -542,6 +683,28 @@ class MoFaSGD(ShardedState, Optimizer):
             (ranks that sketch gradients keep replicas of U, S, V: sketching needs them). A no-op
             without an initialised process group. Every rank must call step() (a collective).
         process_group: the data-parallel group for shard (default: the world).
+        check_orthonormal: > 0 checks after every factor update that U and V stay orthonormal
+            to this tolerance (0: off).
+
+    Contract (as torch.optim optimizers; tests/test_package_edges.py):
+      * Parameters: real floating-point, non-empty 2-D matrices, each listed once; in sketch mode
+        they must require grad. Anything else is refused by the constructor and add_param_group
+        with one line naming the parameter; a refused group leaves the optimizer unchanged.
+        Sparse gradients are refused by step() (and the sketch hook), before anything changes.
+      * Hooks (memory_mode="sketch"): held through weak references, so they never keep the
+        optimizer alive; they are removed when it is garbage-collected, by remove_hooks(), or on
+        leaving `with MoFaSGD(...) as opt:`. While they are registered the optimizer consumes its
+        parameters' gradients; several live sketch-mode MoFaSGDs over one parameter each get
+        them (the last frees them). After remove_hooks() it steps from p.grad (memory_mode "full").
+      * State: per parameter U (m x r), S (r), V (n x r) in the compute dtype and a 0-d float32
+        `step`, tensors only. load_state_dict checks every group's hyperparameters and every
+        parameter's keys, shapes (r = min(group rank, m, n)), dtypes and finiteness before changing
+        anything, naming the parameter in one line.
+      * step() is atomic: every factor update is computed first (new tensors, nothing written),
+        then every state and weight is written. An error (FloatingPointError for non-finite
+        gradients, factors or weights) leaves all weights, states and pending sketches as they
+        were. The price: the new factors of every matrix are held at once before the commit (one
+        more copy of the state, transiently).
     """
 
     def __init__(
@@ -577,6 +740,9 @@ class MoFaSGD(ShardedState, Optimizer):
         # step() consumes them; filled by the backward hooks (memory_mode="sketch") or by
         # sketch_gradients_(). Not part of the state: they never outlive a step.
         self._sketches: dict = {}
+        # CUDA: the event of the side stream a hook sketched p on (FSDP2's reduce-scatter stream),
+        # waited on before the sketches are used (_wait_for_sketches)
+        self._sketch_events: dict = {}
         # all_reduce_sketches_during_backward(): the launch order and the all-reduces in flight.
         self._overlap: dict | None = None
         defaults = dict(
@@ -598,41 +764,113 @@ class MoFaSGD(ShardedState, Optimizer):
         # Diagnostic counters (plain ints, not state): how often each UMF path ran.
         self.cholesky_updates = 0
         self.householder_updates = 0
+        # Handles of the sketch hooks; the finalizer removes them once this optimizer is collected
+        # (it holds the list, never the optimizer).
+        self._hook_handles: list = []
+        self._constructed = False
         super().__init__(params, defaults)
-        if memory_mode == "sketch":
-            # No m x n gradient survives backward: each one is folded into its three thin
-            # sketches as soon as it is accumulated, then dropped (see _fold_gradient_into_sketch).
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.register_post_accumulate_grad_hook(self._fold_gradient_into_sketch)
+        weakref.finalize(self, _remove_handles, self._hook_handles)
+        # Hooks only once every group is accepted: a constructor that fails leaves no hook behind.
+        for group in self.param_groups:
+            self._register_sketch_hooks(group)
+        self._constructed = True
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
+        if self._constructed:
+            self._register_sketch_hooks(self.param_groups[-1])
+        if getattr(self, "shard", False):
+            self._assign_owners()
+
+    def _check_group(self, group: dict) -> None:
+        """Raises a one-line ValueError for a param group MoFaSGD cannot train."""
         _validate_hyperparameters(group)
-        if getattr(self, "memory_mode", "full") == "sketch" and needs_full_gradient(group["eta2"], group["nesterov"]):
+        sketch = self.memory_mode == "sketch"
+        if sketch and needs_full_gradient(group["eta2"], group["nesterov"]):
             raise ValueError(
                 "memory_mode='sketch' needs eta2 == 0 and nesterov=False: both use the full gradient "
                 "(the complement term, and a second factor update against the new factors)"
             )
-        for p in group["params"]:
+        seen = set()
+        for i, p in enumerate(group["params"]):
+            if p.layout != torch.strided:
+                raise ValueError(f"MoFaSGD: {_parameter_label(group, i, p)} is a {p.layout} tensor; MoFaSGD trains "
+                                 "dense matrices: give it to torch.optim.SparseAdam or make it dense")
             if p.dim() != 2:
                 raise ValueError(_unsupported_shape_message(tuple(p.shape)))
+            problem = _parameter_problem(p, sketch)
+            if problem:
+                raise ValueError(f"MoFaSGD: {_parameter_label(group, i, p)} {problem}")
+            if id(p) in seen:  # torch.optim only warns; the bucketed step would apply it twice
+                raise ValueError(f"MoFaSGD: {_parameter_label(group, i, p)} is listed twice in one param group; "
+                                 "list each parameter once")
+            seen.add(id(p))
             if _is_dtensor(p):
-                _check_row_sharded(p, getattr(self, "shard", False))
-        if getattr(self, "shard", False):
+                _check_row_sharded(p, self.shard)
+
+    def _register_sketch_hooks(self, group: dict) -> None:
+        """memory_mode="sketch": no m x n gradient survives backward; each one is folded into its
+        three thin sketches as soon as it is accumulated, then dropped (_fold_gradient_into_sketch)."""
+        if self.memory_mode != "sketch":
+            return
+        for p in group["params"]:
+            self._hook_handles.append(p.register_post_accumulate_grad_hook(_SketchHook(self)))
+
+    def remove_hooks(self) -> None:
+        """Removes the gradient hooks of memory_mode="sketch" now (they also go when the optimizer is
+        garbage-collected, and on leaving `with MoFaSGD(...) as opt:`), handing the parameters'
+        gradients back to whoever else uses them. The optimizer then steps from p.grad, as
+        memory_mode="full" (sketches already pending still count, added to p.grad's). Call it
+        between steps."""
+        _remove_handles(self._hook_handles)
+        self.memory_mode = "full"
+        self._overlap = None
+
+    # Settings that travel with pickle and copy.deepcopy (torch.optim's own state is defaults, state and
+    # param_groups); the process group, the hooks and pending sketches do not.
+    _PICKLED = ("memory_mode", "shard", "check_orthonormal", "cholesky_updates", "householder_updates",
+                "_rank_warned_shapes")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({key: getattr(self, key) for key in self._PICKLED})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # also how torch.optim's load_state_dict installs a state
+        if "_hook_handles" in self.__dict__:
+            return
+        # an unpickled (or deep-copied) optimizer: its own hooks on its own parameters
+        self._process_group, self._sketches, self._overlap, self._sketch_events = None, {}, None, {}
+        self._hook_handles, self._constructed = [], True
+        weakref.finalize(self, _remove_handles, self._hook_handles)
+        for group in self.param_groups:
+            self._register_sketch_hooks(group)
+        if self.shard:
             self._assign_owners()
+
+    def __enter__(self) -> "MoFaSGD":
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self.remove_hooks()
+        return False
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+    def _initial_state(self, p: torch.Tensor, group: dict) -> dict:
+        """p's state before its first update (init "weight_svd" or "zero"), not yet stored: a
+        step stores it only once every matrix's update has succeeded."""
         m, n = p.shape
-        rank = min(group["rank"], m, n)
         if _is_dtensor(p):  # FSDP2: U split by rows like the weight (mofasgd.row_sharded)
             from mofasgd.row_sharded import init_row_sharded_state
 
-            self.state[p].update(init_row_sharded_state(p, rank, group["init"]))
-            return self.state[p]
+            return init_row_sharded_state(p, min(group["rank"], m, n), group["init"])
         rank = group["rank"]
         if rank > min(m, n):
             if (m, n) not in self._rank_warned_shapes:
@@ -642,9 +880,13 @@ class MoFaSGD(ShardedState, Optimizer):
                 )
             rank = min(m, n)
         dtype = factor_dtype(p.dtype)
-        state = self.state[p]
+        state = {}
         if group["init"] == "weight_svd":
-            U_full, S_full, Vh_full = torch.linalg.svd(p.detach().to(dtype), full_matrices=False)
+            W = p.detach().to(dtype)
+            if not bool(torch.isfinite(W).all()):  # LAPACK would fail with an unrelated message
+                raise FloatingPointError(f"MoFaSGD: non-finite weight (NaN/inf) in a {m}x{n} parameter at its first "
+                                         "step (init='weight_svd' takes its SVD)")
+            U_full, S_full, Vh_full = torch.linalg.svd(W, full_matrices=False)
             state["U"] = U_full[:, :rank].clone()
             state["S"] = S_full[:rank].clone()
             state["V"] = Vh_full[:rank].mT.clone()
@@ -655,24 +897,109 @@ class MoFaSGD(ShardedState, Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         return state
 
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        self.state[p].update(self._initial_state(p, group))
+        return self.state[p]
+
+    @torch.no_grad()
+    def init_state_(self) -> None:
+        """Initialises the factors of every parameter that has no state yet, in parameter order,
+        on the current stream (the result is what the first step would make: the weights do not
+        change before it). Needed before the first backward in sketch memory mode on FSDP2 weights:
+        initialising a row-sharded matrix gathers it (a collective) and takes an SVD, which must not
+        run inside FSDP's post-reduce hook, on its reduce-scatter stream, in whatever order the
+        hooks fire (train_gpt.set_up calls it for such runs). With shard=True only the matrices this
+        rank owns get state, as in step()."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state.get(p) and self._owns(p):
+                    self._init_state(p, group)
+
     def state_bytes(self) -> int:
         """Bytes held by all state tensors (each distinct storage counted once): `state_bytes(self)`."""
         return state_bytes(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load_state_dict (the saved groups' hyperparameters replace the current
+        ones), after checking the whole state_dict against this optimizer's parameters first: a
+        bad one raises a one-line ValueError naming the group or parameter and changes nothing."""
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
         # torch.optim casts floating state to each param's dtype (bf16 params would get bf16
         # factors); the factors live in the compute dtype, so restore them from the saved values.
-        super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
-            if saved is None:
+            if not saved:
                 continue
+            state = self.state[p]
             dtype = factor_dtype(p.dtype)
             for key in ("U", "S", "V"):
-                if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
+                state[key] = saved[key].to(device=p.device, dtype=dtype)
+            state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).detach().reshape(()).clone().cpu()
+
+    def _check_state_dict(self, state_dict) -> None:
+        prefix = "MoFaSGD.load_state_dict:"
+        if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+                and isinstance(state_dict.get("param_groups"), list)):
+            raise ValueError(f"{prefix} expected a dict with 'state' (a dict) and 'param_groups' (a list), as "
+                             f"MoFaSGD.state_dict() returns; got {type(state_dict).__name__}"
+                             + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else ""))
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{prefix} the state_dict has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        owner = {}  # saved parameter id -> (parameter, its group here, its saved group, position)
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"{prefix} param group {g} must be a dict with a 'params' list")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{prefix} param group {g} holds {len(saved['params'])} parameters in the "
+                                 f"state_dict and {len(group['params'])} here")
+            missing = [k for k in _HYPERPARAMETERS if k not in saved]
+            if missing:
+                raise ValueError(f"{prefix} param group {g} lacks MoFaSGD's {', '.join(missing)}: not a MoFaSGD "
+                                 "state_dict (another optimizer's?)")
+            try:
+                _validate_hyperparameters(saved)
+                if self.memory_mode == "sketch" and needs_full_gradient(saved["eta2"], saved["nesterov"]):
+                    raise ValueError("eta2 must be 0 and nesterov False with memory_mode='sketch'")
+            except ValueError as e:
+                raise ValueError(f"{prefix} param group {g}: {e}") from None
+            for i, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+                if saved_id in owner:
+                    raise ValueError(f"{prefix} parameter id {saved_id!r} is listed twice in the param groups")
+                owner[saved_id] = (p, group, saved, i)
+        for saved_id, state in state_dict["state"].items():
+            if saved_id not in owner:
+                raise ValueError(f"{prefix} the state holds parameter id {saved_id!r}, which no param group lists")
+            p, group, saved, i = owner[saved_id]
+            label = _parameter_label(group, i, p)
+            if not isinstance(state, dict):
+                raise ValueError(f"{prefix} the state of {label} must be a dict, got {type(state).__name__}")
+            if not state:  # no step taken yet
+                continue
+            if set(state) != set(_STATE_KEYS):
+                raise ValueError(f"{prefix} the state of {label} holds {', '.join(sorted(map(str, state)))}; a "
+                                 f"MoFaSGD state holds {', '.join(_STATE_KEYS)} (another optimizer's state?)")
+            m, n = p.shape
+            r = min(saved["rank"], m, n)
+            for key, shape in (("U", (m, r)), ("S", (r,)), ("V", (n, r))):
+                t = state[key]
+                if not isinstance(t, torch.Tensor) or t.is_complex() or not t.is_floating_point():
+                    what = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"{prefix} {key} of {label} is {what}; expected a real floating-point tensor")
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{prefix} {key} of {label} has shape {tuple(t.shape)}, expected {shape} (rank "
+                                     f"{r} = min(group rank {saved['rank']}, m, n)); a state of another rank or model?")
+                if not bool(torch.isfinite(local_part(t)).all()):
+                    raise ValueError(f"{prefix} {key} of {label} holds NaN or inf")
+            step = state["step"]
+            value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex() \
+                else step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+            if value is None or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{prefix} step of {label} must be a number >= 0 (a 0-d tensor), got {step!r}")
 
     # -- gradient sketches (memory_mode="sketch" and low-rank communication) ----------------
 
@@ -689,14 +1016,30 @@ class MoFaSGD(ShardedState, Optimizer):
         (averaged) gradient."""
         state = self.state[p]
         if len(state) == 0:
+            if _is_dtensor(p):
+                raise RuntimeError("MoFaSGD: call init_state_() before the first backward on FSDP2 weights in "
+                                   "sketch memory mode (initialising a row-sharded matrix is a collective)")
             self._init_state(p, self._group_of(p))
         U, V = state["U"], state["V"]
         if _is_dtensor(p):  # FSDP2: this rank's rows of the reduced gradient, partial sums
             from mofasgd.row_sharded import local_row_sketches
 
-            sketches = local_row_sketches(G.to_local().to(V.dtype), U.to_local(), V)
+            U_rows, G_rows = U.to_local(), G.to_local()
+            side = _side_stream(G_rows)
+            sketches = local_row_sketches(G_rows.to(V.dtype), U_rows, V)
         else:
+            U_rows, side = U, _side_stream(G)
             sketches = gradient_sketches(G.to(U.dtype), U, V)
+        if side is not None:
+            # FSDP2 runs this hook on its reduce-scatter stream, the step on the default one. By
+            # torch's caching-allocator contract, a tensor used on a stream other than the one
+            # it was made on is recorded there: the factors read here, and the sketches, which the
+            # step reads (and frees) on the default stream. Its event orders the step after them.
+            for t in (U_rows, V):
+                t.record_stream(side)
+            for t in sketches:
+                t.record_stream(torch.cuda.default_stream(t.device))
+            self._sketch_events[p] = side.record_event()
         acc = self._sketches.get(p)
         if acc is None:
             self._sketches[p] = list(sketches)
@@ -704,10 +1047,13 @@ class MoFaSGD(ShardedState, Optimizer):
             for total, part in zip(acc, sketches):
                 total.add_(part)
 
-    def _fold_gradient_into_sketch(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook of memory_mode="sketch": sketch, then free the gradient."""
+    def _fold_gradient_into_sketch(self, p: torch.Tensor, free: bool = True) -> None:
+        """Post-accumulate-grad hook of memory_mode="sketch": sketch, then free the gradient (unless
+        another live sketch-mode MoFaSGD over p still has to see it)."""
+        _check_dense_gradient(p, p.grad)
         self._add_sketch(p, p.grad)
-        p.grad = None
+        if free:
+            p.grad = None
         if self._overlap is not None:
             self._overlap["ready"].add(p)
             self._launch_ready_all_reduces()
@@ -726,9 +1072,17 @@ class MoFaSGD(ShardedState, Optimizer):
         order = [p for g in self.param_groups for p in g["params"]][::-1]
         self._overlap = {"group": group, "order": order, "next": 0, "ready": set(), "pending": []}
 
+    def _wait_for_sketches(self, p) -> None:
+        """Orders the current stream after the side stream p's sketches were made on (CUDA, FSDP2's
+        reduce-scatter stream); nothing otherwise."""
+        event = self._sketch_events.pop(p, None)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
     def _launch_all_reduce(self, p) -> None:
         import torch.distributed as dist
 
+        self._wait_for_sketches(p)
         flat = pack_flat(self._sketches[p])
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._overlap["group"], async_op=True)
         self._overlap["pending"].append((p, flat, work))
@@ -760,9 +1114,13 @@ class MoFaSGD(ShardedState, Optimizer):
     def sketch_gradients_(self) -> None:
         """Folds the full gradients still held by this optimizer's parameters into sketches and
         frees them (for low-rank communication without the backward hooks)."""
-        for group in self.param_groups:
+        for group in self.param_groups:  # every check before the first gradient is folded
             if needs_full_gradient(group["eta2"], group["nesterov"]):
                 raise ValueError("sketched gradients need eta2 == 0 and nesterov=False")
+            for p in group["params"]:
+                if p.grad is not None:
+                    _check_dense_gradient(p, p.grad)
+        for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     self._add_sketch(p, p.grad)
@@ -784,6 +1142,8 @@ class MoFaSGD(ShardedState, Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p in self._sketches]
         if not params:
             return 0
+        for p in params:
+            self._wait_for_sketches(p)
         sketches = [t for p in params for t in self._sketches[p]]
         flat = pack_flat(sketches)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -794,54 +1154,76 @@ class MoFaSGD(ShardedState, Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         self._sketches.clear()
+        self._sketch_events.clear()
         self._overlap = None
 
     # -- step ----------------------------------------------------------------------------------
+    #
+    # A step is atomic: _params_to_step checks what no step can take, the factor updates of every
+    # matrix are then computed into new tensors (nothing stored), and only then are the states,
+    # the weights and the pending sketches written (_commit). An error on the way leaves the
+    # optimizer and the model as they were.
 
     def _factor_update(self, U, S, V, gradients, beta, momentum, sketches=None):
         """Sketch each gradient against its factors (unless the sketches are given) and run the
-        batched UMF (steps 1-2)."""
+        batched UMF (steps 1-2). Returns the new factors, the sketches and how many matrices took
+        the Cholesky fast path."""
         if sketches is None:
             sketches = _batched_sketches(gradients, U, V)
         U_new, S_new, V_new, fast = _update_momentum_factors_impl(U, S, V, *sketches, beta, momentum, "auto")
-        fast_count = int(fast.sum())
-        self.cholesky_updates += fast_count
-        self.householder_updates += len(gradients) - fast_count
-        return U_new, S_new, V_new, sketches
+        return U_new, S_new, V_new, sketches, int(fast.sum())
 
-    def _update_bucket_factors(self, params, group):
-        """Steps 1-2 for parameters of identical shape, dtype, device and rank, updating their
-        state; returns, per parameter, what its step needs: (U, S, V) of the step and, when the
-        eta2 term projects with the pre-update factors, those factors and their sketches."""
+    def _bucket_sketches(self, params, states):
+        """The sketches of a bucket's gradients when any of them were sketched (memory_mode
+        "sketch", sketch_gradients_ or all_reduce_sketches): the pending ones plus those of any
+        gradient still in p.grad (the sketches are linear in G), stacked; None when none were."""
+        if not any(p in self._sketches for p in params):
+            return None
+        per_param = []
+        for p, st in zip(params, states):
+            self._wait_for_sketches(p)
+            pending = self._sketches.get(p)
+            fresh = gradient_sketches(p.grad.to(st["U"].dtype), st["U"], st["V"]) if p.grad is not None else None
+            if pending is None:
+                pending = fresh
+            elif fresh is not None:
+                pending = [a + b for a, b in zip(pending, fresh)]  # new tensors: nothing pending changes
+            per_param.append(pending)
+        return tuple(torch.stack([acc[k] for acc in per_param]) for k in range(3))
+
+    def _compute_bucket(self, params, group, states):
+        """Steps 1-2 for parameters of identical shape, dtype, device and rank, from their `states`,
+        writing nothing. Returns, per parameter, (its new U, S, V, what its step needs: U, S, V of the
+        step and, when the eta2 term projects with the pre-update factors, those factors and their
+        sketches), and how many updates took each UMF path."""
         beta, momentum = group["beta"], group["momentum"]
-        states = [self.state[p] for p in params]
         # Raw gradients; each is cast to the compute dtype only where used (no-op for fp32/fp64),
         # so bf16 models never hold the whole bucket's gradients in fp32 at once.
         gradients = [p.grad for p in params]
         U_old = torch.stack([st["U"] for st in states])
         S_old = torch.stack([st["S"] for st in states])
         V_old = torch.stack([st["V"] for st in states])
-        given = None
-        if params[0] in self._sketches:  # sketched gradients (memory_mode="sketch" or all-reduced)
-            accs = [self._sketches.pop(p) for p in params]
-            given = tuple(torch.stack([acc[k] for acc in accs]) for k in range(3))
-
-        U_new, S_new, V_new, old_sketches = self._factor_update(U_old, S_old, V_old, gradients, beta, momentum, given)
+        given = self._bucket_sketches(params, states)
+        U_new, S_new, V_new, old_sketches, fast = self._factor_update(
+            U_old, S_old, V_old, gradients, beta, momentum, given)
+        counts = [fast, len(params) - fast]
         if self.check_orthonormal:
             check_orthonormal_factors(U_new, V_new, self.check_orthonormal, tuple(params[0].shape))
-        for i, st in enumerate(states):
-            # Clones, so each parameter owns its state (no storage shared across parameters).
-            st["U"], st["S"], st["V"] = U_new[i].clone(), S_new[i].clone(), V_new[i].clone()
-            st["step"] += 1
+        # Clones, so each parameter owns its state (no storage shared across parameters).
+        new = [(U_new[i].clone(), S_new[i].clone(), V_new[i].clone()) for i in range(len(params))]
+        step_factors = new
         if group["nesterov"]:
             # Official semantics: a second UMF with the same G; only the step uses it.
-            U_new, S_new, V_new, _ = self._factor_update(U_new, S_new, V_new, gradients, beta, momentum)
+            U_new, S_new, V_new, _, fast = self._factor_update(U_new, S_new, V_new, gradients, beta, momentum)
+            counts = [counts[0] + fast, counts[1] + len(params) - fast]
+            step_factors = [(U_new[i], S_new[i], V_new[i]) for i in range(len(params))]
         old_projection = group["eta2"] != 0 and not group["use_current_projection"]
-        return [
-            (U_new[i], S_new[i], V_new[i])
-            + ((U_old[i], V_old[i], tuple(t[i] for t in old_sketches)) if old_projection else ())
+        results = [
+            (new[i], step_factors[i]
+             + ((U_old[i], V_old[i], tuple(t[i] for t in old_sketches)) if old_projection else ()))
             for i in range(len(params))
         ]
+        return results, counts
 
     @staticmethod
     def _apply_step(p, group, update) -> None:
@@ -852,6 +1234,25 @@ class MoFaSGD(ShardedState, Optimizer):
             projection = (update[3], update[4], update[5] if len(update) > 5 else None)  # sharded steps recompute them
         apply_factor_step(p, p.grad, *update[:3], group, projection)
 
+    def _params_to_step(self) -> list:
+        """(group, the parameters this rank steps) per group: those with a gradient or pending
+        sketches. Raises, before anything changes, for what no step can take."""
+        work = []
+        for group in self.param_groups:
+            params = []
+            for p in group["params"]:
+                if p.grad is None and p not in self._sketches:
+                    continue
+                if p.grad is not None:
+                    _check_dense_gradient(p, p.grad)
+                if p in self._sketches and needs_full_gradient(group["eta2"], group["nesterov"]):
+                    raise ValueError("MoFaSGD: sketched gradients are pending but the group's eta2 != 0 or nesterov "
+                                     "needs the full gradient: set eta2 = 0 and nesterov = False, or zero_grad()")
+                if self._owns(p):
+                    params.append(p)
+            work.append((group, params))
+        return work
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -859,49 +1260,81 @@ class MoFaSGD(ShardedState, Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        updates = {}  # sharded only: parameter -> its step factors, applied after the exchange
-        for group in self.param_groups:
+        pending = []  # (parameter, group, its fresh state or None, new U S V, step update); nothing stored yet
+        row_sharded = []  # (parameter, group, its fresh state or None, its RowShardedUpdate)
+        counts = [0, 0]  # Cholesky and Householder UMF updates
+        for group, params in self._params_to_step():
             # Same-shape parameters are updated as one batch: the small QR/SVD work of the UMF is
             # then a few batched calls instead of dozens of calls per matrix.
             buckets = {}
-            for p in group["params"]:
-                if (p.grad is None and p not in self._sketches) or not self._owns(p):
-                    continue
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("MoFaSGD does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    self._init_state(p, group)
+            for p in params:
                 if _is_dtensor(p):  # FSDP2's row-sharded weights: one matrix at a time, on local rows
-                    self._row_sharded_step(p, group)
+                    row_sharded.append((p, group, *self._row_sharded_step(p, group)))
                     continue
-                key = (tuple(p.shape), p.dtype, p.device, state["U"].shape[1])
-                buckets.setdefault(key, []).append(p)
-            for (shape, _, _, rank), params in buckets.items():
+                state = self.state.get(p)
+                fresh = None if state else self._initial_state(p, group)
+                key = (tuple(p.shape), p.dtype, p.device, (fresh or state)["U"].shape[1])
+                buckets.setdefault(key, []).append((p, fresh))
+            for (shape, _, _, rank), entries in buckets.items():
                 # Bound the batch so the transient (B, m + n, r) work arrays stay small.
                 per_matrix = (shape[0] + shape[1]) * rank
                 chunk = max(1, _MAX_BATCH_ELEMENTS // per_matrix)
-                for start in range(0, len(params), chunk):
-                    part = params[start : start + chunk]
-                    for p, update in zip(part, self._update_bucket_factors(part, group)):
-                        if self._owner_of is None:
-                            self._apply_step(p, group, update)
-                        else:
-                            updates[p] = update
+                for start in range(0, len(entries), chunk):
+                    part = entries[start : start + chunk]
+                    params_part = [p for p, _ in part]
+                    states = [fresh or self.state[p] for p, fresh in part]
+                    results, done = self._compute_bucket(params_part, group, states)
+                    counts = [counts[0] + done[0], counts[1] + done[1]]
+                    for (p, fresh), (new, update) in zip(part, results):
+                        pending.append((p, group, fresh, new, update))
         if self._owner_of is not None:
+            # shard: every rank gets every matrix's step factors (a collective; it also refreshes the
+            # factor replicas a rank keeps to sketch with) and applies them all, the same way
+            updates = {p: update for p, _, _, _, update in pending}
             self._exchange_step_factors(updates)
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p in updates:
-                        self._apply_step(p, group, updates[p])
+            pending = [(p, group, fresh, new, updates[p]) for p, group, fresh, new, _ in pending]
+            owned = {p for p, *_ in pending}
+            others = [(p, group, updates[p]) for group in self.param_groups for p in group["params"]
+                      if p in updates and p not in owned]
+        self._commit(pending, row_sharded, counts)
+        if self._owner_of is not None:
+            for p, group, update in others:
+                self._apply_step(p, group, update)
         return loss
 
-    def _row_sharded_step(self, p, group) -> None:
-        from mofasgd.row_sharded import row_sharded_step
+    def _commit(self, pending, row_sharded, counts) -> None:
+        """The write half of step(): every computed update goes into the states, the weights and
+        the sketch accumulators (consumed)."""
+        for p, group, fresh, new, update in pending:
+            state = self.state[p]
+            if fresh is not None:
+                state.update(fresh)
+            state["U"], state["S"], state["V"] = new
+            state["step"] += 1
+            self._sketches.pop(p, None)
+            self._apply_step(p, group, update)
+        for p, group, fresh, update in row_sharded:
+            from mofasgd.row_sharded import commit_row_sharded_update
 
-        fast = row_sharded_step(p, self.state[p], group, self.check_orthonormal, self._sketches.pop(p, None))
-        self.cholesky_updates += int(fast)
-        self.householder_updates += int(not fast)
+            state = self.state[p]
+            if fresh is not None:
+                state.update(fresh)
+            self._sketches.pop(p, None)
+            commit_row_sharded_update(p, state, group, update)
+        self.cholesky_updates += counts[0] + sum(int(u.fast) for *_, u in row_sharded)
+        self.householder_updates += counts[1] + sum(int(not u.fast) for *_, u in row_sharded)
+
+    def _row_sharded_step(self, p, group):
+        """The factor update of one row-sharded weight (collectives over its mesh), stored nowhere:
+        (its fresh state or None, mofasgd.row_sharded.row_sharded_update's result); _commit stores
+        and applies it."""
+        from mofasgd.row_sharded import row_sharded_update
+
+        state = self.state.get(p)
+        fresh = None if state else self._initial_state(p, group)
+        self._wait_for_sketches(p)
+        update = row_sharded_update(p, fresh or state, group, self.check_orthonormal, self._sketches.get(p))
+        return fresh, update
 
     def _exchange_step_factors(self, updates: dict) -> int:
         """shard=True: all-gathers every owner's step factors so each rank holds `updates` for all

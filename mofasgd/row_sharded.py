@@ -22,6 +22,8 @@ collective of a step and bounds its size by the thin blocks above).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -159,13 +161,23 @@ def init_row_sharded_state(p, rank: int, init: str) -> dict:
     return {"U": U, "S": S.clone(), "V": V.clone(), "step": torch.tensor(0.0, dtype=torch.float32)}
 
 
+class RowShardedUpdate(NamedTuple):
+    """One row-sharded weight's computed update, not yet stored (row_sharded_update)."""
+
+    new_state: dict  # U (a Shard(0) DTensor), S, V after the factor update
+    step_factors: tuple  # local rows of U, S, V the step applies
+    projection: tuple | None  # the eta2 term's (U, V, all-reduced sketches), None: the step factors'
+    fast: bool  # the factor update took the Cholesky fast path
+
+
 @torch.no_grad()
-def row_sharded_step(p, state: dict, group_hp: dict, check_orthonormal: float = 0.0, local_sketches=None) -> bool:
-    """One MoFaSGD step of a row-sharded weight `p` (FSDP2) from its sharded gradient, or from
+def row_sharded_update(p, state: dict, group_hp: dict, check_orthonormal: float = 0.0,
+                       local_sketches=None) -> RowShardedUpdate:
+    """The factor update of a row-sharded weight `p` (FSDP2) from its sharded gradient, or from
     `local_sketches` (local_row_sketches summed over the micro-batches: memory_mode sketch, where the
-    gradient is gone), updating `state` (from init_row_sharded_state) and the local rows of p; returns
-    whether the factor update took the Cholesky fast path. Every rank of p's mesh must call it
-    (collectives)."""
+    gradient is gone), against `state` (from init_row_sharded_state), writing nothing: MoFaSGD's
+    step computes every matrix's update before it stores any (commit_row_sharded_update). Every rank
+    of p's mesh must call it (collectives)."""
     from torch.distributed.tensor import DTensor, Shard
 
     mesh = p.device_mesh
@@ -173,7 +185,6 @@ def row_sharded_step(p, state: dict, group_hp: dict, check_orthonormal: float = 
     counts = row_counts(p.shape[0], mesh.size())
     U, S, V = state["U"].to_local(), state["S"], state["V"]
     G = p.grad.to_local().to(U.dtype) if local_sketches is None else None  # sketch mode: eta2 0, no nesterov
-    W = p.to_local()
     beta, momentum = group_hp["beta"], group_hp["momentum"]
     sketches = finish_row_sketches(local_sketches or local_row_sketches(G, U, V), group)
     U_new, S_new, V_new, fast = row_sharded_update_momentum_factors(
@@ -181,10 +192,9 @@ def row_sharded_step(p, state: dict, group_hp: dict, check_orthonormal: float = 
     if check_orthonormal:
         (U_gram,) = all_reduce_sum([U_new.mT @ U_new], group)
         check_orthonormal_grams({"U": U_gram, "V": V_new.mT @ V_new}, check_orthonormal, tuple(p.shape))
-    state["U"] = DTensor.from_local(U_new.contiguous(), mesh, [Shard(0)], run_check=False,
-                                    shape=state["U"].shape, stride=state["U"].stride())
-    state["S"], state["V"] = S_new.clone(), V_new.clone()
-    state["step"] += 1
+    new_state = {"U": DTensor.from_local(U_new.contiguous(), mesh, [Shard(0)], run_check=False,
+                                         shape=state["U"].shape, stride=state["U"].stride()),
+                 "S": S_new.clone(), "V": V_new.clone()}
     if group_hp["nesterov"]:  # official semantics: a second UMF with the same G, used by the step only
         nesterov_sketches = row_sharded_sketches(G, U_new, V_new, group)
         U_new, S_new, V_new, _ = row_sharded_update_momentum_factors(
@@ -193,5 +203,24 @@ def row_sharded_step(p, state: dict, group_hp: dict, check_orthonormal: float = 
     if group_hp["eta2"] != 0:
         projection = ((U_new, V_new, row_sharded_sketches(G, U_new, V_new, group))
                       if group_hp["use_current_projection"] else (U, V, sketches))
-    apply_factor_step(W, G, U_new, S_new, V_new, group_hp, projection)
-    return fast
+    return RowShardedUpdate(new_state, (U_new, S_new, V_new), projection, bool(fast))
+
+
+@torch.no_grad()
+def commit_row_sharded_update(p, state: dict, group_hp: dict, update: RowShardedUpdate) -> None:
+    """Stores a row_sharded_update's factors in `state` and applies its step to p's local rows."""
+    state.update(update.new_state)
+    state["step"] += 1
+    U = update.step_factors[0]
+    # the gradient is cast again here rather than kept from the update: bf16 weights would
+    # otherwise hold an fp32 copy of every matrix's gradient until the commit
+    G = p.grad.to_local().to(U.dtype) if p.grad is not None and group_hp["eta2"] != 0 else None
+    apply_factor_step(p.to_local(), G, *update.step_factors, group_hp, update.projection)
+
+
+def row_sharded_step(p, state: dict, group_hp: dict, check_orthonormal: float = 0.0, local_sketches=None) -> bool:
+    """One MoFaSGD step of a row-sharded weight: row_sharded_update, then commit_row_sharded_update;
+    returns whether the factor update took the Cholesky fast path."""
+    update = row_sharded_update(p, state, group_hp, check_orthonormal, local_sketches)
+    commit_row_sharded_update(p, state, group_hp, update)
+    return update.fast

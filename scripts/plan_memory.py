@@ -5,11 +5,14 @@
     python -m scripts.plan_memory --hf-config configs/hf/llama-3.1-8b.json --param-dtype bf16 \\
         --micro-batch 1 --seq-len 1024 --optimizer mfsgd --memory-mode sketch
     python -m scripts.plan_memory --shapes '{"hidden": ["768x768*48"], "embed": ["50304x768"]}' --json
+    python -m scripts.plan_memory --config @results/RUN/config.json      # a run as it ran
 
 The model is one of: a harness config (configs/base.yaml + --preset + --config JSON, resolved and
-validated as run.py does; the model is built on the meta device, so its parameters, their routing
-and dtypes are the harness's own), a Hugging Face LLaMA-style config.json (--hf-config), or explicit
-matrix shapes (--shapes). Per GPU it prints parameters, gradients, optimizer state (hidden matrices
+validated as run.py does, or a run's own resolved config.json; the model is built on the meta
+device, so its parameters, their routing and dtypes are the harness's own), a Hugging Face
+LLaMA-style config.json (--hf-config), or explicit matrix shapes (--shapes). What it does not model
+(MoE, cross-attention, other architectures' keys) is refused naming the keys, and every size is
+checked and bounded (LIMITS), so a bad input is one line and exit code 2, never a wrong answer. Per GPU it prints parameters, gradients, optimizer state (hidden matrices
 and the AdamW of the rest), activations, the LM head's loss buffers, communication buffers and the
 total, for the chosen optimizer, then one table of AdamW, MoFaSGD (full gradients and sketch mode),
 GaLore, Muon and Adafactor side by side. --json prints the same as one JSON object.
@@ -49,6 +52,66 @@ BLOCK_NAME = re.compile(r"(?:^|\.)(?:h|blocks|layers)\.(\d+)\.")
 
 class PlanError(ValueError):
     """Bad planner input; the message is one line naming what is accepted."""
+
+
+# Bounds on every size and count the planner reads: generous for any real model (LLaMA-3.1-405B has
+# 126 layers, width 16,384 and a 128,256 vocabulary; the largest data-parallel jobs run on tens of
+# thousands of GPUs), and small enough that a plan finishes in seconds instead of running out of memory.
+LIMITS = {
+    "layers": 10_000,
+    # a harness model is built (on the meta device, ~2.5 ms per block): GPT-2 XL has 48 blocks
+    "harness_layers": 1_024,
+    "size": 2**24,  # a matrix side, model or MLP width, vocabulary, head dimension
+    "heads": 2**16,
+    "tensors": 100_000,  # parameter tensors listed in all
+    "world": 2**16,
+    "micro_batch": 2**20,
+    "seq_len": 2**24,
+    "rank": 2**24,
+    "loss_chunk_tokens": 2**40,
+    "runtime_mib": 2**30,  # 1 PiB
+}
+
+
+def _show(value, limit: int = 60) -> str:
+    """A value for a one-line message (JSON where it can be), cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def bounded_int(value, what: str, limit: int, low: int = 1) -> int:
+    """`value` if it is an integer in [low, limit] (not a bool), else a one-line PlanError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(f"{what} must be an integer in [{low}, {limit:,}], got {_show(value)}")
+    if value < low:
+        raise PlanError(f"{what} must be >= {low}, got {value}")
+    if value > limit:
+        raise PlanError(f"{what} must be <= {limit:,} (the planner's bound), got {value:,}")
+    return value
+
+
+def read_input(path: str, what: str) -> str:
+    """The text of a file the planner reads, or a one-line PlanError (missing, unreadable, not
+    UTF-8, too large): the harness's own reader."""
+    from configs import ConfigError, read_text
+
+    try:
+        return read_text(path, what)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+
+
+def parse_input(text: str, source: str):
+    """JSON text, or a one-line PlanError (also for nesting too deep for the parser)."""
+    from configs import ConfigError, parse_json
+
+    try:
+        return parse_json(text, source)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
 
 
 def dtype_name(value: str, what: str) -> str:
@@ -144,32 +207,87 @@ def harness_model(cfg) -> ModelDesc:
 
 
 HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+HF_LIMITS = {"hidden_size": "size", "intermediate_size": "size", "num_hidden_layers": "layers",
+             "num_attention_heads": "heads", "vocab_size": "size", "num_key_value_heads": "heads", "head_dim": "size"}
+# Keys of Hugging Face configs that describe parameters or activations the LLaMA-style enumeration
+# does not have; planned as a dense LLaMA such a model would get a wrong answer (Mixtral's 46.7B
+# parameters as 7.2B), so a config that sets any of them (to anything but null, false, 0 or empty)
+# is refused. Keys that change nothing here (rope_scaling, sliding_window, bos_token_id,
+# architectures, torch_dtype, ...) are fine.
+HF_UNMODELLED = {
+    "mixture-of-experts layers": (
+        "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+        "n_shared_experts", "shared_expert_intermediate_size", "moe_layer_freq", "first_k_dense_replace",
+        "decoder_sparse_step", "mlp_only_layers", "moe_num_experts", "router_aux_loss_coef", "num_moe_experts"),
+    "cross-attention or an encoder": (
+        "cross_attention_layers", "add_cross_attention", "is_encoder_decoder", "encoder_layers",
+        "num_encoder_layers", "encoder_config"),
+    "low-rank (latent) attention projections": (
+        "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"),
+    "sub-models (a multimodal or composite config)": ("text_config", "vision_config", "audio_config"),
+    "extra norms or soft-capped logits": (
+        "attn_logit_softcapping", "final_logit_softcapping", "use_qk_norm", "qk_layernorm", "use_post_norm"),
+    "a parallel attention-MLP block": ("parallel_attn", "use_parallel_residual", "parallel_residual"),
+}
+# model_type values whose parameters are exactly the enumeration below (Qwen2: biases on q, k, v)
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _set(value) -> bool:
+    return value not in (None, False, 0, "", [], {})
 
 
 def hf_model(path: str) -> tuple[ModelDesc, str | None]:
-    """A LLaMA-style Hugging Face config.json (LLaMA, Mistral, Qwen2 without biases...): embeddings,
-    per layer q/k/v/o and gate/up/down projections and two RMSNorm gains, a final norm, an lm_head
-    unless tie_word_embeddings. Returns the description and the config's torch_dtype (or None)."""
+    """A LLaMA-style Hugging Face config.json (LLaMA, Mistral, Qwen2): embeddings, per layer q/k/v/o
+    and gate/up/down projections (with biases under attention_bias / mlp_bias, and Qwen2's q/k/v
+    biases) and two RMSNorm gains, a final norm, an lm_head unless tie_word_embeddings. Returns the
+    description and the config's torch_dtype (or None). Anything else is refused in one line."""
     if not os.path.isfile(path):
         raise PlanError(f"--hf-config file not found: {path} (give a Hugging Face config.json)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise PlanError(f"--hf-config {path} is not a JSON file: {' '.join(str(e).split())[:200]}") from None
+    cfg = parse_input(read_input(path, "--hf-config"), f"--hf-config {path}")
     if not isinstance(cfg, dict):
         raise PlanError(f"--hf-config {path} must hold a JSON object, got {type(cfg).__name__}")
-    missing = [k for k in HF_REQUIRED if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] <= 0]
+    unmodelled = [(what, [k for k in keys if _set(cfg.get(k))]) for what, keys in HF_UNMODELLED.items()]
+    unmodelled = [(what, keys) for what, keys in unmodelled if keys]
+    if unmodelled:
+        found = "; ".join(f"{', '.join(keys)} ({what})" for what, keys in unmodelled)
+        raise PlanError(f"--hf-config {path} sets {found}, which the planner does not model: it plans dense "
+                        "LLaMA-style decoders only; describe other models with --shapes")
+    model_type = cfg.get("model_type")
+    if model_type is not None and model_type not in HF_MODEL_TYPES:
+        raise PlanError(f"--hf-config {path}: model_type {_show(model_type)} is not modelled (the planner enumerates "
+                        f"{', '.join(HF_MODEL_TYPES)}); describe other models with --shapes")
+    missing = [k for k in HF_REQUIRED if k not in cfg]
     if missing:
-        raise PlanError(f"--hf-config {path} lacks positive integer {', '.join(missing)}; a LLaMA-style config needs "
+        raise PlanError(f"--hf-config {path} lacks {', '.join(missing)}; a LLaMA-style config needs positive integers "
                         f"{', '.join(HF_REQUIRED)} (optional: num_key_value_heads, head_dim, tie_word_embeddings)")
+    for key, limit in HF_LIMITS.items():
+        if key in HF_REQUIRED or cfg.get(key) is not None:
+            bounded_int(cfg[key], f"--hf-config {path}: {key}", LIMITS[limit])
+    for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise PlanError(f"--hf-config {path}: {key} must be true or false, got {_show(cfg[key])}")
     h, f, L, a, V = (cfg[k] for k in HF_REQUIRED)
     kv_heads = cfg.get("num_key_value_heads") or a
     hd = cfg.get("head_dim") or h // a
+    if hd < 1:
+        raise PlanError(f"--hf-config {path}: num_attention_heads ({a}) exceeds hidden_size ({h}); give head_dim")
     if a % kv_heads:
         raise PlanError(f"--hf-config {path}: num_attention_heads ({a}) must be a multiple of num_key_value_heads ({kv_heads})")
     dt = cfg.get("torch_dtype") or cfg.get("dtype")
+    if dt is not None and not isinstance(dt, str):
+        raise PlanError(f"--hf-config {path}: torch_dtype must be a dtype name, got {_show(dt)}")
     dtype = dtype_name(dt, "the config's torch_dtype") if dt else "fp32"
+    # transformers' own rules: LLaMA puts attention_bias on q, k, v and o and mlp_bias on the MLP;
+    # Qwen2 always has q, k, v biases and Mistral none (both ignore the two keys)
+    if model_type == "qwen2":
+        attention_biases, mlp_bias = ("q_proj", "k_proj", "v_proj"), False
+    elif model_type == "mistral":
+        attention_biases, mlp_bias = (), False
+    else:
+        attention_biases = ("q_proj", "k_proj", "v_proj", "o_proj") if cfg.get("attention_bias", False) else ()
+        mlp_bias = cfg.get("mlp_bias", False)
+    bias_size = {"q_proj": a * hd, "k_proj": kv_heads * hd, "v_proj": kv_heads * hd, "o_proj": h}
     params = [Param("model.embed_tokens.weight", (V, h), "embed", dtype)]
     for i in range(L):
         pre = f"model.layers.{i}."
@@ -177,15 +295,18 @@ def hf_model(path: str) -> tuple[ModelDesc, str | None]:
                             ("self_attn.v_proj", (kv_heads * hd, h)), ("self_attn.o_proj", (h, a * hd)),
                             ("mlp.gate_proj", (f, h)), ("mlp.up_proj", (f, h)), ("mlp.down_proj", (h, f))):
             params.append(Param(pre + name + ".weight", shape, "hidden", dtype, i))
-        if cfg.get("attention_bias"):
-            for name, n in (("q_proj", a * hd), ("k_proj", kv_heads * hd), ("v_proj", kv_heads * hd)):
-                params.append(Param(pre + f"self_attn.{name}.bias", (n,), "scalar", dtype, i))
+        for name in attention_biases:
+            params.append(Param(pre + f"self_attn.{name}.bias", (bias_size[name],), "scalar", dtype, i))
+        if mlp_bias:
+            for name, n in (("gate_proj", f), ("up_proj", f), ("down_proj", h)):
+                params.append(Param(pre + f"mlp.{name}.bias", (n,), "scalar", dtype, i))
         params += [Param(pre + "input_layernorm.weight", (h,), "scalar", dtype, i),
                    Param(pre + "post_attention_layernorm.weight", (h,), "scalar", dtype, i)]
     params.append(Param("model.norm.weight", (h,), "scalar", dtype))
     if not cfg.get("tie_word_embeddings", False):
         params.append(Param("lm_head.weight", (V, h), "head", dtype))
-    name = cfg.get("_name_or_path") or os.path.basename(path)
+    name = cfg.get("_name_or_path") if isinstance(cfg.get("_name_or_path"), str) and cfg["_name_or_path"] else None
+    name = (name or os.path.basename(path))[:200]
     desc = ModelDesc(name=f"{name} ({L}L, d {h}, ffn {f}, {a} heads / {kv_heads} KV, vocab {V})", params=params,
                      arch="llama", n_layer=L, d_model=h, n_head=a, n_kv_head=kv_heads, head_dim=hd, d_ff=f,
                      vocab_size=V, source={"kind": "hf", "path": path})
@@ -197,58 +318,86 @@ SHAPE = re.compile(r"\s*(\d+)\s*x\s*(\d+)\s*(?:\*\s*(\d+))?\s*$")
 
 def shapes_model(text: str) -> ModelDesc:
     """--shapes: {"hidden": [...], "embed": [...], "head": [...], "scalar": [...]} (each entry "MxN",
-    "MxN*COUNT", [M, N] or [M, N, COUNT]; scalar entries are element counts), optional "dtype" and
-    "transformer": {"n_layer", "d_model", "n_head", "d_ff", "vocab_size", optional "n_kv_head",
+    "MxN*COUNT", [M, N] or [M, N, COUNT]; scalar entries are element counts), optional "dtype", "name"
+    and "transformer": {"n_layer", "d_model", "n_head", "d_ff", "vocab_size", optional "n_kv_head",
     "mlp": "gelu" (default) or "swiglu"} for the activation estimate; inline JSON or @file."""
     source = "--shapes"
     if text.startswith("@"):
         source = text[1:]
         if not os.path.isfile(source):
             raise PlanError(f"--shapes file not found: {source}")
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-    try:
-        spec = json.loads(text)
-    except ValueError as e:
-        raise PlanError(f"{source} is not valid JSON: {e}") from None
+        text = read_input(source, "--shapes file")
+    spec = parse_input(text, source)
     kinds = ("hidden", "embed", "head", "scalar")
     if not isinstance(spec, dict) or not set(spec) <= set(kinds) | {"dtype", "transformer", "name"}:
         raise PlanError(f"{source} must be a JSON object with keys among {', '.join(kinds)}, dtype, transformer, name")
+    if not isinstance(spec.get("dtype", "fp32"), str):
+        raise PlanError(f"{source}: dtype must be a dtype name, got {_show(spec['dtype'])}")
     dtype = dtype_name(spec.get("dtype", "fp32"), f"{source} dtype")
-    params = []
+    name = spec.get("name", "explicit shapes")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise PlanError(f"{source}: name must be a non-empty string of at most 200 characters, got {_show(name)}")
+    size, tensors = LIMITS["size"], LIMITS["tensors"]
+    entries_of = []  # (kind, j, m, n, count): everything checked before any Param exists
+    total = 0
     for kind in kinds:
         entries = spec.get(kind, [])
         if not isinstance(entries, list):
             raise PlanError(f"{source}: {kind} must be a list of shapes")
         for j, entry in enumerate(entries):
             if kind == "scalar":
-                if not isinstance(entry, int) or isinstance(entry, bool) or entry <= 0:
-                    raise PlanError(f"{source}: scalar entries are element counts (positive integers), got {entry!r}")
-                params.append(Param(f"scalar.{j}", (entry,), kind, dtype))
+                bounded_int(entry, f"{source}: a scalar entry (an element count)", size * size)
+                entries_of.append((kind, j, entry, None, 1))
+                total += 1
                 continue
             if isinstance(entry, str) and SHAPE.match(entry):
                 m, n, count = SHAPE.match(entry).groups()
                 m, n, count = int(m), int(n), int(count or 1)
-            elif isinstance(entry, list) and len(entry) in (2, 3) and all(isinstance(v, int) and v > 0 for v in entry):
+            elif isinstance(entry, list) and len(entry) in (2, 3) and \
+                    all(isinstance(v, int) and not isinstance(v, bool) for v in entry):
                 m, n, count = entry[0], entry[1], entry[2] if len(entry) == 3 else 1
             else:
-                raise PlanError(f"{source}: {kind} entry {entry!r} is not a shape; write \"MxN\", \"MxN*COUNT\", [M, N] "
-                                "or [M, N, COUNT]")
+                raise PlanError(f"{source}: {kind} entry {_show(entry)} is not a shape; write \"MxN\", \"MxN*COUNT\", "
+                                "[M, N] or [M, N, COUNT]")
             if min(m, n, count) <= 0:
-                raise PlanError(f"{source}: {kind} entry {entry!r} has a zero size")
+                raise PlanError(f"{source}: {kind} entry {_show(entry)} has a zero or negative size")
+            bounded_int(m, f"{source}: {kind} entry {_show(entry)}: M", size)
+            bounded_int(n, f"{source}: {kind} entry {_show(entry)}: N", size)
+            bounded_int(count, f"{source}: {kind} entry {_show(entry)}: COUNT", tensors)
+            entries_of.append((kind, j, m, n, count))
+            total += count
+        if total > tensors:
+            raise PlanError(f"{source} lists more than {tensors:,} parameter tensors (the planner's bound), got {total:,}")
+    params = []
+    for kind, j, m, n, count in entries_of:
+        if n is None:
+            params.append(Param(f"scalar.{j}", (m,), kind, dtype))
+        else:
             params += [Param(f"{kind}.{j}.{c}", (m, n), kind, dtype) for c in range(count)]
     if not params:
         raise PlanError(f"{source} lists no parameters")
-    desc = ModelDesc(name=spec.get("name", "explicit shapes"), params=params, arch="shapes", source={"kind": "shapes"})
+    desc = ModelDesc(name=name, params=params, arch="shapes", source={"kind": "shapes"})
     tr = spec.get("transformer")
     if tr is not None:
-        need = ("n_layer", "d_model", "n_head", "d_ff", "vocab_size")
-        if not isinstance(tr, dict) or any(not isinstance(tr.get(k), int) or tr[k] <= 0 for k in need):
+        need = {"n_layer": "layers", "d_model": "size", "n_head": "heads", "d_ff": "size", "vocab_size": "size"}
+        if not isinstance(tr, dict) or any(k not in tr for k in need):
             raise PlanError(f"{source}: transformer needs positive integers {', '.join(need)} (optional n_kv_head, "
                             "mlp gelu or swiglu)")
+        unknown = sorted(set(tr) - set(need) - {"n_kv_head", "mlp"})
+        if unknown:
+            raise PlanError(f"{source}: transformer has unknown keys {', '.join(map(str, unknown))}; it takes "
+                            f"{', '.join(need)}, n_kv_head and mlp")
+        for key, limit in need.items():
+            bounded_int(tr[key], f"{source}: transformer.{key}", LIMITS[limit])
+        if "n_kv_head" in tr and (bounded_int(tr["n_kv_head"], f"{source}: transformer.n_kv_head", LIMITS["heads"])
+                                  > tr["n_head"] or tr["n_head"] % tr["n_kv_head"]):
+            raise PlanError(f"{source}: transformer.n_head ({tr['n_head']}) must be a multiple of n_kv_head "
+                            f"({tr['n_kv_head']})")
         mlp = tr.get("mlp", "gelu")
         if mlp not in ("gelu", "swiglu"):
-            raise PlanError(f"{source}: transformer.mlp must be gelu or swiglu, got {mlp!r}")
+            raise PlanError(f"{source}: transformer.mlp must be gelu or swiglu, got {_show(mlp)}")
+        if tr["n_head"] > tr["d_model"]:
+            raise PlanError(f"{source}: transformer.n_head ({tr['n_head']}) exceeds d_model ({tr['d_model']})")
         desc.arch = "gpt2" if mlp == "gelu" else "llama"
         desc.n_layer, desc.d_model, desc.n_head, desc.d_ff, desc.vocab_size = (tr[k] for k in need)
         desc.n_kv_head = tr.get("n_kv_head", tr["n_head"])
@@ -633,7 +782,9 @@ def plan(model: ModelDesc, opt: OptChoice, setup: Setup) -> dict:
     per_rank_hidden = None
     if W > 1 and not fsdp and opt.shard and opt.name in ("mfsgd", "muon") and not sketched and hidden:
         owners = assign_owners([p.numel for p in hidden], W)
-        per_rank_hidden = [sum(b for b, o in zip(per_hidden, owners) if o == r) for r in range(W)]
+        per_rank_hidden = [0] * W
+        for b, o in zip(per_hidden, owners):  # one pass, not one per rank: W may be tens of thousands
+            per_rank_hidden[o] += b
         state_hidden = max(per_rank_hidden)
     else:
         state_hidden = sum(per_hidden)
@@ -671,14 +822,28 @@ def plan(model: ModelDesc, opt: OptChoice, setup: Setup) -> dict:
 
     # optimizer step: temporaries of the largest matrix, and the sharded all-gathers
     step_temp, step_note = step_temporaries(model, opt, setup, hidden, gdt, pdt)
+    if opt.name == "mfsgd" and hidden:
+        # MoFaSGD's step is atomic: the new factors of every matrix it updates are held until it
+        # commits them, one more copy of its factors (this rank's share under shard)
+        factors = [hidden_state_bytes(p, opt, pdt(p), gdt(p), sd, rows(p)) - STEP_BYTES for p in hidden]
+        if per_rank_hidden is not None:
+            owned = [0] * W
+            for b, o in zip(factors, owners):
+                owned[o] += b
+            pending = max(owned)
+        else:
+            pending = sum(factors)
+        step_temp += pending
+        step_note += f"; the new factors of every matrix, held until the atomic step commits them ({pending:,} bytes)"
     if W > 1 and not fsdp and opt.shard and opt.name in ("mfsgd", "muon") and hidden:
         owners = assign_owners([p.numel for p in hidden], W)
+        loads = [0] * W
+        for p, o in zip(hidden, owners):
+            r = min(opt.rank or 0, *p.shape)
+            loads[o] += p.numel if opt.name == "muon" else sum(p.shape) * r + r
         if opt.name == "muon":
-            loads = [sum(p.numel for p, o in zip(hidden, owners) if o == r) for r in range(W)]
             gathered = (W + 1) * max(loads) * DTYPE_BYTES[pdt(hidden[0])]
         else:
-            loads = [sum((sum(p.shape) * min(opt.rank, *p.shape) + min(opt.rank, *p.shape)) for p, o in zip(hidden, owners)
-                         if o == r) for r in range(W)]
             gathered = (W + 1) * max(loads) * DTYPE_BYTES[mofasgd_dtype(pdt(hidden[0]))]
         step_temp += gathered
         step_note += f"; the sharded step's all-gather: (world + 1) x the largest rank's share, {gathered:,} bytes"
@@ -808,10 +973,12 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__.splitlines()[0])
     src = p.add_argument_group("model (a harness config by default: configs/base.yaml + --preset + --config)")
     src.add_argument("--preset", help="configs/presets/NAME.yaml, as run.py --preset")
-    src.add_argument("--config", help="JSON overrides or @file.json, as run.py --config (flat keys are optimizer keys)")
+    src.add_argument("--config", help="JSON overrides or @file.json, as run.py --config (flat keys are optimizer keys), "
+                                      "or a run's own @results/RUN/config.json (its optimizer, world size and device too)")
     src.add_argument("--hf-config", help="a Hugging Face LLaMA-style config.json")
     src.add_argument("--shapes", help="explicit shapes, JSON or @file (see the module docstring)")
-    p.add_argument("--optimizer", default="mfsgd", help=f"the optimizer planned in detail: {', '.join(OPTIMIZER_NAMES)}")
+    p.add_argument("--optimizer", help=f"the optimizer planned in detail: {', '.join(OPTIMIZER_NAMES)} (default: mfsgd, "
+                                       "or a run config's optimizer_name)")
     p.add_argument("--rank", type=int, help="MoFaSGD and GaLore rank (default: the config's, 32)")
     p.add_argument("--memory-mode", help="MoFaSGD memory_mode: full or sketch (default: the config's)")
     p.add_argument("--param-dtype", default="auto", help="auto (the model's own), fp32, bf16, fp16 or fp64")
@@ -823,13 +990,14 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: data.seq_len)")
     p.add_argument("--parallel", help="ddp or fsdp (FSDP2: every tensor sharded over the world); default: the "
                                        "config's train.parallel (ddp)")
-    p.add_argument("--world", type=int, default=1, help="data-parallel world size (GPUs)")
+    p.add_argument("--world", type=int, help="data-parallel world size (GPUs; default 1, or a run config's "
+                                              "launch.world_size)")
     p.add_argument("--distributed", action="store_true", help="DDP even with one rank (run.py --distributed)")
     p.add_argument("--checkpointing", default="none", help="activation checkpointing: none or block")
     p.add_argument("--loss-chunk-tokens", type=int, help="the head's loss chunk (default: model.loss_chunk_tokens; 0: off)")
     p.add_argument("--attention", default="flash", help="flash (no T^2 tensors saved) or math (softmax saved)")
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu: CPU kernels' saved tensors and the "
-                                                     "process's own memory")
+    p.add_argument("--device", help="cuda (default, or a run config's launch.device) or cpu: CPU kernels' saved "
+                                     "tensors and the process's own memory")
     p.add_argument("--runtime-mib", default="auto",
                    help="CPU only: the process's own memory in MiB, or auto (measured: a Python that imported the worker)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -842,26 +1010,77 @@ def choice(value, accepted, what):
     return value
 
 
-def positive(value, what):
-    if value is not None and value < 1:
-        raise PlanError(f"{what} must be >= 1, got {value}")
-    return value
+def positive(value, what, limit):
+    """A command-line count: None (not given) or an integer in [1, limit]."""
+    return value if value is None else bounded_int(value, what, limit)
+
+
+# The keys of a run's resolved config.json (results/RUN/config.json) that are no overrides: the run's
+# name, its optimizer (the plan's) and its launch (world size, device), which the planner reads itself.
+RUN_CONFIG_KEYS = ("name", "optimizer_name", "launch")
+# Harness model sizes checked before resolve_config builds the model on the meta device (the speedrun
+# model validates itself that way): a billion layers would run out of memory there.
+HARNESS_MODEL_LIMITS = {"n_layer": "harness_layers", "n_head": "heads", "n_embd": "size", "block_size": "size",
+                        "vocab_size": "size", "num_value_embeds": "harness_layers"}
+
+
+def run_config_parts(cfg: dict, args) -> tuple[dict, str, dict]:
+    """A run's resolved config.json given as --config: (its sections as overrides, its optimizer, its
+    launch), refusing what contradicts it."""
+    name = cfg["optimizer_name"]
+    if not isinstance(name, str):
+        raise PlanError(f"--config: optimizer_name must be a string, got {_show(name)}")
+    choice(name, OPTIMIZER_NAMES, "optimizer_name")
+    if args.optimizer is not None and args.optimizer != name:
+        raise PlanError(f"--optimizer {args.optimizer} contradicts the run config's optimizer_name {name!r}: drop "
+                        "--optimizer (the side-by-side table compares every optimizer)")
+    if args.preset:
+        raise PlanError("--preset with a run's config.json: the run config is complete; drop --preset")
+    launch = cfg.get("launch") or {}
+    if not isinstance(launch, dict):
+        raise PlanError(f"--config: launch must be a mapping, got {_show(launch)}")
+    return {k: v for k, v in cfg.items() if k not in RUN_CONFIG_KEYS}, name, launch
+
+
+def check_harness_model_sizes(model_overrides) -> None:
+    """Bounds on the model sizes a --config gives, checked before the harness builds the model."""
+    if not isinstance(model_overrides, dict):
+        return  # the harness's own error names it
+    for key, limit in HARNESS_MODEL_LIMITS.items():
+        value = model_overrides.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > LIMITS[limit]:
+            bounded_int(value, f"model.{key}", LIMITS[limit])
+
+
+def runtime_bytes(text: str) -> int:
+    """--runtime-mib N: a finite number of MiB in [0, LIMITS['runtime_mib']], in bytes."""
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and 0 <= mib <= LIMITS["runtime_mib"]):
+        raise PlanError(f"--runtime-mib must be auto or a number of MiB in [0, {LIMITS['runtime_mib']:,}], got {text!r}")
+    return int(mib * 2**20)
 
 
 def build(args):
     """(model, primary OptChoice, Setup, comparison OptChoices, description of the setup)."""
-    choice(args.optimizer, OPTIMIZER_NAMES, "optimizer")
+    if args.optimizer is not None:
+        choice(args.optimizer, OPTIMIZER_NAMES, "optimizer")
     if args.parallel is not None:
         choice(args.parallel, ("ddp", "fsdp"), "--parallel")
     choice(args.checkpointing, ("none", "block"), "--checkpointing")
     choice(args.attention, ("flash", "math"), "--attention")
-    choice(args.device, ("cuda", "cpu"), "--device")
+    if args.device is not None:
+        choice(args.device, ("cuda", "cpu"), "--device")
     if args.memory_mode is not None:
         choice(args.memory_mode, ("full", "sketch"), "--memory-mode")
     for key in ("rank", "micro_batch", "seq_len", "world"):
-        positive(getattr(args, key), "--" + key.replace("_", "-"))
-    if args.loss_chunk_tokens is not None and args.loss_chunk_tokens < 0:
-        raise PlanError(f"--loss-chunk-tokens must be >= 0 (0: off), got {args.loss_chunk_tokens}")
+        positive(getattr(args, key), "--" + key.replace("_", "-"), LIMITS[key])
+    if args.loss_chunk_tokens is not None:
+        if args.loss_chunk_tokens < 0:
+            raise PlanError(f"--loss-chunk-tokens must be >= 0 (0: off), got {args.loss_chunk_tokens}")
+        bounded_int(args.loss_chunk_tokens, "--loss-chunk-tokens", LIMITS["loss_chunk_tokens"], low=0)
     dtypes = {}
     for key in ("param_dtype", "grad_dtype", "state_dtype"):
         value = getattr(args, key)
@@ -878,29 +1097,45 @@ def build(args):
         overrides = parse_overrides(args.config)
     except ConfigError as e:
         raise PlanError(str(e)) from None
+    run_launch = {}
+    optimizer = args.optimizer
+    if "optimizer_name" in overrides:  # a run's own resolved config.json: plan that run
+        overrides, optimizer, run_launch = run_config_parts(overrides, args)
+    optimizer = optimizer or "mfsgd"
+    world = args.world
+    if world is None:
+        world = bounded_int(run_launch.get("world_size", 1), "the run config's launch.world_size", LIMITS["world"])
+    device = args.device or run_launch.get("device", "cuda")
+    choice(device, ("cuda", "cpu"), "device (--device or the run config's launch.device)")
+    distributed = args.distributed or run_launch.get("distributed", False) is True
     layered = split_overrides(overrides)
     opt_overrides = layered.get("optimizer", {})
     sections = {k: v for k, v in layered.items() if k != "optimizer"}
+    check_harness_model_sizes(sections.get("model"))
     if args.parallel is not None and not (args.hf_config or args.shapes):  # the harness config validates it
         sections = {**sections, "train": {**sections.get("train", {}), "parallel": args.parallel}}
-    if args.rank is not None and args.optimizer == "galore":
-        opt_overrides = {**opt_overrides, "group_params": {**opt_overrides.get("group_params", {}), "rank": args.rank}}
-    elif args.rank is not None and args.optimizer == "mfsgd":
+    if not isinstance(opt_overrides, dict):
+        raise PlanError(f"--config: optimizer must be a mapping of keys to values, got {_show(opt_overrides)}")
+    if args.rank is not None and optimizer == "galore":
+        group_params = opt_overrides.get("group_params", {})
+        opt_overrides = {**opt_overrides, "group_params": {**(group_params if isinstance(group_params, dict) else {}),
+                                                           "rank": args.rank}}
+    elif args.rank is not None and optimizer == "mfsgd":
         opt_overrides = {**opt_overrides, "rank": args.rank}
     if args.memory_mode is not None:
-        if args.optimizer != "mfsgd":
+        if optimizer != "mfsgd":
             raise PlanError("--memory-mode applies to --optimizer mfsgd")
         opt_overrides = {**opt_overrides, "memory_mode": args.memory_mode}
-    launch = {"nproc": args.world, "world_size": args.world, "device": args.device if args.device == "cpu" else "cuda",
-              "backend": "gloo" if args.device == "cpu" else "nccl", "distributed": args.distributed}
+    launch = {"nproc": world, "world_size": world, "device": device,
+              "backend": "gloo" if device == "cpu" else "nccl", "distributed": distributed}
     if sources and sections:
         raise PlanError(f"--config sections {', '.join(sorted(sections))} describe a harness model; with --hf-config or "
                         "--shapes give only optimizer keys")
     harness_cfg = None
     try:
         if sources:  # the optimizer's YAML and the optimizer keys alone (no harness model to check them against)
-            yaml_keys = load_yaml(os.path.join(CONFIG_DIR, "optimizers", f"{args.optimizer}.yaml"))
-            opt_cfg = build_dataclass(optimizer_config_class(args.optimizer), deep_merge(yaml_keys, opt_overrides),
+            yaml_keys = load_yaml(os.path.join(CONFIG_DIR, "optimizers", f"{optimizer}.yaml"))
+            opt_cfg = build_dataclass(optimizer_config_class(optimizer), deep_merge(yaml_keys, opt_overrides),
                                       "optimizer")
             try:
                 check_numbers(opt_cfg, "optimizer")
@@ -909,13 +1144,15 @@ def build(args):
                 raise ConfigError(str(e)) from None
             parallel = args.parallel or "ddp"
         else:
-            cfg = resolve_config(args.optimizer, {**sections, "optimizer": opt_overrides}, preset=args.preset,
+            cfg = resolve_config(optimizer, {**sections, "optimizer": opt_overrides}, preset=args.preset,
                                  name="plan", launch=launch)
             harness_cfg, opt_cfg = cfg, cfg.optimizer
             parallel = cfg.train.parallel
     except ConfigError as e:
         raise PlanError(str(e)) from None
-    primary = opt_choice(args.optimizer, opt_cfg)
+    primary = opt_choice(optimizer, opt_cfg)
+    if primary.rank is not None:
+        bounded_int(primary.rank, "the optimizer's rank", LIMITS["rank"])
     rank = primary.rank if primary.rank is not None else (args.rank or 32)
 
     if args.hf_config:
@@ -927,32 +1164,32 @@ def build(args):
         micro, seq = args.micro_batch or 1, args.seq_len or 1024
         autocast = "none"
     else:
+        fields = harness_cfg.model.resolved()
+        for key, limit in HARNESS_MODEL_LIMITS.items():
+            if isinstance(fields.get(key), int):
+                bounded_int(fields[key], f"model.{key}", LIMITS[limit], low=0 if key == "num_value_embeds" else 1)
         model = harness_model(harness_cfg)
-        micro = args.micro_batch or harness_cfg.train.micro_batch_size
-        seq = args.seq_len or harness_cfg.data.seq_len
+        micro = bounded_int(args.micro_batch or harness_cfg.train.micro_batch_size, "train.micro_batch_size",
+                            LIMITS["micro_batch"])
+        seq = bounded_int(args.seq_len or harness_cfg.data.seq_len, "data.seq_len", LIMITS["seq_len"])
+        bounded_int(model.loss_chunk_tokens, "model.loss_chunk_tokens", LIMITS["loss_chunk_tokens"], low=0)
         autocast = harness_cfg.train.autocast
     runtime = 0
-    if args.device == "cpu":
-        if args.runtime_mib == "auto":
-            runtime = measure_runtime_bytes()
-        else:
-            try:
-                runtime = int(float(args.runtime_mib) * 2**20)
-            except ValueError:
-                raise PlanError(f"--runtime-mib must be a number of MiB or auto, got {args.runtime_mib!r}") from None
-    setup = Setup(micro_batch=micro, seq_len=seq, parallel=parallel, world=args.world,
-                  distributed=args.distributed, param_dtype=dtypes["param_dtype"], grad_dtype=dtypes["grad_dtype"],
+    if device == "cpu":
+        runtime = measure_runtime_bytes() if args.runtime_mib == "auto" else runtime_bytes(args.runtime_mib)
+    setup = Setup(micro_batch=micro, seq_len=seq, parallel=parallel, world=world,
+                  distributed=distributed, param_dtype=dtypes["param_dtype"], grad_dtype=dtypes["grad_dtype"],
                   state_dtype=dtypes["state_dtype"], master_weights=args.master_weights,
                   checkpointing=args.checkpointing, loss_chunk_tokens=args.loss_chunk_tokens, attention=args.attention,
-                  device=args.device, autocast=autocast, runtime_bytes=runtime,
-                  allocator_bytes=CPU_ALLOCATOR_SLACK if args.device == "cpu" else 0)
+                  device=device, autocast=autocast, runtime_bytes=runtime,
+                  allocator_bytes=CPU_ALLOCATOR_SLACK if device == "cpu" else 0)
 
     compared = []
     for name in COMPARED:
-        if name == args.optimizer:
+        if name == optimizer:
             compared.append(primary if name != "mfsgd" else OptChoice(**{**primary.__dict__, "memory_mode": "full"}))
         elif name.startswith("mfsgd"):
-            mf = primary if args.optimizer == "mfsgd" else OptChoice("mfsgd", rank=rank)
+            mf = primary if optimizer == "mfsgd" else OptChoice("mfsgd", rank=rank)
             compared.append(OptChoice(**{**mf.__dict__, "memory_mode": "sketch" if name == "mfsgd-sketch" else "full"}))
         elif name == "galore":
             compared.append(OptChoice("galore", rank=rank))
@@ -985,6 +1222,13 @@ def setup_line(model: ModelDesc, setup: Setup) -> str:
             + (f", autocast {setup.autocast}" if setup.autocast != "none" else ""))
 
 
+def per_rank_text(per_rank: list) -> str:
+    """The sharded state per rank for the table: every rank's bytes up to 16 ranks, else the spread."""
+    if len(per_rank) <= 16:
+        return f"max over ranks {per_rank}"
+    return f"max over {len(per_rank):,} ranks (min {min(per_rank):,})"
+
+
 def render(model: ModelDesc, setup: Setup, primary: dict, rows: list[dict]) -> str:
     n = primary
     acts = n["notes"]["activations"]
@@ -1003,7 +1247,7 @@ def render(model: ModelDesc, setup: Setup, primary: dict, rows: list[dict]) -> s
         f"| gradients (at the step) | {n['grad_bytes']:,} | {fmt(n['grad_bytes'])} | the harness's grad_bytes |",
         f"| gradients (at their peak) | {n['grad_peak_bytes']:,} | {fmt(n['grad_peak_bytes'])} | {n['notes']['gradients']} |",
         f"| optimizer state, hidden matrices | {n['opt_state_bytes_hidden']:,} | {fmt(n['opt_state_bytes_hidden'])} | "
-        + (f"max over ranks {n['opt_state_bytes_hidden_per_rank']}" if n["opt_state_bytes_hidden_per_rank"] else
+        + (per_rank_text(n["opt_state_bytes_hidden_per_rank"]) if n["opt_state_bytes_hidden_per_rank"] else
            "docs/optimizers.md formulas") + " |",
         f"| optimizer state, the rest (AdamW) | {n['opt_state_bytes_other']:,} | {fmt(n['opt_state_bytes_other'])} | "
         "2 x numel x dtype + 4 per tensor |",

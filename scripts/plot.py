@@ -77,15 +77,15 @@ def mean_curve(runs: list[Run], y: str, x: str, band: str):
 
 
 def left_out_note(groups: list[Group], include_unfinished: bool, drawn: str = "dotted, ") -> str | None:
-    """The runs not in any mean, for a line under the figure."""
-    if include_unfinished:
-        return None
+    """The runs not in any mean, for a line under the figure (unreadable and edited runs are left
+    out even with include_unfinished)."""
     out = [f"{r.name} ({r.status} at step {r.steps_done}/{(r.config.get('train') or {}).get('steps')})"
-           for g in groups for r in g.runs if r.status != "finished"]
+           for g in groups for r in g.runs if r not in g.included(include_unfinished)]
     if not out:
         return None
     shown = out if len(out) <= 6 else out[:6] + [f"and {len(out) - 6} more"]
-    return f"{drawn}left out of the means (did not finish): " + ", ".join(shown)
+    why = "unreadable or edited" if include_unfinished else "did not finish"
+    return f"{drawn}left out of the means ({why}): " + ", ".join(shown)
 
 
 def _legend(fig, handles, labels, note: str | None):
@@ -256,6 +256,9 @@ def main(argv=None) -> int:
     if args.min_seeds < 0:
         print(f"error: --min-seeds must be >= 0, got {args.min_seeds}", file=sys.stderr)
         return 2
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out {args.out} is a file; give a folder for loss.png and ranks.png", file=sys.stderr)
+        return 2
     runs = find_runs_or_report(args.paths)
     if runs is None:
         return 2
@@ -264,9 +267,14 @@ def main(argv=None) -> int:
         print(f"error: no group has {args.min_seeds} or more finished seeds (--min-seeds {args.min_seeds})",
               file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
-    written = [plot_losses(groups, os.path.join(args.out, "loss.png"), args.band, args.include_unfinished),
-               plot_ranks(groups, os.path.join(args.out, "ranks.png"), args.include_unfinished)]
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        written = [plot_losses(groups, os.path.join(args.out, "loss.png"), args.band, args.include_unfinished),
+                   plot_ranks(groups, os.path.join(args.out, "ranks.png"), args.include_unfinished)]
+    except OSError as e:  # a folder on the way that is a file, a PNG path that is a folder, no permission
+        print(f"error: --out {args.out}: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        plt.close("all")
+        return 2
     for path in filter(None, written):
         print(f"wrote {path}")
     return 0

@@ -3,11 +3,15 @@ groups (runs whose configs differ only in train.seed).
 
     python -m scripts.results results/cpu-ranks     # one line per run: group, seed, status, steps, losses
 
+A run whose files cannot be read, or hold wrong types or absurd values (RULES), is listed with
+status "unreadable" after one warning line naming the file and key, and enters no statistic.
+
 Used by scripts/plot.py, scripts/summarize.py and scripts/sweep.py.
 """
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -53,6 +57,11 @@ class Run:
     def lr(self):
         return (self.config.get("optimizer") or {}).get("lr")
 
+    @property
+    def usable(self) -> bool:
+        """Whether the run may enter statistics at all (an unreadable or edited run never does)."""
+        return self.status not in UNUSABLE
+
     def series(self, y: str, x: str = "step") -> tuple[list, list]:
         rows = [m for m in self.metrics if y in m and x in m and m[y] is not None]
         return [m[x] for m in rows], [m[y] for m in rows]
@@ -64,11 +73,13 @@ class Run:
 
     @property
     def status(self) -> str:
-        """finished; stopped or failed (summary.json says so); running (a live launcher or its
-        workers hold the folder); unfinished (no summary, or one with fewer steps than the config)."""
+        """finished; stopped, failed or diverged (summary.json says so); edited (config.json changed
+        after the run) or unreadable (a file of wrong types or absurd values): both never in
+        statistics; running (a live launcher or its workers hold the folder); unfinished (no
+        summary, or one with fewer steps than the config)."""
         if self.finished:
             return "finished"
-        if self.summary is not None and self.summary.get("status") in ("stopped", "failed", "diverged", "edited"):
+        if self.summary is not None and self.summary.get("status") in ("stopped", "failed", "diverged") + UNUSABLE:
             return self.summary["status"]
         import runlock
 
@@ -94,9 +105,116 @@ class Run:
         return min(vals) if vals else None
 
 
+UNUSABLE = ("edited", "unreadable")  # statuses of runs that never enter statistics
+
+
 class RunReadError(FileNotFoundError):
     """A run file that cannot be read; one line naming it (a FileNotFoundError, so the scripts that
     report missing folders report it the same way)."""
+
+
+# What the reports read from a run's files, and what each value must be. A file that breaks a rule
+# (a string where a number belongs, a negative or astronomically large loss, a section that is no
+# mapping) makes its run "unreadable": listed with one warning line naming the file and the key, and
+# left out of every statistic, instead of a traceback or a wrong mean. The bounds are far beyond any
+# real run and keep the statistics' arithmetic finite.
+LOSS = ("a number in [0, 1e6]", lambda v: _real(v) and 0 <= v <= 1e6)
+AMOUNT = ("a number in [0, 1e18]", lambda v: _real(v) and 0 <= v <= 1e18)
+COUNT = ("an integer in [0, 2^62]", lambda v: _integer(v) and 0 <= v <= 2**62)
+RULES = {
+    "config.json": {
+        "name": ("a string", lambda v: isinstance(v, str)),
+        "optimizer_name": ("a string", lambda v: isinstance(v, str)),
+        "optimizer": ("a mapping", lambda v: isinstance(v, dict)),
+        "optimizer.lr": ("a number >= 0", lambda v: _real(v) and v >= 0),
+        "optimizer.rank": ("an integer >= 1 or null", lambda v: v is None or (_integer(v) and v >= 1)),
+        "optimizer.group_params": ("a mapping", lambda v: isinstance(v, dict)),
+        "optimizer.group_params.rank": ("an integer >= 1 or null", lambda v: v is None or (_integer(v) and v >= 1)),
+        "train": ("a mapping", lambda v: isinstance(v, dict)),
+        "train.steps": COUNT,
+        "train.seed": ("an integer or null", lambda v: v is None or _integer(v)),
+    },
+    "summary.json": {
+        "status": ("a string", lambda v: isinstance(v, str)),
+        "steps": COUNT,
+        "final_val_loss": LOSS,
+        "best_val_loss": LOSS,
+        "tokens_per_s": AMOUNT,
+        "peak_mem_bytes": AMOUNT,
+        "opt_state_bytes_hidden": AMOUNT,
+        "opt_state_bytes_other": AMOUNT,
+        "config_hash": ("a string", lambda v: isinstance(v, str)),
+    },
+    "metrics.jsonl": {
+        "step": COUNT,
+        "val_loss": LOSS,
+        "train_loss": LOSS,
+        "tokens": AMOUNT,
+        "elapsed_s": AMOUNT,
+        "step_ms": AMOUNT,
+        "comm_bytes": AMOUNT,
+    },
+}
+NULLABLE = {"summary.json", "metrics.jsonl"}  # null there means "not measured" (a run without validation)
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _lookup(data: dict, dotted: str):
+    """data's value at a dotted key, or KeyError (also where a section on the way is no mapping:
+    its own rule reports that)."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise KeyError(dotted)
+        data = data[part]
+    return data
+
+
+def _show_value(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def file_problem(file: str, data: dict, where: str = "") -> str | None:
+    """The first value of `data` (one of a run's files) that breaks RULES, as 'KEY must be ..., got
+    VALUE', or None."""
+    for key, (what, holds) in RULES[file].items():
+        try:
+            value = _lookup(data, key)
+        except KeyError:
+            continue
+        if value is None and file in NULLABLE:
+            continue
+        if not holds(value):
+            return f"{where}{key} must be {what}, got {_show_value(value)}"
+    return None
+
+
+def run_problem(path: str, config: dict, summary: dict | None, metrics: list[dict]) -> str | None:
+    """Why the reports cannot use this run's files (one line naming the file and key), or None."""
+    problem = file_problem("config.json", config)
+    if problem:
+        return f"{os.path.join(path, 'config.json')}: {problem}"
+    if summary is not None:
+        problem = file_problem("summary.json", summary)
+        if problem:
+            return f"{os.path.join(path, 'summary.json')}: {problem}"
+    for row in metrics:
+        if "step" not in row:
+            return f"{os.path.join(path, 'metrics.jsonl')}: a record without a step"
+        problem = file_problem("metrics.jsonl", row, f"the record of step {_show_value(row['step'])}: ")
+        if problem:
+            return f"{os.path.join(path, 'metrics.jsonl')}: {problem}"
+    return None
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -129,18 +247,33 @@ def _read_json(path: str):
 
 
 def load_run(path: str) -> Run:
-    config = _read_json(os.path.join(path, "config.json"))
-    if config is None:
+    """A run folder's files. A file that cannot be read, or holds values the reports cannot use,
+    gives an "unreadable" run (one warning line naming the file and key), never an exception."""
+    if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not a run folder (no config.json)")
-    summary = _read_json(os.path.join(path, "summary.json"))
+    files = {}
+    problem = None
+    for name in ("config.json", "summary.json", "env.json"):
+        try:
+            files[name] = _read_json(os.path.join(path, name))
+        except RunReadError as e:
+            files[name], problem = None, problem or str(e)
+    config, summary = files["config.json"] or {}, files["summary.json"]
+    metrics = read_jsonl(os.path.join(path, "metrics.jsonl"))
+    problem = problem or run_problem(path, config, summary, metrics)
+    if problem:
+        print(f"warning: {problem}: the run is listed as unreadable and left out", file=sys.stderr)
+        if file_problem("config.json", config) is not None:  # keep only what names the run
+            config = {k: config[k] for k in ("name", "optimizer_name") if isinstance(config.get(k), str)}
+        if any(file_problem("metrics.jsonl", row) is not None or "step" not in row for row in metrics):
+            metrics = []
+        return Run(path=path, config=config, metrics=metrics, summary={"status": "unreadable"},
+                   env=files["env.json"] or {})
     if isinstance(summary, dict) and isinstance(summary.get("config_hash"), str) and not made_with(config, summary):
-        import sys
-
         print(f"warning: {path}/config.json was edited after the run finished (it no longer hashes to summary.json's "
               "config_hash): the run is left out", file=sys.stderr)
         summary = {**summary, "status": "edited"}
-    return Run(path=path, config=config, metrics=read_jsonl(os.path.join(path, "metrics.jsonl")), summary=summary,
-               env=_read_json(os.path.join(path, "env.json")) or {})
+    return Run(path=path, config=config, metrics=metrics, summary=summary, env=files["env.json"] or {})
 
 
 def made_with(config: dict, summary: dict) -> bool:
@@ -160,9 +293,15 @@ def find_runs(paths: list[str]) -> list[Run]:
         if os.path.exists(os.path.join(path, "config.json")):
             runs.append(load_run(path))
         elif os.path.isdir(path):
-            for entry in sorted(os.listdir(path)):
+            try:
+                entries = sorted(os.listdir(path))
+            except OSError as e:
+                raise RunReadError(f"cannot list {path}: {e.strerror or e}") from None
+            for entry in entries:
                 if os.path.exists(os.path.join(path, entry, "config.json")):
                     runs.append(load_run(os.path.join(path, entry)))
+        elif os.path.exists(path):
+            raise FileNotFoundError(f"{path} is a file, not a results folder (a run folder or a folder of runs)")
         else:
             raise FileNotFoundError(f"no such results folder: {path}")
     return runs
@@ -242,8 +381,8 @@ class Group:
 
     def included(self, include_unfinished: bool = False) -> list[Run]:
         """The runs that enter the group's statistics: finished ones, or (on request) every run
-        that logged a value."""
-        return [r for r in self.runs if r.status == "finished" or include_unfinished]
+        that logged a value, but never an unreadable or edited one."""
+        return [r for r in self.runs if r.status == "finished" or (include_unfinished and r.usable)]
 
     def per_seed(self, metric: str, include_unfinished: bool = False) -> dict:
         """seed -> the metric (final_val_loss, best_val_loss) of the included runs; two runs of one
@@ -304,8 +443,8 @@ def select_groups(runs: list[Run], min_seeds: int = 0, include_unfinished: bool 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description="List the runs under results folders, one line each: the group they belong to (runs whose "
-                    "configs differ only in train.seed), seed, status (finished, stopped, failed, running, "
-                    "unfinished), steps done of the configured steps, final and best val loss. "
+                    "configs differ only in train.seed), seed, status (finished, stopped, failed, diverged, running, "
+                    "unfinished, edited, unreadable), steps done of the configured steps, final and best val loss. "
                     "scripts/summarize.py aggregates the groups; scripts/plot.py draws them.")
     p.add_argument("paths", nargs="+", help="run folders, or folders of runs (a sweep's results folder)")
     args = p.parse_args(argv)

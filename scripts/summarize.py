@@ -4,7 +4,9 @@ differences against a baseline, and one row per run (losses, speed, memory, stat
 A group is the runs whose configs differ only in train.seed (scripts/results.py group_runs). Only
 finished runs enter a group's statistics; stopped, failed, running and unfinished runs are listed
 with their status and left out unless --include-unfinished (then the last val loss they logged
-counts). The CI is mean +- t(0.975, n-1) std / sqrt(n) over the group's seeds.
+counts). Unreadable runs (a file that cannot be read, or holds wrong types or absurd values: one
+warning line names the file and key) and edited ones (config.json changed after the run) are
+listed and always left out. The CI is mean +- t(0.975, n-1) std / sqrt(n) over the group's seeds.
 
 Paired differences (--baseline NAME: a group name, or an optimizer with exactly one group) pair
 runs by seed, since a seed fixes the init and the data order: per shared seed, candidate minus
@@ -33,7 +35,7 @@ import sys
 if not __package__:  # python scripts/NAME.py: this checkout's modules first, not another install's
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.results import Group, Run, find_runs_or_report, select_groups
+from scripts.results import UNUSABLE, Group, Run, find_runs_or_report, select_groups
 from scripts.stats import estimate, paired_difference
 
 RUN_COLUMNS = ["run", "group", "optimizer", "rank", "lr", "seed", "status", "steps", "final_val_loss", "best_val_loss",
@@ -73,7 +75,7 @@ def summarize_run(run: Run, group: str | None = None) -> dict:
         "steps": run.steps_done,
         "final_val_loss": final,
         "best_val_loss": run.best_val_loss,
-        "final_val_ppl": math.exp(final) if final is not None else None,
+        "final_val_ppl": perplexity(final),
         "tokens_per_s": s.get("tokens_per_s"),  # whole run, first steps (and any compile) included
         # tokens/s at the median step time: the steady speed, without warm-up or compile
         "steady_tokens_per_s": tokens_per_step / (median_ms / 1000) if tokens_per_step and median_ms else None,
@@ -86,18 +88,40 @@ def summarize_run(run: Run, group: str | None = None) -> dict:
     }
 
 
+def perplexity(loss) -> float | None:
+    """exp(loss); inf where that overflows a float (a loss above ~709, a diverging run)."""
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 709 else math.inf
+
+
+def write_output(path: str, text: str) -> str | None:
+    """Writes --out; returns a one-line problem (a folder, a missing folder, no permission) or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"--out {path} is a folder; give a file path (e.g. {os.path.join(path, 'summary.md')})"
+    if not os.path.isdir(folder):
+        return f"--out {path}: the folder {folder} does not exist"
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        return f"--out {path}: cannot write: {e.strerror or e}"
+    return None
+
+
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
 def status_text(group: Group, include_unfinished: bool) -> str:
-    """'3 finished', or '2 finished, 1 stopped (left out)'."""
+    """'3 finished', or '2 finished, 1 stopped (left out)' (unreadable and edited runs: always)."""
     counts: dict[str, int] = {}
     for run in group.runs:
         counts[run.status] = counts.get(run.status, 0) + 1
     parts = [f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: kv[0] != "finished")]
-    left_out = any(s != "finished" for s in counts) and not include_unfinished
+    left_out = any(s != "finished" and (s in UNUSABLE or not include_unfinished) for s in counts)
     return ", ".join(parts) + (" (left out)" if left_out else "")
 
 
@@ -319,8 +343,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        problem = write_output(args.out, text)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     else:
         sys.stdout.write(text)
     return 0

@@ -236,8 +236,8 @@ def test_rank_deficient_gradient_falls_back_and_stays_exact(method):
 
 
 def test_batched_update_with_mixed_paths_matches_per_matrix_dense():
-    # One batch where some entries take the fast path and others (zero or rank-1 gradients) must
-    # fall back: every entry must still equal its own dense truncated SVD.
+    # One batch where some entries take the fast path, a zero gradient the no-new-direction path
+    # and a rank-1 gradient the fallback: every entry must still equal its own dense truncated SVD.
     m, n, r, beta = 30, 20, 3, 0.9
     g = gen(53)
     grads = [
@@ -250,7 +250,7 @@ def test_batched_update_with_mixed_paths_matches_per_matrix_dense():
     U, S, V = (torch.stack([f[k] for f in factors]) for k in range(3))
     sketches = [torch.stack(t) for t in zip(*(gradient_sketches(G, *f[::2]) for G, f in zip(grads, factors)))]
     U_new, S_new, V_new, fast = _update_momentum_factors_impl(U, S, V, *sketches, beta, "sum", "auto")
-    assert fast.tolist() == [True, False, True, False]
+    assert fast.tolist() == [True, True, True, False]  # the zero gradient: _umf_within_bases, no fallback
     err = 0.0
     for i, (G, (U0, S0, V0)) in enumerate(zip(grads, factors)):
         expected = product(*dense_svd_r(beta * product(U0, S0, V0) + dense_tangent(G, U0, V0), r))
@@ -662,3 +662,100 @@ def test_pack_and_unpack_flat_buffers():
     copy_from_flat(flat, targets)
     assert all(torch.equal(a, b) for a, b in zip(targets, tensors))
     assert pack_flat([], length=3, dtype=torch.float64, device="cpu").tolist() == [0.0, 0.0, 0.0]
+
+
+def _no_new_direction_gradients(m, n, U, V, g):
+    """Gradients whose new directions W_u = G V - U C, W_v = G^T U - V C^T vanish on one side or
+    both: name -> (G, the path _update_momentum_factors_impl takes for it)."""
+    P_U, P_V = U @ U.T, V @ V.T
+    A = torch.randn(m, n, generator=g, dtype=F64)
+    r = U.shape[1]
+    return {
+        # the UMF sees only the sketches: a gradient exactly orthogonal to the factors has zero
+        # sketches, which is this case
+        "zero": (torch.zeros(m, n, dtype=F64), "both"),
+        # orthogonal up to rounding: G V and G^T U are rounding noise of G's size, full-rank, so
+        # the Cholesky path takes them (exact to that rounding)
+        "numerically orthogonal to the factors": ((A - P_U @ A) - (A - P_U @ A) @ P_V, "fast"),
+        "inside their span": (U @ torch.randn(r, r, generator=g, dtype=F64) @ V.T, "both"),
+        "rows in span(U)": (P_U @ A, "u"),  # W_u = 0, W_v of rank r
+        "columns in span(V)": (torch.randn(m, n, generator=g, dtype=F64) @ P_V, "v"),  # W_v = 0, W_u of rank r
+        "generic": (decaying_matrix(m, n, g), "fast"),
+        "rows in span(U), rank 1": (U[:, :1] @ torch.randn(1, n, generator=g, dtype=F64), "fallback"),  # W_v rank 1
+    }
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_gradients_without_new_directions_take_an_exact_cheap_path(dtype, monkeypatch):
+    """A zero gradient, one inside the factors' span, or one that adds new directions on one side
+    only: beta M + G_hat has rank <= r and its SVD comes from an r x r, r x 2r or 2r x r problem
+    (_umf_within_bases), not the per-matrix Householder fallback (which the speedrun's zero head and
+    projections sent every hidden matrix to at step 1). Each entry of one batch equals its dense
+    fp64 rank-r truncation; a one-sided rank-1 gradient still falls back."""
+    import mofasgd.optimizer as impl
+
+    m, n, r, beta = 30, 20, 3, 0.9
+    g = gen(71)
+    U0, S0, V0 = dense_svd_r(decaying_matrix(m, n, g, scale=2.0), r)
+    cases = _no_new_direction_gradients(m, n, U0, V0, g)
+    grads = [G for G, _ in cases.values()]
+    U, S, V = (t.expand(len(grads), *t.shape).to(dtype) for t in (U0, S0, V0))
+    sketches = [torch.stack(t).to(dtype) for t in zip(*(gradient_sketches(G, U0, V0) for G in grads))]
+    paths = ["fast"] * len(grads)
+    real_within, real_householder = impl._umf_within_bases, impl._umf_householder
+
+    def took(C, path):  # the entry is known by its C = U^T G V, distinct per case
+        paths[next(i for i, c in enumerate(sketches[2]) if torch.equal(c, C))] = path
+
+    def within(U, S, V, C, beta, side, Q=None, R=None):
+        for c in C:
+            took(c, side)
+        return real_within(U, S, V, C, beta, side, Q, R)
+
+    def householder(U, S, V, GV, GtU, C, beta):
+        took(C, "fallback")
+        return real_householder(U, S, V, GV, GtU, C, beta)
+
+    monkeypatch.setattr(impl, "_umf_within_bases", within)
+    monkeypatch.setattr(impl, "_umf_householder", householder)
+    U_new, S_new, V_new, fast = _update_momentum_factors_impl(U, S, V, *sketches, beta, "sum", "auto")
+    assert paths == [path for _, path in cases.values()]
+    assert fast.tolist() == [path != "fallback" for path in paths]
+    M = product(U0, S0, V0)
+    tolerance = TOL if dtype == F64 else 1e-5
+    for i, (name, (G, _)) in enumerate(cases.items()):
+        expected = product(*dense_svd_r(beta * M + dense_tangent(G, U0, V0), r))
+        got = product(U_new[i].double(), S_new[i].double(), V_new[i].double())
+        assert max_abs(got - expected) / max_abs(expected) < tolerance, name
+        eye = torch.eye(r, dtype=dtype)
+        for Q in (U_new[i], V_new[i]):
+            assert max_abs(Q.T @ Q - eye) < 10 * tolerance, name
+        assert bool((S_new[i][:-1] >= S_new[i][1:]).all()), name
+    # zero momentum and zero gradient (a zero-initialised matrix at its first step): all ties at 0
+    zero = [torch.zeros(1, *t.shape[1:], dtype=dtype) for t in (S, *sketches)]
+    U1, S1, V1, fast = _update_momentum_factors_impl(U[:1], zero[0], V[:1], *zero[1:], beta, "sum", "cholesky")
+    assert bool(fast[0]) and not S1.any() and max_abs(U1[0].T @ U1[0] - torch.eye(r, dtype=dtype)) < 1e-6
+
+
+@pytest.mark.parametrize("memory_mode", ["full", "sketch"])
+def test_init_state_before_the_first_backward_changes_nothing(memory_mode):
+    """init_state_() (what the worker calls before the first backward of a sketch-mode FSDP2 run, so
+    no row-sharded matrix is initialised inside FSDP's reduce-scatter hook) makes the factors the
+    first step would make: the same weights and state after two steps, bit for bit."""
+    from mofasgd import MoFaSGD
+
+    results = []
+    for eager in (False, True):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(12, 9, bias=False).double()
+        opt = MoFaSGD([layer.weight], lr=0.1, rank=3, memory_mode=memory_mode)
+        if eager:
+            opt.init_state_()
+            assert set(opt.state[layer.weight]) == {"U", "S", "V", "step"}
+        for step in range(2):
+            layer(torch.randn(4, 12, dtype=torch.float64)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append((layer.weight.detach().clone(), {k: v.clone() for k, v in opt.state[layer.weight].items()}))
+    (w0, s0), (w1, s1) = results
+    assert torch.equal(w0, w1) and all(torch.equal(s0[k], s1[k]) for k in s0)
