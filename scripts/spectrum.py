@@ -114,18 +114,23 @@ def plot_energy(runs: dict, step: int | None, out: str) -> bool:
     if not kinds:
         return False
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), squeeze=False, sharey=True)
+    drawn = []
     for ax, kind in zip(axes[0], kinds):
         for name, lines in runs.items():
             line = line_at(lines, step)
             shares = [energy_shares(m) for n, m in line["matrices"].items() if layer_type(n) == kind and energy_shares(m)]
             if shares:
-                ax.plot([int(k) for k in NUMERIC_KS], [mean(s.get(k) for s in shares) for k in NUMERIC_KS], marker="o",
-                        label=f"{name} (step {line['step']})")
+                ys = [mean(s.get(k) for s in shares) for k in NUMERIC_KS]
+                drawn += [y for y in ys if math.isfinite(y)]
+                ax.plot([int(k) for k in NUMERIC_KS], ys, marker="o", label=f"{name} (step {line['step']})")
         ax.set_title(kind)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("top k singular values")
-        ax.set_ylim(0, 1.02)
-    axes[0][0].set_ylabel("share of the momentum's energy")
+    # the limits follow the data drawn; a zoom is said on the axis, not left to be misread
+    low = min(drawn, default=0.0)
+    bottom = max(0.0, low - 0.1 * (1.0 - low) - 0.01)
+    axes[0][0].set_ylim(bottom, 1.0 + 0.05 * (1.0 - bottom))
+    axes[0][0].set_ylabel("energy share" + (f" (axis from {bottom:.2f})" if bottom > 0 else ""))
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle("momentum energy in the top k (AdamW/Muon momentum, MoFaSGD shadow); mean over each type's matrices",
                  fontsize=9)
