@@ -21,7 +21,7 @@ a manifest is unfinished (or written before manifests existed) and is not resume
 size or checksum differs is corrupt; a run whose config.json no longer hashes to the manifest's is
 refused with the changed keys. CRC-32 (zlib, ~7 GB/s) rather than a cryptographic hash: it finds
 changed, truncated and swapped bytes; it is not meant to resist deliberate forgery, and sha256 (~2 GB/s
-here) would slow a GPT-2-small checkpoint write by ~20% (docs/benchmarks.md, "Checkpoint checksums").
+here) would add ~30% to a GPT-2-small checkpoint write (docs/benchmarks.md, "Checkpoint checksums").
 """
 
 import glob
@@ -198,7 +198,7 @@ def older_checkpoint_hint(checkpoint: str) -> str:
     return "; no older checkpoint exists: --overwrite starts the run again"
 
 
-def embedded_config_problem(state: dict, path: str, config: dict) -> str | None:
+def embedded_config_problem(state: dict, config: dict) -> str | None:
     """The config hash a checkpoint file (or a DCP folder's meta.pt) holds itself, inside its
     checksummed bytes, against `config`'s: a manifest that agrees with config.json but not with the
     file (copied from another checkpoint, or edited) cannot pass a foreign state to the optimizers."""
@@ -411,7 +411,7 @@ def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = Fal
         state = _load_sharded_checkpoint(path, model, optimizers, config)
     else:
         state = _read(path, path)
-        problem = checkpoint_problem(state, path, model) or embedded_config_problem(state, path, config)
+        problem = checkpoint_problem(state, path, model) or embedded_config_problem(state, config)
         if problem:
             raise RunFailed(f"checkpoint {path} is unusable: {problem}")
         model.load_state_dict(state["model"])
@@ -442,7 +442,7 @@ def _load_sharded_checkpoint(path: str, model, optimizers, config: dict) -> dict
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     meta = _read(os.path.join(path, META_NAME), path)
-    problem = meta_problem(meta, path) or embedded_config_problem(meta, path, config)
+    problem = meta_problem(meta, path) or embedded_config_problem(meta, config)
     if problem:
         raise RunFailed(f"checkpoint {path} is unusable: {problem}")
     # the state of this run's model and optimizers as templates: DCP fills them in place (an

@@ -336,17 +336,17 @@ def prepare_run(args) -> tuple[list[str], str | None, int | None]:
             check_packages(cfg)
             check_memory(cfg)
             step = newest_checkpoint_step(run_dir)
-            relaunch = cfg.to_dict()["launch"] != saved_launch
+            launch_section = cfg.to_dict()["launch"]  # as config.json holds it
             if args.dry_run:
                 print(f"# resumes {resume_name} " + (f"from its checkpoint of step {step}" if step is not None else
                                                       "from step 0 (it has no checkpoint)")
                       + (f" on {launch['world_size']} workers (it ran on {saved_world}: the distributed checkpoint is "
                          "resharded)" if saved_world not in (None, launch["world_size"]) else ""))
                 return dry_run(cfg, torchrun_command(args, launch, run_dir, resume=True))
-            if relaunch:  # the workers read the launch from config.json; what the run computes is unchanged
+            if launch_section != saved_launch:  # the workers read it there; what the run computes is unchanged
                 write_config(run_dir, cfg)
             if args.node_rank == 0:
-                record_launch(run_dir, cfg.to_dict()["launch"], step if step is not None else 0)
+                record_launch(run_dir, launch_section, step if step is not None else 0)
             if summary is not None or os.path.lexists(os.path.join(run_dir, "summary.json")):
                 os.remove(os.path.join(run_dir, "summary.json"))  # a stale "stopped"/"failed": this launch writes its own
         except BaseException:

@@ -33,6 +33,9 @@ import os
 
 import torch
 
+from fileio import append_json_line
+from mofasgd import MoFaSGD
+
 TOP_KS = (8, 16, 32, 64)
 
 
@@ -85,15 +88,6 @@ def momentum_scale(momentum: str, beta: float) -> float:
     return 1.0 if momentum == "sum" else 1.0 - beta
 
 
-def initial_momentum(p: torch.Tensor, rank: int, init: str, dtype) -> torch.Tensor:
-    """M_0 as MoFaSGD initialises its factors (weight_svd: the rank-r truncated SVD of the weight;
-    zero: 0), for the shadow."""
-    if init == "zero":
-        return torch.zeros(p.shape, dtype=dtype, device=p.device)
-    U, S, Vh = torch.linalg.svd(p.detach().to(dtype), full_matrices=False)
-    return (U[:, :rank] * S[:rank]) @ Vh[:rank]
-
-
 # ---------------------------------------------------------------------------------------------
 # The monitor the worker calls around the optimizer step
 
@@ -105,7 +99,7 @@ class SpectrumMonitor:
     def __init__(self, named_hidden: list, optimizer, every: int, shadow: bool, path: str | None):
         self.named = named_hidden  # [(name, parameter)]
         self.optimizer, self.every, self.shadow, self.path = optimizer, every, shadow, path
-        self.kind = "factors" if _is_mofasgd(optimizer) else "momentum"
+        self.kind = "factors" if isinstance(optimizer, MoFaSGD) else "momentum"
         self.shadows: dict = {}  # parameter -> M_full
         self.before: dict = {}  # parameter -> what the step starts from (on logged steps)
 
@@ -127,10 +121,10 @@ class SpectrumMonitor:
                 continue
             group = _group_of(self.optimizer, p)
             state = self.optimizer.state[p]
-            if self.shadow and p not in self.shadows:  # the factors' M_0, or their momentum on a resume
-                rank = min(group["rank"], *p.shape)
-                self.shadows[p] = (_factor_momentum(state) if state else
-                                   initial_momentum(p, rank, group["init"], _factor_dtype(p)))
+            if self.shadow and p not in self.shadows:
+                # the factors' momentum (a resume), or the M_0 the optimizer's own init rule gives
+                # them (weight_svd: the weight's rank-r truncated SVD; zero: 0) before its first step
+                self.shadows[p] = _factor_momentum(state or self.optimizer._initial_state(p, group))
             self.before[p] = {"beta": group["beta"], "momentum": group["momentum"], "G": p.grad,
                               **({k: state[k].clone() for k in ("U", "S", "V")} if state and self.due(step) else {})}
 
@@ -149,8 +143,6 @@ class SpectrumMonitor:
         line = {"step": step + 1, "matrices": {k: v for k, v in matrices.items() if v},
                 "shadow_bytes": self.shadow_bytes}
         if self.path is not None:
-            from fileio import append_json_line
-
             append_json_line(self.path, line)
         return line
 
@@ -198,18 +190,8 @@ def keep_lines_up_to(path: str, step: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
-def _is_mofasgd(optimizer) -> bool:
-    return any("rank" in g and "eta1" in g for g in optimizer.param_groups)
-
-
 def _group_of(optimizer, p) -> dict:
     return next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-
-
-def _factor_dtype(p) -> torch.dtype:
-    from mofasgd.optimizer import factor_dtype
-
-    return factor_dtype(p.dtype)
 
 
 def _factor_momentum(state: dict) -> torch.Tensor:
