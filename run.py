@@ -30,14 +30,14 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-import runlock  # noqa: E402
+from worker import runlock  # noqa: E402
 from configs import NAME as RUN_NAME  # noqa: E402
 from configs import (ConfigError, RunConfig, partial_nested_overrides, read_json_file, resolve_config,  # noqa: E402
                      resolve_path)
 from data.shards import ShardError, find_shards, open_shard, read_header  # noqa: E402
-from fileio import write_json  # noqa: E402
-from outcome import EXIT_FAILED, EXIT_STOPPED, FAILED_STATUSES  # noqa: E402
-from runlock import RunLockError  # noqa: E402
+from worker.fileio import write_json  # noqa: E402
+from worker.outcome import EXIT_FAILED, EXIT_STOPPED, FAILED_STATUSES  # noqa: E402
+from worker.runlock import RunLockError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SWEEP_ENV = "MOFA_SWEEP"  # set by scripts/sweep.py: the sweep says how to resume, not run.py
@@ -452,7 +452,7 @@ def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
     line naming the checkpoint and the older one to fall back to."""
     import torch
 
-    from checkpoint import (checkpoint_problem, config_problem, integrity_problem, is_sharded_checkpoint,
+    from worker.checkpoint import (checkpoint_problem, config_problem, integrity_problem, is_sharded_checkpoint,
                             list_checkpoints, older_checkpoint_hint, sharded_checkpoint_problem)
     from model import create_model
 
@@ -483,7 +483,7 @@ def check_newest_checkpoint(run_dir: str, cfg: RunConfig | None = None) -> None:
 
 
 def newest_checkpoint_step(run_dir: str) -> int | None:
-    from checkpoint import checkpoint_step, list_checkpoints
+    from worker.checkpoint import checkpoint_step, list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     return checkpoint_step(checkpoints[-1]) if checkpoints else None
@@ -492,7 +492,7 @@ def newest_checkpoint_step(run_dir: str) -> int | None:
 def record_launch(run_dir: str, launch: dict, resumed_at: int | None) -> None:
     """One line per launch of the run in RUN/launches.jsonl: when, on what, from which step (an FSDP
     run may resume on another number of ranks; config.json's launch section is the latest one)."""
-    from fileio import append_json_line
+    from worker.fileio import append_json_line
 
     try:
         append_json_line(os.path.join(run_dir, "launches.jsonl"),
@@ -536,7 +536,7 @@ def claim_run_dir(run_dir: str, args, cfg: RunConfig) -> int:
     fd = runlock.claim(run_dir)  # the folder is ours from here on: what is checked stays true
     try:
         if args.restart_broken and not args.overwrite:
-            from checkpoint import list_checkpoints
+            from worker.checkpoint import list_checkpoints
 
             summary = read_summary(run_dir)
             if summary is not None and summary.get("status") == "finished":

@@ -8,10 +8,12 @@ checkpoints/. Only rank 0 writes files and logs; every rank computes.
 
 train() is the loop; below it, in the order it calls them: set_up() (the `Run`: model, optimizers,
 data, parallelism, restored from the newest checkpoint on a resume), open_log(), train_step(),
-validate(), write_checkpoint() and finish(). The rest lives in modules of its own: checkpoint.py
-(checkpoint files), metrics.py (metrics.jsonl, the summary, the step clock, env.json), memory.py
-(memory accounting), parallel.py (process group, DDP, gradient averaging), optimizers
-(RunOptimizers: the two optimizers and their schedules) and outcome.py (exit codes).
+validate(), write_checkpoint() and finish(). The rest lives in the worker/ package:
+worker/checkpoint.py (checkpoint files and their manifests), worker/metrics.py (metrics.jsonl, the
+summary, the step clock, env.json), worker/memory.py (memory accounting), worker/parallel.py
+(process group, DDP or FSDP2, gradient averaging), worker/spectrum.py (spectral diagnostics) and
+worker/outcome.py (exit codes); optimizers/ holds RunOptimizers (the two optimizers and their
+schedules).
 """
 
 import argparse
@@ -29,19 +31,19 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import agreed_resume_checkpoint, load_checkpoint, save_checkpoint
+from worker.checkpoint import agreed_resume_checkpoint, load_checkpoint, save_checkpoint
 from configs import RunConfig, config_hash, resolve_path
 from data.loader import StreamLoader, TokenLoader, val_sequences
 from data.shards import find_shards
-from fileio import write_json
+from worker.fileio import write_json
 from mofasgd.optimizer import local_part
-from memory import current_memory_bytes, memory_parts, peak_memory_bytes, peak_memory_record, reset_peak_memory
-from metrics import MetricsLog, RunLog, StepClock, environment_info, start_wandb
+from worker.memory import current_memory_bytes, memory_parts, peak_memory_bytes, peak_memory_record, reset_peak_memory
+from worker.metrics import MetricsLog, RunLog, StepClock, environment_info, start_wandb
 from model import create_model, window_blocks_at
 from optimizers import RunOptimizers, split_parameters, state_bytes
-from outcome import (DISK_ERRNOS, EXIT_FAILED, RunFailed, collective_failure, exit_process, launched_by_run_py,
+from worker.outcome import (DISK_ERRNOS, EXIT_FAILED, RunFailed, collective_failure, exit_process, launched_by_run_py,
                      write_summary_quietly)
-from parallel import (GradientExchange, all_reduce_sum, setup_distributed, shard_model, shutdown_distributed,
+from worker.parallel import (GradientExchange, all_reduce_sum, setup_distributed, shard_model, shutdown_distributed,
                       wrap_data_parallel)
 
 # SIGTERM/SIGINT received (from the worker's start, see __main__): the run stops after the step
@@ -156,7 +158,7 @@ def spectrum_monitor(cfg: RunConfig, run_dir: str, named_hidden, hidden_optimize
     resume keeps the lines up to the checkpoint (and the shadow restarts from the factors)."""
     if not cfg.logging.spectrum_every or rank != 0:
         return None
-    from spectrum import SpectrumMonitor, keep_lines_up_to
+    from worker.spectrum import SpectrumMonitor, keep_lines_up_to
 
     path = os.path.join(run_dir, "spectrum.jsonl")
     if start_step:
@@ -519,7 +521,7 @@ def main():
     parser.add_argument("--run-dir", required=True, help="results/RUN holding config.json")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
     args = parser.parse_args()
-    import runlock
+    from worker import runlock
 
     runlock.worker_dies_with_launcher()  # no trainer outlives its launcher
     runlock.hold_as_worker(args.run_dir, int(os.environ.get(runlock.NODE_RANK_ENV, "0")))  # kept until this process dies

@@ -218,7 +218,7 @@ class LoggingConfig:
     wandb_project: str = "mofa"
     progress: bool = True  # tqdm progress bar on rank 0
     # every this many steps, rank 0 appends the hidden matrices' spectral diagnostics to
-    # RUN/spectrum.jsonl (spectrum.py); 0: off, no extra work or memory
+    # RUN/spectrum.jsonl (worker/spectrum.py); 0: off, no extra work or memory
     spectrum_every: int = 0
     # MoFaSGD: a full-rank momentum kept beside the factors, to log how far the factors are from it
     # (an m x n matrix per hidden matrix, reported as spectrum_shadow_bytes)

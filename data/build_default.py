@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from data.shards import ShardError, read_header, write_shard
-from fileio import write_json
+from worker.fileio import write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "data", "shakespeare")

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from fileio import write_atomic
+from worker.fileio import write_atomic
 
 MAGIC = 20240520
 VERSION = 1

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from mofasgd.optimizer import (
+from mofasgd.factors import (
     _cholesky_qr2,
     _cholesky_tolerance,
     _umf_householder,

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from checkpoint import integrity_problem, save_checkpoint
-    from fileio import write_atomic
+    from worker.checkpoint import integrity_problem, save_checkpoint
+    from worker.fileio import write_atomic
 
     model, optimizers, config = build(args.model, args.optimizer)
     os.makedirs(args.dir, exist_ok=True)

@@ -32,7 +32,7 @@ MODELS = {
 def measure(name: str, chunk: int, steps: int, seq_len: int | None = None) -> dict:
     import torch
 
-    from memory import current_memory_bytes, peak_memory_bytes, reset_peak_memory
+    from worker.memory import current_memory_bytes, peak_memory_bytes, reset_peak_memory
     from model import PRESETS, create_model
 
     arch, fields, batch, seq = MODELS[name]

@@ -33,7 +33,7 @@ def measure(variant: str, model_preset: str, seq_len: int, rank: int, device: st
     import torch
 
     from configs import resolve_config
-    from memory import memory_parts, peak_memory_bytes
+    from worker.memory import memory_parts, peak_memory_bytes
     from model import create_model
     from optimizers import build_optimizers, split_parameters
 

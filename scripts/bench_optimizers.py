@@ -22,7 +22,7 @@ import time
 import torch
 
 from mofasgd import MoFaSGD, spectral_scales
-from mofasgd.optimizer import _umf_householder, factor_dtype
+from mofasgd.factors import _umf_householder, factor_dtype
 from optimizers import OPTIMIZERS, state_bytes
 
 GPT2_SMALL_SHAPES = "768x768,768x2304,768x3072,3072x768"

@@ -26,7 +26,7 @@ import torch
 from configs import deep_merge, parse_overrides, resolve_config, resolve_path
 from data.loader import TokenLoader
 from data.shards import find_shards
-from fileio import write_json
+from worker.fileio import write_json
 from model import create_model
 from optimizers import build_optimizers
 from scripts.results import read_jsonl

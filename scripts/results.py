@@ -81,7 +81,7 @@ class Run:
             return "finished"
         if self.summary is not None and self.summary.get("status") in ("stopped", "failed", "diverged") + UNUSABLE:
             return self.summary["status"]
-        import runlock
+        from worker import runlock
 
         return "running" if runlock.holder(self.path) else "unfinished"
 

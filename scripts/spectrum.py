@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     written = [f for f, made in (("energy.png", plot_energy(runs, args.step, args.out)),
                                  ("tangent.png", plot_tangent(runs, args.out)), ("drift.png", plot_drift(runs, args.out)))
                if made]
-    from fileio import write_text_atomic
+    from worker.fileio import write_text_atomic
 
     write_text_atomic(os.path.join(args.out, "spectrum.md"), table(runs, args.step))
     print(f"{len(runs)} run(s): wrote {', '.join(written + ['spectrum.md'])} to {args.out}", file=sys.stderr)

@@ -96,10 +96,10 @@ if not __package__ and sys.path[:1] != [ROOT]:  # python scripts/sweep.py: this 
     sys.path.insert(0, ROOT)
 
 import run as launcher  # noqa: E402
-import runlock  # noqa: E402
+from worker import runlock  # noqa: E402
 from configs import (NAME, ConfigError, RunConfig, config_changes, config_hash, read_json_file, read_text,  # noqa: E402
                      resolve_config, safe_yaml)
-from outcome import EXIT_STOPPED  # noqa: E402
+from worker.outcome import EXIT_STOPPED  # noqa: E402
 
 TOP_KEYS = ("name", "launch", "preset", "config", "runs")
 ENTRY_KEYS = ("optimizer", "config", "grid", "name", "lr")
@@ -606,14 +606,14 @@ def validate_configs(jobs: list, launch: dict) -> None:
 
 def record_sweep_file(sweep_path: str, results_dir: str) -> None:
     """A copy of the sweep file in the results folder: what produced these runs."""
-    from fileio import write_text_atomic
+    from worker.fileio import write_text_atomic
 
     os.makedirs(results_dir, exist_ok=True)
     write_text_atomic(os.path.join(results_dir, "sweep.yaml"), read_text(sweep_path, "sweep file"))
 
 
 def write_tuning(results_dir: str, tuning: dict) -> None:
-    from fileio import write_json
+    from worker.fileio import write_json
 
     write_json(os.path.join(results_dir, "tuning.json"), tuning)
 

@@ -68,7 +68,7 @@ def _train_worker(rank, world, ports_dir, run_dirs, resume, dtype):
         torch.set_default_dtype(dtype)  # the model is built in the default dtype
     import train_gpt
 
-    from fileio import write_text_atomic
+    from worker.fileio import write_text_atomic
 
     for i, run_dir in enumerate(run_dirs):
         # each run's port is picked by rank 0 just before the run: one picked earlier can meanwhile
@@ -126,7 +126,7 @@ def train_in_process(run_dirs, world, resume=False, dtype=None, seconds_per_run=
 def reseal_checkpoint(checkpoint: str) -> None:
     """Rewrites a checkpoint's manifest to match its files as they are now: a test that changes a
     checkpoint's content on purpose, to reach the checks behind the checksums."""
-    from checkpoint import checkpoint_files, file_entry, manifest_path, read_manifest
+    from worker.checkpoint import checkpoint_files, file_entry, manifest_path, read_manifest
 
     manifest, problem = read_manifest(checkpoint)
     assert problem is None, problem

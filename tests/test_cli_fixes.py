@@ -92,7 +92,7 @@ def test_ctrl_c_mid_run_then_the_same_command_resumes(tmp_path, corpus):
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     """wandb.init gets the id kept in RUN/wandb_id.txt and resume="allow", files under RUN/."""
-    from metrics import start_wandb
+    from worker.metrics import start_wandb
 
     calls = []
     fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(**kw))

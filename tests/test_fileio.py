@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-import fileio
+from worker import fileio
 
 
 def test_write_fsyncs_file_and_directory_and_leaves_no_temp(tmp_path, monkeypatch):

@@ -269,7 +269,7 @@ def test_each_dtype_is_its_own_fsdp_unit():
     keeps its fp32 skip weights and head; fp32 blocks and a one-dtype model need no extra unit; a
     module holding two dtypes itself is one line."""
     from model import create_model
-    from parallel import dtype_units
+    from worker.parallel import dtype_units
 
     with torch.device("meta"):
         paper = create_model("speedrun", n_layer=12, n_head=6, n_embd=768, vocab_size=50304, block_size=1024,

@@ -6,7 +6,7 @@ import time
 import torch
 
 from configs import resolve_config
-from metrics import RunSummary, StepClock
+from worker.metrics import RunSummary, StepClock
 from model import create_model
 from optimizers import RunOptimizers
 

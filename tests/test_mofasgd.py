@@ -692,7 +692,7 @@ def test_gradients_without_new_directions_take_an_exact_cheap_path(dtype, monkey
     (_umf_within_bases), not the per-matrix Householder fallback (which the speedrun's zero head and
     projections sent every hidden matrix to at step 1). Each entry of one batch equals its dense
     fp64 rank-r truncation; a one-sided rank-1 gradient still falls back."""
-    import mofasgd.optimizer as impl
+    import mofasgd.factors as impl
 
     m, n, r, beta = 30, 20, 3, 0.9
     g = gen(71)

@@ -89,8 +89,8 @@ def test_static_rendezvous_is_still_available(tmp_path):
 def _agree(rank, world, port, dirs, steps_per_rank, out):
     import torch.distributed as dist
 
-    from checkpoint import agreed_resume_checkpoint, checkpoint_step
-    from outcome import RunFailed
+    from worker.checkpoint import agreed_resume_checkpoint, checkpoint_step
+    from worker.outcome import RunFailed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

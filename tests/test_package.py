@@ -26,7 +26,7 @@ SHARED_KEYS = ("lr", "rank", "beta", "eta1", "eta2", "use_current_projection", "
 def test_harness_uses_the_package_class():
     assert optimizers.MoFaSGD is mofasgd.MoFaSGD
     assert optimizers.mofasgd.MoFaSGD is mofasgd.MoFaSGD
-    assert optimizers.mofasgd._umf_householder is mofasgd.optimizer._umf_householder  # private helpers too
+    assert optimizers.mofasgd._umf_householder is mofasgd.factors._umf_householder  # private helpers too
     assert mofasgd.__file__.startswith(os.path.join(ROOT, "mofasgd"))
 
 
@@ -125,7 +125,7 @@ def test_hf_trainer_example(tmp_path):
 
 @pytest.mark.slow
 def test_git_state_reports_local_changes(tmp_path):
-    from metrics import git_state
+    from worker.metrics import git_state
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,

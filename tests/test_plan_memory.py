@@ -18,7 +18,7 @@ from helpers import ROOT, launch, read_metrics, train_in_process, write_run_conf
 from model import create_model
 from optimizers import build_optimizers
 from scripts import plan_memory as pm
-from memory import memory_parts
+from worker.memory import memory_parts
 
 LLAMA = os.path.join(ROOT, "configs", "hf", "llama-3.1-8b.json")
 VOCAB = 256

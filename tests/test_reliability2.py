@@ -17,7 +17,7 @@ import time
 import pytest
 
 import run
-import runlock
+from worker import runlock
 from configs import SECTIONS, ConfigError, resolve_config
 from helpers import ROOT, launch, process_tree, read_metrics, reseal_checkpoint, tiny_overrides, write_tiny_corpus
 from optimizers import OPTIMIZERS
@@ -183,7 +183,7 @@ def test_resume_with_a_checkpoint_without_its_keys(done, tmp_path, capsys, state
 
 @pytest.mark.slow
 def test_checkpoint_names_without_a_step_are_not_checkpoints(done, tmp_path):
-    from checkpoint import list_checkpoints
+    from worker.checkpoint import list_checkpoints
 
     r = copy_run(done, tmp_path)
     for bad in ("step_.pt", "step_abc.pt", "step_12x.pt", "step_-1.pt"):
@@ -243,7 +243,7 @@ def test_a_held_folder_refuses_every_other_claimant(done, tmp_path, capsys, corp
 def test_workers_of_an_earlier_launch_block_a_claim(done, tmp_path, capsys):
     """Orphaned workers (their launcher gone) still hold the workers lock: no resume, no overwrite."""
     r = copy_run(done, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import runlock, sys, time; runlock.hold_as_worker(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "from worker import runlock; import sys, time; runlock.hold_as_worker(sys.argv[1]); "
                                "print('held', flush=True); time.sleep(60)", str(r)], cwd=ROOT, stdout=subprocess.PIPE,
                               env=dict(os.environ, PYTHONPATH=ROOT))
     try:
@@ -365,9 +365,9 @@ def test_full_disk_while_checkpointing(tmp_path, corpus, monkeypatch):
     older checkpoints untouched."""
     import torch
 
-    from checkpoint import save_checkpoint
+    from worker.checkpoint import save_checkpoint
     from optimizers import RunOptimizers
-    from outcome import RunFailed
+    from worker.outcome import RunFailed
 
     model = torch.nn.Linear(4, 4)
     opts = RunOptimizers(torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import run
-import runlock
+from worker import runlock
 from helpers import (ROOT, launch, read_metrics, reseal_checkpoint, tiny_overrides, train_in_process,
                      write_run_config, write_tiny_corpus)
 
@@ -82,8 +82,8 @@ def run_parts(run_dir, config: dict | None = None):
 
 def worker_error(run_dir, checkpoint, config: dict | None = None) -> str:
     """The RunFailed the worker's load_checkpoint raises for `checkpoint` of run_dir."""
-    from checkpoint import load_checkpoint
-    from outcome import RunFailed
+    from worker.checkpoint import load_checkpoint
+    from worker.outcome import RunFailed
 
     cfg, model, optimizers = run_parts(run_dir, config)
     with pytest.raises(RunFailed) as caught:
@@ -152,7 +152,7 @@ def test_a_damaged_only_checkpoint_says_to_start_again(done, tmp_path, capsys):
 def test_manifest_checksum_is_of_the_bytes_written(tmp_path):
     """The CRC-32 computed while torch.save writes equals one computed from the file afterwards,
     and a later save removes unfinished checkpoints (no manifest) and the oldest past keep."""
-    from checkpoint import file_entry, integrity_problem, list_checkpoints, read_manifest, save_checkpoint
+    from worker.checkpoint import file_entry, integrity_problem, list_checkpoints, read_manifest, save_checkpoint
     from optimizers import RunOptimizers
 
     model = torch.nn.Linear(8, 8)
@@ -225,7 +225,7 @@ def test_another_optimizer_in_config_json_is_refused_not_a_key_error(done, tmp_p
     line = resume_error(r, capsys)
     assert 'optimizer_name "adamw" -> "mfsgd"' in line and "optimizer.rank <absent> -> " in line
     # a manifest that claims the MoFaSGD config, over AdamW's state
-    from checkpoint import make_manifest, manifest_path, read_manifest
+    from worker.checkpoint import make_manifest, manifest_path, read_manifest
 
     newest = str(r / "checkpoints" / CKPT6)
     manifest, _ = read_manifest(newest)
@@ -349,7 +349,7 @@ def test_damaged_distributed_checkpoint_is_one_line(fsdp_crashed, tmp_path, caps
 def test_the_workers_verify_a_distributed_checkpoint_between_them(fsdp_crashed, tmp_path):
     """Started without run.py, the 2 ranks split the folder's files, and both stop with the damage
     rank 1 found (rank 0 never reads the damaged shard)."""
-    from checkpoint import integrity_problem
+    from worker.checkpoint import integrity_problem
 
     copy = without_crash(fsdp_crashed, tmp_path, "w")
     newest = copy / "checkpoints" / "step_0000002"
@@ -440,7 +440,7 @@ def test_a_failed_distributed_load_is_one_line_with_its_cause():
     keeps the first failing rank's exception, and says what a missing entry means."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from checkpoint import dcp_failure_cause
+    from worker.checkpoint import dcp_failure_cause
 
     error = CheckpointException("load failed", {1: (KeyError("optimizers.state.x.U"), None),
                                                 0: (RuntimeError("size mismatch\nfor U: [4, 2] vs [4, 3]"), None)})

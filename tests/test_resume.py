@@ -11,7 +11,7 @@ import time
 import pytest
 from unittest.mock import ANY
 
-from checkpoint import list_checkpoints
+from worker.checkpoint import list_checkpoints
 from helpers import (ROOT, launch, process_tree, read_metrics, tiny_overrides, train_in_process, write_run_config,
                      write_tiny_corpus)
 

@@ -105,7 +105,7 @@ def _collective_order_worker(rank, world, port, out):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     from optimizers import MoFaSGD as Optimizer
-    from parallel import wrap_data_parallel
+    from worker.parallel import wrap_data_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectrum import (SpectrumMonitor, energy_top, keep_lines_up_to, projection_energies, subspace_overlap,
+from worker.spectrum import (SpectrumMonitor, energy_top, keep_lines_up_to, projection_energies, subspace_overlap,
                       truncation_energy)
 
 
@@ -44,7 +44,7 @@ def test_projection_energies_equal_the_dense_projections(m, n, r):
 def test_truncation_energy_is_the_share_the_rank_r_update_keeps(momentum):
     """From the factors alone, equal to the dense SVD of beta M + c G_hat; and the optimizer's own
     update keeps exactly the top r of those singular values."""
-    from mofasgd.optimizer import gradient_sketches, update_momentum_factors
+    from mofasgd.factors import gradient_sketches, update_momentum_factors
 
     g = torch.Generator().manual_seed(7)
     m, n, r, beta = 16, 11, 3, 0.8

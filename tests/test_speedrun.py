@@ -300,8 +300,8 @@ def test_the_paper_models_first_steps_take_no_householder_fallback(monkeypatch):
     """The zero head and output projections make every hidden gradient exactly 0 at step 1 (all
     68 matrices of the paper's 12 layers) and that of q, k, v and c_fc at step 2 (45): Cholesky-QR2
     cannot factor a zero W, and each of them took the per-matrix Householder fallback (with host
-    syncs). They now take the exact no-new-direction path (mofasgd.optimizer._umf_within_bases)."""
-    import mofasgd.optimizer as impl
+    syncs). They now take the exact no-new-direction path (mofasgd.factors._umf_within_bases)."""
+    import mofasgd.factors as impl
 
     torch.manual_seed(0)
     cfg = resolve_config("mfsgd", {"model": {"n_layer": 12, "n_head": 2, "n_embd": 16, "block_size": 32,

@@ -115,7 +115,7 @@ def test_excluded_parameters_leave_ddp_also_for_a_compiled_model(tmp_path):
 
     from model import GPT, GPTConfig
     from optimizers import split_parameters
-    from parallel import exclude_from_ddp
+    from worker.parallel import exclude_from_ddp
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
@@ -163,7 +163,7 @@ def test_the_ddp_wrapper_is_freed_before_the_process_group(tmp_path, monkeypatch
 
 
 def test_checkpoints_are_ordered_by_step_number(tmp_path):
-    from checkpoint import list_checkpoints
+    from worker.checkpoint import list_checkpoints
 
     (tmp_path / "checkpoints").mkdir()
     for step in (9_999_999, 10_000_000, 200):  # past the 7-digit padding, text order would be wrong

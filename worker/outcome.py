@@ -6,7 +6,7 @@ import os
 import re
 import sys
 
-from fileio import write_json
+from worker.fileio import write_json
 
 # Exit codes of run.py (and of a worker started without run.py). A worker started by run.py exits 0
 # after a handled end (torchrun would print a ChildFailedError traceback, or restart it, for any

@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 
 from configs import config_changes, config_hash, fixed_entries
-from fileio import fsync_directory, write_atomic, write_json
-from outcome import RunFailed
-from parallel import all_reduce_sum, collective_device
+from worker.fileio import fsync_directory, write_atomic, write_json
+from worker.outcome import RunFailed
+from worker.parallel import all_reduce_sum, collective_device
 
 CHECKPOINT_NAME = re.compile(r"step_(\d{1,18})(\.pt)?")
 META_NAME = "meta.pt"  # in a sharded (DCP) checkpoint folder: what is not sharded

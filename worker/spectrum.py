@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from fileio import append_json_line
+from worker.fileio import append_json_line
 from mofasgd import MoFaSGD
 
 TOP_KS = (8, 16, 32, 64)
@@ -176,7 +176,7 @@ def keep_lines_up_to(path: str, step: int) -> None:
     """A resume's spectrum.jsonl: the lines up to the checkpoint's step (later ones are redone)."""
     if not os.path.exists(path):
         return
-    from fileio import write_text_atomic
+    from worker.fileio import write_text_atomic
 
     kept = []
     with open(path) as f:

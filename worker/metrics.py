@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 
 from configs import ROOT
-from fileio import write_text_atomic
-from memory import MEMORY_KEYS, PEAK_KEYS
+from worker.fileio import write_text_atomic
+from worker.memory import MEMORY_KEYS, PEAK_KEYS
 
 # ---------------------------------------------------------------------------------------------
 # metrics.jsonl
