@@ -199,13 +199,15 @@ def _umf_within_bases(U, S, V, C, beta, side, Q=None, R=None):
     return U_new, s, V_new
 
 
-def _umf_householder(U, S, V, GV, GtU, C, beta):
-    """Reference UMF (paper / official code) for one matrix: Householder QR of the augmented bases.
+def _householder_svd(U, S, V, GV, GtU, C, beta):
+    """The reference form of UMF (paper / official code) for one matrix, before truncation:
+    Householder QR of the augmented bases,
 
     [U, G V] = Q_U R_U, [V, G^T U] = Q_V R_V, B = [[beta diag(S) - C, I], [I, 0]],
-    beta M + G_hat = Q_U (R_U B R_V^T) Q_V^T. Reduced QR makes this valid for any rank of the
-    blocks and for m < 2r or n < 2r (Q_U is then m x m and the middle block is not square).
-    """
+    beta M + G_hat = Q_U (R_U B R_V^T) Q_V^T = (Q_U u) diag(s) (Q_V vh^T)^T.
+
+    Reduced QR makes this valid for any rank of the blocks and for m < 2r or n < 2r (Q_U is then
+    m x m and the middle block is not square). Returns (Q_U, u, s, vh, Q_V)."""
     r = U.shape[-1]
     Q_U, R_U = torch.linalg.qr(torch.cat([U, GV], dim=-1))
     Q_V, R_V = torch.linalg.qr(torch.cat([V, GtU], dim=-1))
@@ -218,7 +220,27 @@ def _umf_householder(U, S, V, GV, GtU, C, beta):
     if not bool(torch.isfinite(mid).all()):
         raise FloatingPointError("MoFaSGD: non-finite gradient or momentum factors (NaN/inf)")
     u, s, vh = torch.linalg.svd(mid, full_matrices=False)
+    return Q_U, u, s, vh, Q_V
+
+
+def _umf_householder(U, S, V, GV, GtU, C, beta):
+    """Reference UMF for one matrix: the rank-r truncation of _householder_svd."""
+    r = U.shape[-1]
+    Q_U, u, s, vh, Q_V = _householder_svd(U, S, V, GV, GtU, C, beta)
     return Q_U @ u[:, :r], s[:r], Q_V @ vh[:r].mT
+
+
+def expanded_momentum_factors(U, S, V, GV, GtU, C, beta, momentum="sum"):
+    """All singular triplets of beta M + G_hat ("sum") or beta M + (1 - beta) G_hat ("ema") for
+    one matrix, untruncated: (U2, S2, V2) with min(m, n, 2r) columns, S2 descending, from the
+    sketches as update_momentum_factors. Its first r triplets are UMF's result (up to rounding);
+    the rest are the directions a rank-r truncation drops. The adaptive rank policy
+    (mofasgd/rank_policy.py) reads their energies and grows a matrix's rank along them."""
+    check_choice("momentum", momentum, Momentum)
+    if momentum == "ema":
+        GV, GtU, C = GV * (1.0 - beta), GtU * (1.0 - beta), C * (1.0 - beta)
+    Q_U, u, s, vh, Q_V = _householder_svd(U, S, V, GV, GtU, C, beta)
+    return Q_U @ u, s, Q_V @ vh.mT
 
 
 def _update_momentum_factors_impl(U, S, V, GV, GtU, C, beta, momentum, method):

@@ -14,6 +14,7 @@ from typing import Literal, get_args
 Init = Literal["weight_svd", "zero"]  # weight_svd: factors from the weight's top-r SVD (official); zero: M_0 = 0
 Momentum = Literal["sum", "ema"]  # sum: M <- beta M + G_hat (official); ema: M <- beta M + (1 - beta) G_hat
 MemoryMode = Literal["full", "sketch"]  # sketch: each hidden gradient folded into its sketches in backward
+RankPolicy = Literal["fixed", "energy"]  # fixed: every matrix at `rank`; energy: ranks re-allocated under a budget
 
 # name -> (the condition, as errors say it; whether a value meets it). Numbers only: the type
 # checks (a bool is no number) come first, in each layer.
@@ -27,8 +28,16 @@ RULES = {
     "max_value": ("> 0", lambda v: v > 0),
     "warmup_steps": (">= 0", lambda v: v >= 0),
     "check_orthonormal": (">= 0 (0: off)", lambda v: v >= 0),
+    # rank_policy "energy" (mofasgd/rank_policy.py)
+    "rank_budget": (">= 1 (factor numbers; unset: the memory of uniform `rank`)", lambda v: v >= 1),
+    "min_rank": (">= 1", lambda v: v >= 1),
+    "max_rank": (">= 1 (unset: no bound but min(m, n))", lambda v: v >= 1),
+    "rank_every": (">= 1 (steps between re-allocations)", lambda v: v >= 1),
 }
-INTEGERS = ("rank", "warmup_steps")
+INTEGERS = ("rank", "warmup_steps", "rank_budget", "min_rank", "max_rank", "rank_every")
+# The keys that only rank_policy "energy" reads, and their values when unset.
+ENERGY_KEYS = ("rank_budget", "min_rank", "max_rank", "rank_every")
+ENERGY_DEFAULTS = {"rank_budget": None, "min_rank": 1, "max_rank": None, "rank_every": 100}
 
 
 def broken_rule(name: str, value) -> str | None:
@@ -55,6 +64,28 @@ def check_choice(name: str, value, choices) -> None:
     """Raises ValueError unless `value` is one of the Literal type `choices`."""
     if value not in get_args(choices):
         raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
+
+
+def check_rank_policy(rank_policy, settings: dict, label=lambda key: key) -> dict:
+    """Checks rank_policy and its keys (`settings`: ENERGY_KEYS -> value or None when unset) and
+    returns them resolved (ENERGY_DEFAULTS for the unset ones). The keys are refused with "fixed":
+    a budget that nothing reads is a mistake, not a setting."""
+    check_choice(label("rank_policy"), rank_policy, RankPolicy)
+    given = [key for key in ENERGY_KEYS if settings.get(key) is not None]
+    if rank_policy == "fixed":
+        if given:
+            raise ValueError(f"{', '.join(label(k) for k in given)} {'applies' if len(given) == 1 else 'apply'} only "
+                             f"with {label('rank_policy')} 'energy' "
+                             f"(got 'fixed', where every matrix keeps `rank`)")
+        return {}
+    resolved = {key: settings[key] if settings.get(key) is not None else ENERGY_DEFAULTS[key] for key in ENERGY_KEYS}
+    for key, value in resolved.items():
+        if value is not None:
+            check(key, value, label(key))
+    if resolved["max_rank"] is not None and resolved["max_rank"] < resolved["min_rank"]:
+        raise ValueError(f"{label('max_rank')} ({resolved['max_rank']}) must be >= {label('min_rank')} "
+                         f"({resolved['min_rank']})")
+    return resolved
 
 
 def needs_full_gradient(eta2: float, nesterov: bool) -> bool:

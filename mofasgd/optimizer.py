@@ -66,12 +66,14 @@ except ImportError:
     _DTensor = ()
 
 from mofasgd import hyperparameters
-from mofasgd.hyperparameters import Init, MemoryMode, Momentum, check_choice, needs_full_gradient
+from mofasgd.hyperparameters import (Init, MemoryMode, Momentum, RankPolicy, check_choice, check_rank_policy,
+                                     needs_full_gradient)
 from mofasgd.factors import (  # noqa: F401 (re-exported: the package's public names)
     _umf_within_bases,
     _update_momentum_factors_impl,
     apply_factor_step,
     check_orthonormal_factors,
+    expanded_momentum_factors,
     factor_dtype,
     gradient_sketches,
     orthogonal_complement_term,
@@ -79,6 +81,7 @@ from mofasgd.factors import (  # noqa: F401 (re-exported: the package's public n
     tangent_projection,
     update_momentum_factors,
 )
+from mofasgd.rank_policy import allocate_ranks, factor_numbers, kept_share, rank_bounds, uniform_budget
 from mofasgd.row_sharded import (commit_row_sharded_update, init_row_sharded_state, is_row_sharded, local_row_sketches,
                                  row_sharded_update)
 
@@ -401,6 +404,15 @@ class MoFaSGD(ShardedState, Optimizer):
         process_group: the data-parallel group for shard (default: the world).
         check_orthonormal: > 0 checks after every factor update that U and V stay orthonormal
             to this tolerance (0: off).
+        rank_policy: "fixed" (every matrix keeps `rank`) or "energy": every `rank_every` steps the
+            ranks are re-allocated across all of the optimizer's matrices so as to keep as much of
+            each momentum's energy as `rank_budget` factor numbers allow (mofasgd/rank_policy.py,
+            docs/optimizers.md "Adaptive rank"); `rank` is then every matrix's starting rank.
+            Works with memory_mode "full" and "sketch", not with shard=True or FSDP2 weights.
+        rank_budget: the most factor numbers, sum of (m + n + 1) r_i over the matrices, at any step
+            (energy only; unset: what uniform `rank` holds, so both policies use the same memory).
+        min_rank, max_rank: bounds of each matrix's rank (energy only; default 1 and min(m, n)).
+        rank_every: steps between re-allocations (energy only; default 100).
 
     Contract (as torch.optim optimizers; tests/test_package_edges.py):
       * Parameters: real floating-point, non-empty 2-D matrices, each listed once; in sketch mode
@@ -442,8 +454,23 @@ class MoFaSGD(ShardedState, Optimizer):
         shard: bool = False,
         process_group=None,
         check_orthonormal: float = 0.0,
+        rank_policy: RankPolicy = "fixed",
+        rank_budget: int | None = None,
+        min_rank: int | None = None,
+        max_rank: int | None = None,
+        rank_every: int | None = None,
     ):
         check_choice("memory_mode", memory_mode, MemoryMode)
+        energy = check_rank_policy(rank_policy, dict(rank_budget=rank_budget, min_rank=min_rank, max_rank=max_rank,
+                                                     rank_every=rank_every))
+        if energy and shard:
+            raise ValueError("rank_policy='energy' needs shard=False: re-allocating ranks needs every matrix's "
+                             "spectrum on every rank, and shard keeps each matrix's factors on its owner only")
+        self.rank_policy = rank_policy
+        # rank_policy "energy": rank_budget (None: uniform `rank`'s), min_rank, max_rank, rank_every
+        self.rank_settings = energy
+        # the newest re-allocation (energy): its step and, per parameter in order, rank and kept share
+        self.last_allocation: dict | None = None
         if not isinstance(shard, bool):
             raise ValueError(f"shard must be a bool, got {shard!r}")
         hyperparameters.check("check_orthonormal", check_orthonormal)
@@ -485,6 +512,7 @@ class MoFaSGD(ShardedState, Optimizer):
         self._hook_handles: list = []
         self._constructed = False
         super().__init__(params, defaults)
+        self._check_rank_budget()
         weakref.finalize(self, _remove_handles, self._hook_handles)
         # Hooks only once every group is accepted: a constructor that fails leaves no hook behind.
         for group in self.param_groups:
@@ -500,8 +528,97 @@ class MoFaSGD(ShardedState, Optimizer):
             raise
         if self._constructed:
             self._register_sketch_hooks(self.param_groups[-1])
+            self._check_rank_budget()
         if getattr(self, "shard", False):
             self._assign_owners()
+
+    # -- adaptive rank (rank_policy "energy"; mofasgd/rank_policy.py) ---------------------------
+
+    def rank_budget_numbers(self) -> int | None:
+        """The most factor numbers the energy policy holds at any step: rank_budget, or what every
+        group's `rank` holds uniformly when unset; None under rank_policy "fixed"."""
+        if self.rank_policy != "energy":
+            return None
+        if self.rank_settings["rank_budget"] is not None:
+            return self.rank_settings["rank_budget"]
+        return sum(uniform_budget([tuple(p.shape) for p in g["params"]], g["rank"]) for g in self.param_groups)
+
+    def ranks(self) -> list[int]:
+        """Each parameter's rank (in param-group order): its factors' width, or the rank its first
+        step will give it."""
+        return [self.state[p]["U"].shape[1] if self.state.get(p) else min(g["rank"], *p.shape)
+                for g in self.param_groups for p in g["params"]]
+
+    def factor_numbers_held(self) -> int:
+        """Sum of (m + n + 1) r over the matrices at their current (or starting) ranks."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return sum(factor_numbers(*p.shape, r) for p, r in zip(params, self.ranks()))
+
+    def _check_rank_budget(self) -> None:
+        """rank_policy "energy": the starting ranks must fit the budget (the budget holds at every step)."""
+        if self.rank_policy != "energy":
+            return
+        budget, held = self.rank_budget_numbers(), self.factor_numbers_held()
+        if held > budget:
+            raise ValueError(f"MoFaSGD: rank_budget {budget} numbers is below the {held} the starting rank holds "
+                             f"(sum of (m + n + 1) r over the matrices); lower rank or raise rank_budget")
+
+    def _reallocation_due(self, work) -> bool:
+        """Whether this step re-allocates the ranks: rank_policy "energy" and the step count the
+        stepped matrices reach is a multiple of rank_every (the same on every replica)."""
+        if self.rank_policy != "energy":
+            return False
+        counts = [int(self.state[p]["step"]) + 1 if self.state.get(p) else 1 for _, params in work for p in params]
+        return bool(counts) and max(counts) % self.rank_settings["rank_every"] == 0
+
+    def _reallocate(self, work):
+        """A step that re-allocates the ranks: each stepped matrix's factor update untruncated
+        (expanded_momentum_factors: all of beta M + G_hat's up to 2r directions), then ranks
+        chosen by allocate_ranks under the budget left after the matrices not stepped now, then
+        each matrix truncated to its new rank (growing keeps its directions and adds the next ones
+        of the expansion; shrinking drops the smallest singular values). Writes nothing; returns
+        step()'s `pending` entries and the UMF path counts."""
+        entries = []  # (p, group, fresh, U_old, S_old, V_old, sketches, expansion)
+        for group, params in work:
+            for p in params:
+                state = self.state.get(p)
+                fresh = None if state else self._initial_state(p, group)
+                st = fresh or state
+                U, S, V = st["U"], st["S"], st["V"]
+                sketches = self._bucket_sketches([p], [st])
+                sketches = tuple(t[0] for t in sketches) if sketches is not None else \
+                    gradient_sketches(p.grad.to(U.dtype), U, V)
+                expansion = expanded_momentum_factors(U, S, V, *sketches, group["beta"], group["momentum"])
+                entries.append((p, group, fresh, U, S, V, sketches, expansion))
+        stepped = {p for p, *_ in entries}
+        params = [p for g in self.param_groups for p in g["params"]]
+        others = sum(factor_numbers(*p.shape, r) for p, r in zip(params, self.ranks()) if p not in stepped)
+        settings = self.rank_settings
+        new_ranks = allocate_ranks([e[7][1] ** 2 for e in entries], [tuple(e[0].shape) for e in entries],
+                                   self.rank_budget_numbers() - others, settings["min_rank"], settings["max_rank"])
+        pending = []
+        for (p, group, fresh, U, S, V, sketches, (U2, S2, V2)), r in zip(entries, new_ranks):
+            new = (U2[:, :r].clone(), S2[:r].clone(), V2[:, :r].clone())
+            if self.check_orthonormal:
+                check_orthonormal_factors(new[0][None], new[2][None], self.check_orthonormal, tuple(p.shape))
+            step_factors = new
+            if group["nesterov"]:  # the second UMF, at the new rank, as in _compute_bucket
+                U_n, S_n, V_n, _, _ = self._factor_update(*(t[None] for t in new), [p.grad], group["beta"],
+                                                          group["momentum"])
+                step_factors = (U_n[0], S_n[0], V_n[0])
+            old_projection = group["eta2"] != 0 and not group["use_current_projection"]
+            update = step_factors + ((U, V, sketches) if old_projection else ())
+            pending.append((p, group, fresh, new, update))
+        # what train_gpt logs (RUN/ranks.jsonl): every parameter's rank after this step, and the
+        # share of its expansion's energy the new rank keeps (None: not stepped now)
+        index = {p: i for i, p in enumerate(params)}
+        ranks, kept = self.ranks(), [None] * len(params)
+        for (p, *_, (_, S2, _)), r in zip(entries, new_ranks):
+            ranks[index[p]], kept[index[p]] = r, kept_share(S2 ** 2, r)
+        step = max(int((fresh or self.state[p])["step"]) for p, _, fresh, *_ in entries) + 1
+        allocation = {"step": step, "ranks": ranks, "kept_share": kept, "budget": self.rank_budget_numbers(),
+                      "held": sum(factor_numbers(*p.shape, r) for p, r in zip(params, ranks))}
+        return pending, [0, len(entries)], allocation
 
     def _check_group(self, group: dict) -> None:
         """Raises a one-line ValueError for a param group MoFaSGD cannot train."""
@@ -528,6 +645,9 @@ class MoFaSGD(ShardedState, Optimizer):
             seen.add(id(p))
             if _is_dtensor(p):
                 _check_row_sharded(p, self.shard)
+                if self.rank_policy == "energy":
+                    raise ValueError(f"MoFaSGD: rank_policy='energy' does not run on FSDP2 (DTensor) weights "
+                                     f"({_parameter_label(group, i, p)}); use rank_policy='fixed'")
 
     def _register_sketch_hooks(self, group: dict) -> None:
         """memory_mode="sketch": no m x n gradient survives backward; each one is folded into its
@@ -550,7 +670,7 @@ class MoFaSGD(ShardedState, Optimizer):
     # Settings that travel with pickle and copy.deepcopy (torch.optim's own state is defaults, state and
     # param_groups); the process group, the hooks and pending sketches do not.
     _PICKLED = ("memory_mode", "shard", "check_orthonormal", "cholesky_updates", "householder_updates",
-                "_rank_warned_shapes")
+                "_rank_warned_shapes", "rank_policy", "rank_settings", "last_allocation")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -686,6 +806,7 @@ class MoFaSGD(ShardedState, Optimizer):
                 if saved_id in owner:
                     raise ValueError(f"{prefix} parameter id {saved_id!r} is listed twice in the param groups")
                 owner[saved_id] = (p, group, saved, i)
+        energy_held = 0  # rank_policy "energy": the factor numbers the state_dict holds
         for saved_id, state in state_dict["state"].items():
             if saved_id not in owner:
                 raise ValueError(f"{prefix} the state holds parameter id {saved_id!r}, which no param group lists")
@@ -700,6 +821,14 @@ class MoFaSGD(ShardedState, Optimizer):
                                  f"MoFaSGD state holds {', '.join(_STATE_KEYS)} (another optimizer's state?)")
             m, n = p.shape
             r = min(saved["rank"], m, n)
+            if self.rank_policy == "energy":  # each matrix at its own rank, within the policy's bounds
+                width = state["U"].shape[-1] if isinstance(state["U"], torch.Tensor) and state["U"].dim() == 2 else -1
+                low, high = rank_bounds(m, n, self.rank_settings["min_rank"], self.rank_settings["max_rank"], min(m, n))
+                if not low <= width <= high:
+                    raise ValueError(f"{prefix} U of {label} has rank {width}, outside [{low}, {high}] (min_rank, "
+                                     "max_rank and min(m, n) of rank_policy 'energy')")
+                r = width
+                energy_held = energy_held + factor_numbers(m, n, r)
             for key, shape in (("U", (m, r)), ("S", (r,)), ("V", (n, r))):
                 t = state[key]
                 if not isinstance(t, torch.Tensor) or t.is_complex() or not t.is_floating_point():
@@ -715,6 +844,13 @@ class MoFaSGD(ShardedState, Optimizer):
                 else step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
             if value is None or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{prefix} step of {label} must be a number >= 0 (a 0-d tensor), got {step!r}")
+        if self.rank_policy == "energy":
+            saved_ids = {i for g in saved_groups for i in g["params"]}
+            unstarted = sum(factor_numbers(*p.shape, min(group["rank"], *p.shape))
+                            for i, (p, group, _, _) in owner.items() if not state_dict["state"].get(i) and i in saved_ids)
+            if energy_held + unstarted > self.rank_budget_numbers():
+                raise ValueError(f"{prefix} the state's factors hold {energy_held + unstarted} numbers, over this "
+                                 f"optimizer's rank_budget of {self.rank_budget_numbers()}")
 
     # -- gradient sketches (memory_mode="sketch" and low-rank communication) ----------------
 
@@ -977,7 +1113,12 @@ class MoFaSGD(ShardedState, Optimizer):
         pending = []  # (parameter, group, its fresh state or None, new U S V, step update); nothing stored yet
         row_sharded = []  # (parameter, group, its fresh state or None, its RowShardedUpdate)
         counts = [0, 0]  # Cholesky and Householder UMF updates
-        for group, params in self._params_to_step():
+        work = self._params_to_step()
+        allocation = None
+        if self._reallocation_due(work):  # rank_policy "energy", every rank_every steps
+            pending, counts, allocation = self._reallocate(work)
+            work = []
+        for group, params in work:
             # Same-shape parameters are updated as one batch: the small QR/SVD work of the UMF is
             # then a few batched calls instead of dozens of calls per matrix.
             buckets = {}
@@ -1011,6 +1152,8 @@ class MoFaSGD(ShardedState, Optimizer):
             others = [(p, group, updates[p]) for group in self.param_groups for p in group["params"]
                       if p in updates and p not in owned]
         self._commit(pending, row_sharded, counts)
+        if allocation is not None:
+            self.last_allocation = allocation
         if self._owner_of is not None:
             for p, group, update in others:
                 self._apply_step(p, group, update)

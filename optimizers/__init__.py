@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from mofasgd import BetaWarmup, MoFaSGD, linear_warmup
 from mofasgd import hyperparameters as mofasgd_rules
-from mofasgd.hyperparameters import Init, MemoryMode, Momentum, needs_full_gradient
+from mofasgd.hyperparameters import Init, MemoryMode, Momentum, RankPolicy, needs_full_gradient
 from mofasgd.optimizer import ShardedState, state_bytes
 
 __all__ = ["MoFaSGD", "OPTIMIZERS", "OptimizerSpec", "RunOptimizers", "split_parameters", "build_optimizers",
@@ -98,6 +98,11 @@ class MoFaSGDConfig(ScheduleConfig):
     comm: Literal["full", "sketch"] = "full"  # full (DDP all-reduces the gradients), or sketch: all-reduce (m + n) r + r^2 sketch numbers per matrix
     shard: bool = False  # each data-parallel rank updates only the matrices it owns; step factors are all-gathered
     check_orthonormal: float = 0.0  # > 0: fail when a factor update leaves max |U^T U - I| (or V's) above this; 0: off
+    rank_policy: RankPolicy = "fixed"  # fixed: every matrix at `rank`; energy: ranks re-allocated under rank_budget (docs/optimizers.md)
+    rank_budget: int | None = None  # energy: most factor numbers, sum of (m + n + 1) r_i (null: what uniform `rank` holds)
+    min_rank: int | None = None  # energy: lowest rank of a matrix (null: 1)
+    max_rank: int | None = None  # energy: highest rank of a matrix (null: min(m, n))
+    rank_every: int | None = None  # energy: steps between re-allocations (null: 100)
 
     def validate(self):
         super().validate()
@@ -109,6 +114,11 @@ class MoFaSGDConfig(ScheduleConfig):
             condition = mofasgd_rules.broken_rule(rule, getattr(self, key))
             if condition:
                 raise ValueError(f"optimizer.{key} must be {condition}, got {getattr(self, key)}")
+        mofasgd_rules.check_rank_policy(self.rank_policy, {k: getattr(self, k) for k in mofasgd_rules.ENERGY_KEYS},
+                                        label=lambda key: f"optimizer.{key}")
+        if self.rank_policy == "energy" and self.shard:
+            raise ValueError("optimizer.shard must be false with optimizer.rank_policy energy: re-allocating ranks "
+                             "needs every matrix's spectrum on every rank")
         for key in ("memory_mode", "comm"):
             if getattr(self, key) == "sketch" and needs_full_gradient(self.eta2, self.nesterov):
                 raise ValueError(f"optimizer.eta2 must be 0 and optimizer.nesterov false with {key} sketch: "
@@ -218,7 +228,8 @@ def _build_mofasgd(params, cfg: MoFaSGDConfig, device: str):
                    use_current_projection=cfg.use_current_projection,
                    use_ones_for_nonzero_s=cfg.use_ones_for_nonzero_s, nesterov=cfg.nesterov, eps=cfg.eps,
                    max_value=cfg.max_value, init=cfg.init, momentum=cfg.momentum, memory_mode=cfg.memory_mode,
-                   shard=cfg.shard, check_orthonormal=cfg.check_orthonormal)
+                   shard=cfg.shard, check_orthonormal=cfg.check_orthonormal, rank_policy=cfg.rank_policy,
+                   rank_budget=cfg.rank_budget, min_rank=cfg.min_rank, max_rank=cfg.max_rank, rank_every=cfg.rank_every)
 
 
 def _mofasgd_schedules(cfg: MoFaSGDConfig):

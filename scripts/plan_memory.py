@@ -425,11 +425,15 @@ class OptChoice:
     shard: bool = False  # MoFaSGD / Muon: each data-parallel rank keeps the state of the matrices it owns
     proj_type: str = "std"  # GaLore
     fused: bool = True  # AdamW on the hidden matrices
+    rank_policy: str = "fixed"  # MoFaSGD: fixed, or energy (ranks re-allocated under rank_budget)
+    rank_budget: int | None = None  # MoFaSGD energy: factor numbers (None: what uniform `rank` holds)
 
     @property
     def label(self) -> str:
         if self.name == "mfsgd":
-            return f"mfsgd r={self.rank}" + (" sketch" if self.memory_mode == "sketch" else "")
+            policy = "" if self.rank_policy == "fixed" else \
+                f" energy budget={self.rank_budget}" if self.rank_budget else " energy (budget of uniform r)"
+            return f"mfsgd r={self.rank}" + policy + (" sketch" if self.memory_mode == "sketch" else "")
         if self.name == "galore":
             return f"galore r={self.rank}" + ("" if self.proj_type == "std" else f" {self.proj_type}")
         return self.name
@@ -450,7 +454,8 @@ def fsdp_refusal(opt: OptChoice) -> str | None:
 def opt_choice(name: str, cfg) -> OptChoice:
     """The planner's view of an optimizer config dataclass (optimizers.OPTIMIZERS[name].config)."""
     if name == "mfsgd":
-        return OptChoice(name, rank=cfg.rank, memory_mode=cfg.memory_mode, comm=cfg.comm, shard=cfg.shard)
+        return OptChoice(name, rank=cfg.rank, memory_mode=cfg.memory_mode, comm=cfg.comm, shard=cfg.shard,
+                         rank_policy=cfg.rank_policy, rank_budget=cfg.rank_budget)
     if name == "galore":
         return OptChoice(name, rank=cfg.group_params.rank, proj_type=cfg.group_params.proj_type)
     if name == "muon":
@@ -788,6 +793,15 @@ def plan(model: ModelDesc, opt: OptChoice, setup: Setup) -> dict:
         state_hidden = max(per_rank_hidden)
     else:
         state_hidden = sum(per_hidden)
+    energy_budget = None
+    if opt.name == "mfsgd" and opt.rank_policy == "energy" and hidden:
+        # the ranks change, their factor numbers never exceed the budget (mofasgd/rank_policy.py)
+        from mofasgd.rank_policy import uniform_budget
+
+        energy_budget = opt.rank_budget or uniform_budget([(p.shape[0], math.prod(p.shape[1:])) for p in hidden],
+                                                          opt.rank)
+        factor_bytes = DTYPE_BYTES[sd or mofasgd_dtype(pdt(hidden[0]))]
+        state_hidden = energy_budget * factor_bytes + STEP_BYTES * len(hidden)
     state_other = sum(adamw_state_bytes(local(p), pdt(p), sd) + master(p) for p in other)
 
     # activations and the head
@@ -833,8 +847,13 @@ def plan(model: ModelDesc, opt: OptChoice, setup: Setup) -> dict:
             pending = max(owned)
         else:
             pending = sum(factors)
+        if energy_budget is not None:  # a re-allocation step holds every expansion: up to 2 r_i directions
+            pending = 2 * energy_budget * factor_bytes
         step_temp += pending
         step_note += f"; the new factors of every matrix, held until the atomic step commits them ({pending:,} bytes)"
+        if energy_budget is not None:
+            step_note += " (rank_policy energy: each matrix's untruncated expansion at a re-allocation step, up to " \
+                         "twice the budget)"
     if W > 1 and not fsdp and opt.shard and opt.name in ("mfsgd", "muon") and hidden:
         owners = assign_owners([p.numel for p in hidden], W)
         loads = [0] * W
@@ -858,6 +877,8 @@ def plan(model: ModelDesc, opt: OptChoice, setup: Setup) -> dict:
         "optimizer_name": opt.name,
         "rank": opt.rank,
         "memory_mode": opt.memory_mode if opt.name == "mfsgd" else None,
+        "rank_policy": opt.rank_policy if opt.name == "mfsgd" else None,
+        "rank_budget_numbers": energy_budget,
         "param_count": sum(p.numel for p in model.params),
         "hidden_param_count": n_hidden,
         "hidden_matrices": len(hidden),

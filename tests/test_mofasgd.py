@@ -641,13 +641,14 @@ def test_config_and_constructor_apply_the_same_rules():
     from mofasgd.hyperparameters import RULES
 
     bad = {"lr": 0.0, "rank": 0, "beta": 1.0, "eta1": -0.1, "eta2": -0.1, "eps": -1e-3, "max_value": 0.0,
-           "check_orthonormal": -1.0}
+           "check_orthonormal": -1.0, "rank_budget": 0, "min_rank": 0, "max_rank": 0, "rank_every": 0}
     assert set(bad) | {"warmup_steps"} == set(RULES)
     for key, value in bad.items():
+        extra = {"rank_policy": "energy"} if key in ("rank_budget", "min_rank", "max_rank", "rank_every") else {}
         with pytest.raises(ValueError, match=f"^{key} must be .*{re.escape(RULES[key][0])}"):
-            MoFaSGD([torch.nn.Parameter(torch.zeros(4, 4))], **{key: value})
-        with pytest.raises(ConfigError, match=f"optimizer.{key} must be {re.escape(RULES[key][0])}"):
-            resolve_config("mfsgd", {key: value})
+            MoFaSGD([torch.nn.Parameter(torch.zeros(4, 4))], **{key: value}, **extra)
+        with pytest.raises(ConfigError, match=f"optimizer.{key} must be .*{re.escape(RULES[key][0])}"):
+            resolve_config("mfsgd", {key: value, **extra})
 
 
 def test_pack_and_unpack_flat_buffers():
