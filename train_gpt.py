@@ -35,7 +35,7 @@ from worker.checkpoint import agreed_resume_checkpoint, load_checkpoint, save_ch
 from configs import RunConfig, config_hash, resolve_path
 from data.loader import StreamLoader, TokenLoader, val_sequences
 from data.shards import find_shards
-from worker.fileio import write_json
+from worker.fileio import append_json_line, keep_lines_up_to, write_json
 from mofasgd.optimizer import local_part
 from worker.memory import current_memory_bytes, memory_parts, peak_memory_bytes, peak_memory_record, reset_peak_memory
 from worker.metrics import MetricsLog, RunLog, StepClock, environment_info, start_wandb
@@ -103,6 +103,7 @@ class Run:
     window: "SlidingWindow"
     comm: GradientExchange
     spectrum: "SpectrumMonitor | None" = None  # logging.spectrum_every: spectral diagnostics around the step
+    rank_log: "RankLog | None" = None  # MoFaSGD rank_policy energy: RUN/ranks.jsonl (rank 0)
     start_step: int = 0  # a resume's checkpoint step
     elapsed: float = 0.0  # training seconds before start_step
     memory: dict = field(default_factory=dict)  # memory_parts, logged with every step
@@ -130,10 +131,15 @@ def set_up(run_dir: str, resume: bool) -> Run:
     if sharded:  # before the optimizers: they keep state for the sharded parameters
         shard_model(raw_model)
     optimizers = RunOptimizers.for_run(raw_model, cfg, device.type)
+    # before the checkpoint is loaded: it may hold the monitor's shadow momentum
+    spectrum = spectrum_monitor(cfg, run_dir, split_parameters(raw_model)["hidden"], optimizers.hidden, rank)
     start_step, elapsed = 0, 0.0
     checkpoint = agreed_resume_checkpoint(run_dir, rank) if resume else None
     if checkpoint:
-        start_step, elapsed = load_checkpoint(checkpoint, raw_model, optimizers, rank, sharded, config=cfg.to_dict())
+        start_step, elapsed = load_checkpoint(checkpoint, raw_model, optimizers, rank, sharded, config=cfg.to_dict(),
+                                              spectrum=spectrum)
+    if spectrum is not None:
+        spectrum.prepare_file(start_step)
     if sharded and getattr(optimizers.hidden, "memory_mode", "full") == "sketch":
         # the factors of FSDP2's row-sharded weights are made here, on the default stream and in one
         # order on every rank, not in the backward hooks on FSDP's reduce-scatter stream
@@ -147,24 +153,66 @@ def set_up(run_dir: str, resume: bool) -> Run:
         model = wrap_data_parallel(model, [p for _, p in routing["hidden"]] if comm.sketch else [], device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.autocast == "bf16" else nullcontext()
     window = SlidingWindow(cfg.train.window_tokens, cfg.train.steps, device)
-    spectrum = spectrum_monitor(cfg, run_dir, routing["hidden"], optimizers.hidden, rank, start_step)
+    rank_log = RankLog.for_run(run_dir, routing["hidden"], optimizers.hidden, rank, start_step)
     return Run(run_dir, cfg, rank, world_size, device, raw_model, model, eval_model, optimizers,
-               training_loader(cfg, device), autocast, window, comm, spectrum, start_step, elapsed)
+               training_loader(cfg, device), autocast, window, comm, spectrum, rank_log, start_step, elapsed)
 
 
-def spectrum_monitor(cfg: RunConfig, run_dir: str, named_hidden, hidden_optimizer, rank: int, start_step: int):
-    """logging.spectrum_every's monitor on rank 0 (the replicas are equal, so its values are every
-    rank's); None elsewhere and when off: no extra work or memory. It writes RUN/spectrum.jsonl; a
-    resume keeps the lines up to the checkpoint (and the shadow restarts from the factors)."""
-    if not cfg.logging.spectrum_every or rank != 0:
+@dataclass
+class RankLog:
+    """MoFaSGD's rank_policy energy: RUN/ranks.jsonl, one line per re-allocation (and the starting
+    ranks at step 0): {"step", "ranks": {matrix: r}, "kept_share": {matrix: share of its momentum
+    expansion's energy kept, null if not stepped}, "budget", "held"} (numbers of factors). Rank 0
+    writes it; the replicas allocate alike. A resume keeps the lines up to its checkpoint."""
+
+    path: str
+    names: list  # the optimizer's parameters' names, in its order
+    optimizer: object
+    written_step: int = -1
+
+    @classmethod
+    def for_run(cls, run_dir: str, named_hidden, optimizer, rank: int, start_step: int) -> "RankLog | None":
+        if getattr(optimizer, "rank_policy", "fixed") != "energy" or rank != 0:
+            return None
+        path = os.path.join(run_dir, "ranks.jsonl")
+        name_of = {id(p): name for name, p in named_hidden}
+        log = cls(path, [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]], optimizer)
+        if start_step:
+            keep_lines_up_to(path, start_step)
+        else:
+            if os.path.exists(path):
+                os.remove(path)  # a fresh start
+            log.write(0, optimizer.ranks(), [None] * len(log.names))
+        return log
+
+    def write(self, step: int, ranks, kept) -> None:
+        append_json_line(self.path, {"step": step, "ranks": dict(zip(self.names, ranks)),
+                                     "kept_share": dict(zip(self.names, kept)),
+                                     "budget": self.optimizer.rank_budget_numbers(),
+                                     "held": self.optimizer.factor_numbers_held()})
+        self.written_step = step
+
+    def after_step(self, step: int) -> None:
+        """Writes the re-allocation of optimizer step `step` + 1, if it made one."""
+        allocation = self.optimizer.last_allocation
+        if allocation is not None and allocation["step"] == step + 1 and self.written_step != step + 1:
+            self.write(step + 1, allocation["ranks"], allocation["kept_share"])
+
+
+def spectrum_monitor(cfg: RunConfig, run_dir: str, named_hidden, hidden_optimizer, rank: int):
+    """logging.spectrum_every's monitor: under DDP on rank 0 alone (the replicas are equal, so its
+    values are every rank's); under FSDP and optimizer.shard on every rank (each holds a part of
+    the matrices or of their state, and the logged steps' collectives need them all). Rank 0 writes
+    RUN/spectrum.jsonl (prepare_file: a resume keeps the lines up to its checkpoint). None when off:
+    no extra work or memory. Built before a resume's checkpoint is loaded, which restores its
+    shadow momentum."""
+    if not cfg.logging.spectrum_every:
         return None
-    from worker.spectrum import SpectrumMonitor, keep_lines_up_to
+    from worker.spectrum import SpectrumMonitor, runs_on_every_rank
 
-    path = os.path.join(run_dir, "spectrum.jsonl")
-    if start_step:
-        keep_lines_up_to(path, start_step)
-    elif os.path.exists(path):
-        os.remove(path)  # a fresh start
+    if rank != 0 and not runs_on_every_rank(named_hidden, hidden_optimizer):
+        return None
+    path = os.path.join(run_dir, "spectrum.jsonl") if rank == 0 else None
     return SpectrumMonitor(named_hidden, hidden_optimizer, cfg.logging.spectrum_every, cfg.logging.spectrum_shadow, path)
 
 
@@ -263,21 +311,48 @@ def train_step(run: Run, step: int, clock: StepClock) -> tuple[dict, bool]:
     comm_hidden += optimizers.exchanged_bytes  # shard: the all-gathered step factors
     if run.spectrum is not None:
         run.spectrum.after_step(step)
+    if run.rank_log is not None:
+        run.rank_log.after_step(step)
+    check_replicas_allocate_alike(run, step)
     optimizers.zero_grad()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     step_time = clock.lap()
     if step == run.start_step:  # optimizer state exists after the first step
-        run.memory.update(opt_state_bytes_hidden=state_bytes(optimizers.hidden),
+        # rank_policy energy: its budget's bytes, the most the changing ranks may hold (metrics'
+        # factor_numbers gives what they hold at each step)
+        budget_bytes = getattr(optimizers.hidden, "budget_state_bytes", lambda: None)()
+        run.memory.update(opt_state_bytes_hidden=budget_bytes or state_bytes(optimizers.hidden),
                           opt_state_bytes_other=state_bytes(optimizers.adam))
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     record = {"step": step + 1, "train_loss": train_loss, "lr": lr, **scheduled,
               "tokens": (step + 1) * tokens_per_step, "elapsed_s": clock.elapsed, "step_ms": step_time * 1000,
-              "tokens_per_s": tokens_per_step / step_time, **peak_memory_record(device),
+              "tokens_per_s": tokens_per_step / step_time, **clock.load_fields(), **peak_memory_record(device),
               "activation_peak_bytes": activation_peak, **run.memory, "comm_bytes_hidden": comm_hidden,
               "comm_bytes_other": run.comm.other_bytes, "comm_bytes": comm_hidden + run.comm.other_bytes,
-              **({"spectrum_shadow_bytes": run.spectrum.shadow_bytes} if run.spectrum and run.spectrum.shadow else {})}
+              **({"spectrum_shadow_bytes": run.spectrum.shadow_bytes} if run.spectrum and run.spectrum.shadow else {}),
+              **({"factor_numbers": optimizers.hidden.factor_numbers_held()}
+                 if getattr(optimizers.hidden, "rank_policy", "fixed") == "energy" else {})}
     return record, reduced[1].item() > 0
+
+
+def check_replicas_allocate_alike(run: Run, step: int) -> None:
+    """MoFaSGD rank_policy energy under DDP: after a re-allocation every replica must hold the same
+    ranks (they allocate from the same averaged gradient with the same operations). One small
+    all-reduce (max of the ranks and of their negatives) per re-allocation says so on every rank
+    alike; replicas that disagree would train different models without a word, so the run fails."""
+    optimizer = run.optimizers.hidden
+    allocation = getattr(optimizer, "last_allocation", None)
+    if run.world_size < 2 or allocation is None or allocation["step"] != step + 1:
+        return
+    import torch.distributed as dist
+
+    ranks = torch.tensor(allocation["ranks"], dtype=torch.float64, device=run.device)
+    both = torch.cat([ranks, -ranks])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if not torch.equal(both[: len(ranks)], -both[len(ranks):]):
+        raise RunFailed(f"the data-parallel replicas re-allocated MoFaSGD's ranks differently at step {step + 1} "
+                        "(optimizer.rank_policy energy): their factors no longer agree")
 
 
 def forward_backward(run: Run, step: int) -> torch.Tensor:
@@ -355,7 +430,7 @@ def write_checkpoint(run: Run, step: int, elapsed: float) -> None:
     if bad:
         fail_non_finite(run, step, f"non-finite values in parameter {bad} after step {step}")
     save_checkpoint(run.run_dir, step, run.raw_model, run.optimizers, elapsed, run.cfg.train.keep_checkpoints,
-                    run.rank, run.world_size, run.sharded, config=run.cfg.to_dict())
+                    run.rank, run.world_size, run.sharded, config=run.cfg.to_dict(), spectrum=run.spectrum)
 
 
 def crash_if_asked(cfg: RunConfig, step: int) -> None:

@@ -258,6 +258,9 @@ def check_fsdp_support(name: str, optimizer_cfg) -> None:
     if name in FSDP_UNSUPPORTED:
         raise ValueError(f"optimizer {name} does not run under train.parallel fsdp: {FSDP_UNSUPPORTED[name]}; "
                          f"use train.parallel ddp, or one of {sorted(set(OPTIMIZERS) - set(FSDP_UNSUPPORTED))}")
+    if getattr(optimizer_cfg, "rank_policy", "fixed") == "energy":
+        raise ValueError("optimizer.rank_policy must be fixed under train.parallel fsdp: re-allocating ranks is not "
+                         "implemented for row-sharded factors (train.parallel ddp runs it)")
     if getattr(optimizer_cfg, "shard", False):
         raise ValueError("optimizer.shard must be false under train.parallel fsdp: FSDP already splits the "
                          "parameters and their optimizer state over the ranks")
@@ -268,18 +271,14 @@ def check_fsdp_support(name: str, optimizer_cfg) -> None:
 
 def check_spectrum_support(cfg) -> None:
     """Raises ValueError where logging.spectrum_every / spectrum_shadow cannot run: they read the
-    whole reduced gradient and the optimizer's state of every hidden matrix on rank 0."""
+    reduced gradient the step used (DDP, FSDP's row shards, or shard's owners: worker/spectrum.py),
+    which the sketch modes never hold (docs/spectrum.md)."""
     if not cfg.logging.spectrum_every:
         return
-    why = None
-    if cfg.train.parallel == "fsdp":
-        why = "train.parallel fsdp (each rank holds only its rows of the gradient and the state)"
-    elif getattr(cfg.optimizer, "shard", False) and (cfg.launch.world_size > 1 or cfg.launch.distributed):
-        why = "optimizer.shard on several ranks (only a matrix's owner holds its state; shard: false)"
-    elif "sketch" in (getattr(cfg.optimizer, "memory_mode", "full"), getattr(cfg.optimizer, "comm", "full")):
-        why = "optimizer memory_mode or comm sketch (no reduced gradient is held)"
-    if why:
-        raise ValueError(f"logging.spectrum_every does not run with {why}; use train.parallel ddp with full gradients")
+    if "sketch" in (getattr(cfg.optimizer, "memory_mode", "full"), getattr(cfg.optimizer, "comm", "full")):
+        raise ValueError("logging.spectrum_every does not run with optimizer memory_mode or comm sketch: no reduced "
+                         "gradient is held, so ||G||^2 (every share's denominator) and the shadow's update are "
+                         "unknown; use memory_mode full and comm full")
     if cfg.logging.spectrum_shadow and cfg.optimizer_name != "mfsgd":
         raise ValueError(f"logging.spectrum_shadow is for MoFaSGD (optimizer mfsgd): {cfg.optimizer_name} keeps "
                          "its full momentum already (logging.spectrum_every logs its spectrum)")

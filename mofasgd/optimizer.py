@@ -554,6 +554,16 @@ class MoFaSGD(ShardedState, Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         return sum(factor_numbers(*p.shape, r) for p, r in zip(params, self.ranks()))
 
+    def budget_state_bytes(self) -> int | None:
+        """rank_policy "energy": the bytes of the state when the factors hold the whole budget, the
+        most it holds at any step (budget numbers in the factors' dtype, plus each matrix's float32
+        step counter); None under "fixed"."""
+        if self.rank_policy != "energy":
+            return None
+        params = [p for g in self.param_groups for p in g["params"]]
+        itemsize = torch.empty((), dtype=factor_dtype(params[0].dtype)).element_size() if params else 4
+        return self.rank_budget_numbers() * itemsize + 4 * len(params)
+
     def _check_rank_budget(self) -> None:
         """rank_policy "energy": the starting ranks must fit the budget (the budget holds at every step)."""
         if self.rank_policy != "energy":

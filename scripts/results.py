@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 
@@ -65,6 +66,16 @@ class Run:
     def series(self, y: str, x: str = "step") -> tuple[list, list]:
         rows = [m for m in self.metrics if y in m and x in m and m[y] is not None]
         return [m[x] for m in rows], [m[y] for m in rows]
+
+    def timed_steps(self) -> list[dict]:
+        """The training steps' records that carry a step time (step 0, the first validation, has none)."""
+        return [m for m in self.metrics if m.get("step") and m.get("step_ms") is not None]
+
+    @property
+    def median_step_ms(self) -> float | None:
+        """The median training step's ms: the steady speed (warm-up and compile steps are outliers)."""
+        step_ms = [m["step_ms"] for m in self.timed_steps()]
+        return statistics.median(step_ms) if step_ms else None
 
     @property
     def finished(self) -> bool:
@@ -153,6 +164,8 @@ RULES = {
         "elapsed_s": AMOUNT,
         "step_ms": AMOUNT,
         "comm_bytes": AMOUNT,
+        "load_avg_1m": AMOUNT,
+        "cpu_s": AMOUNT,
     },
 }
 NULLABLE = {"summary.json", "metrics.jsonl"}  # null there means "not measured" (a run without validation)
@@ -438,6 +451,106 @@ def select_groups(runs: list[Run], min_seeds: int = 0, include_unfinished: bool 
     one whose runs all did not finish), sorted by optimizer, rank, lr and name."""
     groups = [g for g in group_runs(runs) if len(g.per_seed("final_val_loss", include_unfinished)) >= min_seeds]
     return sorted(groups, key=lambda g: (g.optimizer, g.rank or 0, g.lr or 0, g.name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whether a run's times can be trusted: the load it ran under
+
+# A CPU run whose process had a CPU for less than this share of its step time (median over steps)
+# was waiting for one: other processes competed for the cores
+CPU_SHARE_FLOOR = 0.5
+
+
+@dataclass(frozen=True)
+class Load:
+    """What a run recorded about the machine's load while it trained (metrics.jsonl's load_avg_1m
+    and cpu_s per step, env.json's cpu_count), and whether its step times are unreliable for it."""
+
+    recorded: bool  # False: the run predates the load fields; nothing is known either way
+    load_avg: float | None = None  # median over the training steps of the 1-minute load average
+    cpus: int | None = None  # env.json's cpu_count: the machine's CPUs the load average counts against
+    cpu_share: float | None = None  # median of cpu_s / step time, CPU runs only
+    reason: str | None = None  # why the times are unreliable ("load average 3.1 on 2 CPUs"), or None
+
+    @property
+    def unreliable(self) -> bool:
+        return self.reason is not None
+
+
+def run_load(run: Run) -> Load:
+    """The run's load. Its times are unreliable when the median load average exceeded the CPU count
+    (more runnable processes than cores: every one of them, this run's too, waited its turn), or, on
+    a CPU device, when rank 0's process got a CPU for less than CPU_SHARE_FLOOR of its step time."""
+    steps = run.timed_steps()
+    loads = [m["load_avg_1m"] for m in steps if m.get("load_avg_1m") is not None]
+    shares = [m["cpu_s"] / (m["step_ms"] / 1000) for m in steps if m.get("cpu_s") is not None and m["step_ms"] > 0]
+    if not loads and not shares:
+        return Load(recorded=False)
+    cpus = run.env.get("cpu_count") if _integer(run.env.get("cpu_count")) and run.env["cpu_count"] > 0 else None
+    load_avg = statistics.median(loads) if loads else None
+    device = str(run.env.get("device") or (run.config.get("launch") or {}).get("device") or "")
+    share = statistics.median(shares) if shares and device.startswith("cpu") else None
+    reason = None
+    if load_avg is not None and cpus is not None and load_avg > cpus:
+        reason = f"load average {load_avg:.1f} on {cpus} CPUs"
+    elif share is not None and share < CPU_SHARE_FLOOR:
+        reason = f"the process had a CPU {share:.0%} of its step time"
+    return Load(recorded=True, load_avg=load_avg, cpus=cpus, cpu_share=share, reason=reason)
+
+
+def load_summary(runs: list[Run]) -> str | None:
+    """One phrase on the times of `runs` together, for a plot or a table note: which were timed
+    under load ("times unreliable: load average 3.1 on 2 CPUs (4 of 9 runs)"), which recorded no
+    load, or None when every run recorded it and none was loaded."""
+    loads = [run_load(r) for r in runs]
+    bad = [ld for ld in loads if ld.unreliable]
+    missing = sum(not ld.recorded for ld in loads)
+    parts = []
+    if bad:
+        worst = max(bad, key=lambda ld: (ld.load_avg or 0, -(ld.cpu_share or 1)))
+        share = f" ({len(bad)} of {len(loads)} runs)" if len(loads) > 1 else ""
+        parts.append(f"times unreliable: {worst.reason}{share}")
+    if missing:
+        parts.append("load not recorded" + (f" for {missing} of {len(loads)} runs" if missing < len(loads) else ""))
+    return "; ".join(parts) or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate tuning: the sweep's tuning.json (scripts/sweep.py writes it next to the runs)
+
+
+def read_tuning(folder: str) -> dict:
+    """A sweep folder's tuning.json as {entry: record}; {} where there is none. A file that cannot
+    be read is one warning line and counts as none (the tables then mark no edge)."""
+    try:
+        data = _read_json(os.path.join(folder, "tuning.json"))
+    except RunReadError as e:
+        print(f"warning: {e}: lr edges are not marked", file=sys.stderr)
+        return {}
+    return {k: v for k, v in (data or {}).items() if isinstance(v, dict)}
+
+
+def tuning_of(group: Group, tunings: dict[str, dict]) -> dict | None:
+    """The tuning record (of `tunings`: folder -> read_tuning) whose chosen lr `group` is, or None.
+    The sweep names a tuned entry's runs BASE-lrLR-seedS, so the group, named without the seed, is
+    BASE-lrLR: its folder's tuning.json has an entry BASE whose chosen_lr is LR."""
+    folder = os.path.dirname(group.first.path)
+    for base, record in tunings.get(folder, {}).items():
+        prefix = f"{base}-lr"
+        if not group.name.startswith(prefix) or record.get("optimizer", group.optimizer) != group.optimizer:
+            continue
+        try:
+            lr = float(group.name[len(prefix):])
+        except ValueError:
+            continue
+        if lr == record.get("chosen_lr") == group.lr:
+            return record
+    return None
+
+
+def read_tunings(groups: list[Group]) -> dict[str, dict]:
+    """folder -> its tuning.json (read_tuning) for the folders holding `groups`' runs, each read once."""
+    return {folder: read_tuning(folder) for folder in sorted({os.path.dirname(g.first.path) for g in groups})}
 
 
 def main(argv=None) -> int:

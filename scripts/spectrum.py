@@ -12,6 +12,9 @@ For each run that logged a spectrum (several compare side by side):
 - drift.png: MoFaSGD's subspace overlap (U, V) and shadow error over steps, mean over matrices.
 - spectrum.md: per run and layer type at --step: tangent, left, right, two-sided and truncation
   energy, overlap, shadow error and the top-k shares (means over the type's matrices).
+For each run of MoFaSGD's rank_policy energy (RUN/ranks.jsonl):
+- ranks.png: the rank allocation, one heatmap per run: matrix x re-allocation step, each cell
+  its rank; spectrum.md adds per layer type the mean rank and kept share at the last line.
 """
 
 import argparse
@@ -55,14 +58,30 @@ def read_spectrum(run_dir: str) -> list[dict]:
     return sorted(lines, key=lambda r: r["step"])
 
 
-def find_spectrum_runs(paths: list[str]) -> dict[str, list[dict]]:
-    """{run name: its lines} for every run folder given or one level below a folder given."""
+def read_ranks(run_dir: str) -> list[dict]:
+    """The run's ranks.jsonl lines (rank_policy energy), in step order (unreadable lines skipped)."""
+    lines = []
+    with open(os.path.join(run_dir, "ranks.jsonl")) as f:
+        for text in f:
+            try:
+                record = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("ranks"), dict):
+                lines.append(record)
+    return sorted(lines, key=lambda r: r["step"])
+
+
+def find_spectrum_runs(paths: list[str], log: str = "spectrum.jsonl") -> dict[str, list[dict]]:
+    """{run name: its lines of `log` (spectrum.jsonl or ranks.jsonl)} for every run folder given or
+    one level below a folder given."""
+    read = read_spectrum if log == "spectrum.jsonl" else read_ranks
     runs = {}
     for path in paths:
         candidates = [path] + ([os.path.join(path, e) for e in sorted(os.listdir(path))] if os.path.isdir(path) else [])
         for folder in candidates:
-            if os.path.isfile(os.path.join(folder, "spectrum.jsonl")):
-                lines = read_spectrum(folder)
+            if os.path.isfile(os.path.join(folder, log)):
+                lines = read(folder)
                 if lines:
                     runs[os.path.basename(os.path.normpath(folder))] = lines
     return runs
@@ -105,6 +124,51 @@ def table(runs: dict, step: int | None) -> str:
             shown = ["-" if math.isnan(c) else f"{c:.3f}" for c in cells]
             rows.append(f"| {name} | {line['step']} | {kind} | {len(matrices)} | " + " | ".join(shown) + " |")
     return "\n".join(rows) + "\n"
+
+
+def rank_table(rank_runs: dict) -> str:
+    """Per energy run and layer type, at its last allocation: the mean rank (min-max) and the mean
+    share of the momentum expansion's energy the ranks keep."""
+    rows = ["| run | step | layer type | matrices | mean rank | min-max | kept share | factor numbers / budget |",
+            "|---|---:|---|---:|---:|---|---:|---:|"]
+    for name, lines in rank_runs.items():
+        last = lines[-1]
+        kinds = {}
+        for matrix, r in last["ranks"].items():
+            kinds.setdefault(layer_type(matrix), []).append((r, last.get("kept_share", {}).get(matrix)))
+        for kind, entries in sorted(kinds.items()):
+            ranks = [r for r, _ in entries]
+            kept = mean(share for _, share in entries)
+            rows.append(f"| {name} | {last['step']} | {kind} | {len(ranks)} | {statistics.mean(ranks):.1f} | "
+                        f"{min(ranks)}-{max(ranks)} | {'-' if math.isnan(kept) else f'{kept:.3f}'} | "
+                        f"{last.get('held', '-')} / {last.get('budget', '-')} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot_ranks(rank_runs: dict, out: str) -> bool:
+    """ranks.png: per run, the rank of each matrix (rows) at each re-allocation (columns)."""
+    if not rank_runs:
+        return False
+    fig, axes = plt.subplots(1, len(rank_runs), figsize=(4.5 * len(rank_runs), 4), squeeze=False)
+    top = max(r for lines in rank_runs.values() for line in lines for r in line["ranks"].values())
+    for ax, (name, lines) in zip(axes[0], rank_runs.items()):
+        names = list(lines[0]["ranks"])
+        grid = [[line["ranks"].get(n, math.nan) for line in lines] for n in names]
+        image = ax.imshow(grid, aspect="auto", vmin=0, vmax=top, cmap="magma", interpolation="nearest")
+        if len(lines) * len(names) <= 400:  # the numbers themselves while they stay legible
+            for i, row in enumerate(grid):
+                for j, r in enumerate(row):
+                    ax.text(j, i, str(r), ha="center", va="center", fontsize=5,
+                            color="white" if r < 0.6 * top else "black")
+        ax.set_title(f"{name}\nbudget {lines[-1].get('budget')} numbers", fontsize=8)
+        ax.set_xticks(range(len(lines)), [line["step"] for line in lines], fontsize=6)
+        ax.set_yticks(range(len(names)), [n.replace(".weight", "") for n in names], fontsize=5)
+        ax.set_xlabel("step")
+        fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "ranks.png"), dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_energy(runs: dict, step: int | None, out: str) -> bool:
@@ -195,9 +259,11 @@ def main(argv=None) -> int:
         print(f"error: no such results folder: {missing[0]}", file=sys.stderr)
         return 2
     runs = find_spectrum_runs(args.paths)
-    if not runs:
+    rank_runs = find_spectrum_runs(args.paths, "ranks.jsonl")
+    if not runs and not rank_runs:
         print(f"error: no run under {', '.join(args.paths)} logged a spectrum (logging.spectrum_every > 0 writes "
-              "RUN/spectrum.jsonl)", file=sys.stderr)
+              "RUN/spectrum.jsonl) or a rank allocation (MoFaSGD rank_policy energy writes RUN/ranks.jsonl)",
+              file=sys.stderr)
         return 2
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -207,13 +273,18 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.out):
         print(f"error: --out {args.out} is not a folder", file=sys.stderr)
         return 2
-    written = [f for f, made in (("energy.png", plot_energy(runs, args.step, args.out)),
-                                 ("tangent.png", plot_tangent(runs, args.out)), ("drift.png", plot_drift(runs, args.out)))
+    written = [f for f, made in (("energy.png", runs and plot_energy(runs, args.step, args.out)),
+                                 ("tangent.png", runs and plot_tangent(runs, args.out)),
+                                 ("drift.png", runs and plot_drift(runs, args.out)),
+                                 ("ranks.png", plot_ranks(rank_runs, args.out)))
                if made]
     from worker.fileio import write_text_atomic
 
-    write_text_atomic(os.path.join(args.out, "spectrum.md"), table(runs, args.step))
-    print(f"{len(runs)} run(s): wrote {', '.join(written + ['spectrum.md'])} to {args.out}", file=sys.stderr)
+    text = table(runs, args.step) if runs else ""
+    if rank_runs:
+        text += ("\n" if text else "") + "## Rank allocation (rank_policy energy)\n\n" + rank_table(rank_runs)
+    write_text_atomic(os.path.join(args.out, "spectrum.md"), text)
+    print(f"{len(set(runs) | set(rank_runs))} run(s): wrote {', '.join(written + ['spectrum.md'])} to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -18,10 +18,17 @@ lower). A negative difference is a lower (better) loss than the baseline.
     python -m scripts.summarize results/cpu-ranks --format csv --table groups --out groups.csv
     python -m scripts.summarize results/cpu-ranks --format latex --table paired --baseline adamw
 
+Marks after a group's (or run's) name, each explained under its table (CSV: the `notes` column):
+[edge] its lr was chosen at an edge of the lrs its tuning tried (the sweep's tuning.json);
+[seeds] fewer than 3 seeds, or pairs in the paired table: intervals from so few say little;
+[speed] its seeds' median step times differ by more than a factor 1.25; [load] timed under load
+(median load average above the CPU count, or the process had a CPU less than half its step time).
+
 Run columns: tokens_per_s over the whole run (summary.json: first steps and any torch.compile
 included), steady_tokens_per_s and ms_per_step at the median step (warm-up and compile left out),
-first_step_ms (step 1: optimizer state creation and, with train.compile, the compile). Every
-number comes from the runs' summary.json and metrics.jsonl.
+first_step_ms (step 1: optimizer state creation and, with train.compile, the compile), load_avg
+(the median 1-minute load average over its steps). Every number comes from the runs' summary.json,
+metrics.jsonl and env.json, and the sweep's tuning.json.
 """
 
 import argparse
@@ -35,18 +42,19 @@ import sys
 if not __package__:  # python scripts/NAME.py: this checkout's modules first, not another install's
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.results import UNUSABLE, Group, Run, find_runs_or_report, select_groups
+from scripts.results import (UNUSABLE, Group, Run, find_runs_or_report, read_tunings, run_load, select_groups,
+                             tuning_of)
 from scripts.stats import estimate, paired_difference
 
 RUN_COLUMNS = ["run", "group", "optimizer", "rank", "lr", "seed", "status", "steps", "final_val_loss", "best_val_loss",
                "final_val_ppl", "tokens_per_s", "steady_tokens_per_s", "ms_per_step", "first_step_ms", "peak_mem_mib",
-               "opt_state_mib_hidden", "opt_state_mib_other", "comm_bytes_per_step"]
+               "opt_state_mib_hidden", "opt_state_mib_other", "comm_bytes_per_step", "load_avg", "notes"]
 GROUP_COLUMNS = ["group", "optimizer", "rank", "lr", "n", "seeds", "final_val_loss_mean", "final_val_loss_std",
                  "final_val_loss_ci_low", "final_val_loss_ci_high", "best_val_loss_mean", "best_val_loss_std",
                  "best_val_loss_ci_low", "best_val_loss_ci_high", "steps", "status", "tokens_per_s", "peak_mem_mib",
-                 "opt_state_mib_hidden"]
+                 "opt_state_mib_hidden", "step_time_ratio", "lr_at_edge", "notes"]
 PAIRED_COLUMNS = ["group", "baseline", "metric", "n_pairs", "seeds", "diff_mean", "diff_std", "diff_ci_low",
-                  "diff_ci_high", "lower", "higher", "ties"]
+                  "diff_ci_high", "lower", "higher", "ties", "notes", "baseline_notes"]
 TABLES = {"groups": GROUP_COLUMNS, "paired": PAIRED_COLUMNS, "runs": RUN_COLUMNS}
 METRICS = ("final_val_loss", "best_val_loss")
 
@@ -57,9 +65,10 @@ class SummaryError(ValueError):
 
 def summarize_run(run: Run, group: str | None = None) -> dict:
     s = run.summary or {}
-    timed = [m for m in run.metrics if "step_ms" in m and m.get("step")]
+    timed = run.timed_steps()
     step_ms = [m["step_ms"] for m in timed]
-    median_ms = statistics.median(step_ms) if step_ms else None  # the median ignores warm-up outliers
+    median_ms = run.median_step_ms  # the median ignores warm-up outliers
+    load = run_load(run)
     tokens_per_step = timed[-1]["tokens"] / timed[-1]["step"] if timed and "tokens" in timed[-1] else None
     comm = [m["comm_bytes"] for m in run.metrics if "comm_bytes" in m]
     final = run.final_val_loss
@@ -85,6 +94,8 @@ def summarize_run(run: Run, group: str | None = None) -> dict:
         "opt_state_mib_hidden": mib("opt_state_bytes_hidden"),
         "opt_state_mib_other": mib("opt_state_bytes_other"),
         "comm_bytes_per_step": statistics.median(comm) if comm else None,
+        "load_avg": load.load_avg,  # median 1-minute load average over its steps (None: not recorded)
+        "notes": "load" if load.unreliable else "",
     }
 
 
@@ -125,7 +136,45 @@ def status_text(group: Group, include_unfinished: bool) -> str:
     return ", ".join(parts) + (" (left out)" if left_out else "")
 
 
-def summarize_group(group: Group, include_unfinished: bool = False) -> dict:
+# ---------------------------------------------------------------------------------------------
+# Marks: what a row's numbers cannot show by themselves. Markdown and LaTeX put each as a short name
+# in brackets after the group (or run) and explain the ones used under the table; CSV lists them,
+# space-separated, in `notes`.
+
+FEW_SEEDS = 3  # fewer seeds (or pairs) than this: intervals and sign counts say little
+SPEED_FACTOR = 1.25  # a group whose seeds' median step times differ by more: its speed is not one speed
+MARKS = {
+    "edge": "lr chosen at an edge of the lrs its tuning tried (tuning.json: chosen_at_edge): a better lr may "
+            "lie past it, so the group may be under-tuned",
+    "seeds": f"fewer than {FEW_SEEDS} seeds (pairs, in the paired table): intervals from n < {FEW_SEEDS} say little "
+             "(at n = 2 the 95% CI is mean +- 9 standard deviations, and 2/2 lower happens 1 time in 4 by chance)",
+    "speed": f"its runs' median step times differ by more than a factor {SPEED_FACTOR:g} (slowest / fastest seed): "
+             "they ran under unlike conditions, so its speed columns are not one speed",
+    "load": "timed under load (the median 1-minute load average exceeded the CPU count, or the process had a CPU "
+            "less than half of its step time): its times say more about the machine than about the optimizer",
+}
+
+
+def step_time_ratio(runs: list[Run]) -> float | None:
+    """Slowest / fastest median step time over `runs` (None with fewer than two timed runs)."""
+    medians = [r.median_step_ms for r in runs if r.median_step_ms]
+    return max(medians) / min(medians) if len(medians) > 1 else None
+
+
+def group_marks(group: Group, n: int, tuning: dict | None, include_unfinished: bool) -> list[str]:
+    """The marks of a group's row (MARKS): chosen at a tuning edge, fewer than FEW_SEEDS seeds,
+    seeds timed more than SPEED_FACTOR apart, runs timed under load."""
+    runs = group.included(include_unfinished)
+    ratio = step_time_ratio(runs)
+    marks = ["edge"] if tuning and tuning.get("chosen_at_edge") else []
+    marks += ["seeds"] if n < FEW_SEEDS else []
+    marks += ["speed"] if ratio is not None and ratio > SPEED_FACTOR else []
+    marks += ["load"] if any(run_load(r).unreliable for r in runs) else []
+    return marks
+
+
+def summarize_group(group: Group, include_unfinished: bool = False, tuning: dict | None = None) -> dict:
+    """A group's row; `tuning` is the tuning.json record whose chosen lr the group is (or None)."""
     runs = group.included(include_unfinished)
     row = {"group": group.name, "optimizer": group.optimizer, "rank": group.rank, "lr": group.lr}
     seeds = group.per_seed("final_val_loss", include_unfinished)
@@ -147,6 +196,9 @@ def summarize_group(group: Group, include_unfinished: bool = False) -> dict:
     row["peak_mem_mib"] = peak / 2**20 if peak is not None else None
     state = _mean([s.get("opt_state_bytes_hidden") for s in summaries])
     row["opt_state_mib_hidden"] = state / 2**20 if state is not None else None
+    row["step_time_ratio"] = step_time_ratio(runs)
+    row["lr_at_edge"] = bool(tuning.get("chosen_at_edge")) if tuning else None  # None: its lr was not tuned
+    row["notes"] = " ".join(group_marks(group, row["n"], tuning, include_unfinished))
     return row
 
 
@@ -166,14 +218,21 @@ def find_baseline(groups: list[Group], name: str) -> Group:
                        f"groups: {', '.join(g.name for g in groups)}")
 
 
-def paired_rows(groups: list[Group], baseline: Group, metric: str, include_unfinished: bool = False) -> list[dict]:
+def paired_rows(groups: list[Group], baseline: Group, metric: str, include_unfinished: bool = False,
+                tunings: dict | None = None) -> list[dict]:
+    """One row per group against the baseline; `notes` marks a candidate chosen at a tuning edge
+    ("edge") and fewer than FEW_SEEDS pairs ("seeds"), `baseline_notes` a baseline at an edge."""
     base = baseline.per_seed(metric, include_unfinished)
+    at_edge = lambda g: bool((tuning_of(g, tunings or {}) or {}).get("chosen_at_edge"))  # noqa: E731
     rows = []
     for group in groups:
         if group is baseline:
             continue
         paired = paired_difference(group.per_seed(metric, include_unfinished), base)
-        row = {"group": group.name, "baseline": baseline.name, "metric": metric}
+        n_pairs = paired.diff.n if paired else 0
+        notes = (["edge"] if at_edge(group) else []) + (["seeds"] if n_pairs < FEW_SEEDS else [])
+        row = {"group": group.name, "baseline": baseline.name, "metric": metric, "notes": " ".join(notes),
+               "baseline_notes": "edge" if at_edge(baseline) else ""}
         if paired is None:
             row.update(n_pairs=0, seeds="")
         else:
@@ -213,8 +272,11 @@ def display_columns(table: str) -> list[tuple[str, callable]]:
     ci = lambda prefix: lambda r: "-" if r.get(f"{prefix}_ci_low") is None else \
         f"[{_fmt(r[prefix + '_ci_low'], prefix + '_ci_low')}, {_fmt(r[prefix + '_ci_high'], prefix + '_ci_high')}]"  # noqa: E731
     plain = lambda key: lambda r: _fmt(r.get(key), key)  # noqa: E731
+    # a name with its marks: "mfsgd-rank8-lr0.02 [edge] [seeds]"
+    marked = lambda key, notes="notes": lambda r: _fmt(r.get(key), key) + "".join(  # noqa: E731
+        f" [{m}]" for m in (r.get(notes) or "").split())
     if table == "groups":
-        return [("group", plain("group")), ("n", plain("n")), ("seeds", plain("seeds")),
+        return [("group", marked("group")), ("n", plain("n")), ("seeds", plain("seeds")),
                 ("final val loss", plain("final_val_loss_mean")), ("std", plain("final_val_loss_std")),
                 ("95% CI", ci("final_val_loss")), ("best val loss", plain("best_val_loss_mean")),
                 ("95% CI (best)", ci("best_val_loss")), ("steps", plain("steps")), ("status", plain("status")),
@@ -222,10 +284,11 @@ def display_columns(table: str) -> list[tuple[str, callable]]:
                 ("hidden state MiB", plain("opt_state_mib_hidden"))]
     if table == "paired":
         signs = lambda r: "-" if not r.get("n_pairs") else f"{r['lower']}/{r['n_pairs']} lower"  # noqa: E731
-        return [("group", plain("group")), ("baseline", plain("baseline")), ("pairs", plain("n_pairs")),
+        return [("group", marked("group")), ("baseline", marked("baseline", "baseline_notes")),
+                ("pairs", plain("n_pairs")),
                 ("mean difference", plain("diff_mean")), ("std", plain("diff_std")), ("95% CI", ci("diff")),
                 ("seeds lower", signs)]
-    return [(c, plain(c)) for c in RUN_COLUMNS]
+    return [(c, marked(c) if c == "run" else plain(c)) for c in RUN_COLUMNS if c != "notes"]
 
 
 def markdown_table(rows: list[dict], table: str = "runs") -> str:
@@ -270,6 +333,18 @@ GROUP_NOTE = ("n: seeds whose finished runs enter the statistics; std: sample st
               "95% CI: mean +- t(0.975, n-1) std / sqrt(n), none for n = 1.")
 
 
+def mark_legend(rows: list[dict], table: str) -> list[str]:
+    """The lines under a table: each mark its rows use, explained (MARKS), and, under the runs
+    table, how many runs recorded no load average (made before metrics.jsonl had one)."""
+    used = {m for r in rows for key in ("notes", "baseline_notes") for m in (r.get(key) or "").split()}
+    lines = [f"[{mark}] {text}." for mark, text in MARKS.items() if mark in used]
+    missing = sum(r.get("load_avg") is None for r in rows) if table == "runs" else 0
+    if missing:
+        lines.append(f"{missing} of {len(rows)} runs recorded no load average (made before metrics.jsonl had "
+                     "load_avg_1m, or on a platform without one): whether their times were loaded is unknown.")
+    return lines
+
+
 def render(tables: dict[str, list[dict]], fmt: str, include_unfinished: bool) -> str:
     """The chosen tables in one document (Markdown or LaTeX), or one table as CSV."""
     if fmt == "csv":
@@ -286,6 +361,11 @@ def render(tables: dict[str, list[dict]], fmt: str, include_unfinished: bool) ->
                 title += f"; baseline {rows[0]['baseline']}, {rows[0]['metric'].replace('_', ' ')}"
             parts.append(f"## {title}\n\n" if fmt == "md" else f"% {title}\n")
         parts.append(draw(rows, name))
+        legend = mark_legend(rows, name)
+        if fmt == "md" and legend:
+            parts.append("\n" + "".join(f"- {line}\n" for line in legend))
+        elif legend:
+            parts.append("".join(f"% {line}\n" for line in legend))
         if name == "groups":
             parts.append(f"\n{note}\n" if fmt == "md" else f"% {note}\n")
         parts.append("\n")
@@ -297,12 +377,13 @@ def build_tables(runs: list[Run], which: list[str], baseline: str | None = None,
     groups = select_groups(runs, min_seeds, include_unfinished)
     if not groups:
         raise SummaryError(f"no group has {min_seeds} or more seeds with a usable run (--min-seeds {min_seeds})")
+    tunings = read_tunings(groups)  # each sweep folder's tuning.json: which lrs were chosen at an edge
     tables = {}
     for name in which:
         if name == "groups":
-            tables[name] = [summarize_group(g, include_unfinished) for g in groups]
+            tables[name] = [summarize_group(g, include_unfinished, tuning_of(g, tunings)) for g in groups]
         elif name == "paired":
-            tables[name] = paired_rows(groups, find_baseline(groups, baseline), metric, include_unfinished)
+            tables[name] = paired_rows(groups, find_baseline(groups, baseline), metric, include_unfinished, tunings)
         else:
             tables[name] = [summarize_run(r, g.name) for g in groups for r in g.runs]
     return tables

@@ -144,7 +144,9 @@ def test_markdown_and_latex_documents(study, capsys):
     assert "| mfsgd-rank8-lr0.02-seed3 | mfsgd-rank8-lr0.02 | mfsgd | 8 | 0.02 | 3 | stopped | 6 |" in md
     assert summarize.main([str(study), "--format", "latex", "--table", "paired", "--baseline", "adamw"]) == 0
     tex = capsys.readouterr().out
-    assert tex.startswith("\\begin{tabular}{lrrrrrr}\n\\toprule\n") and tex.rstrip().endswith("\\end{tabular}")
+    assert tex.startswith("\\begin{tabular}{lrrrrrr}\n\\toprule\n") and "\\end{tabular}\n" in tex
+    after = tex.split("\\end{tabular}\n", 1)[1]  # only comments follow: the marks' legend (the single-seed row)
+    assert all(line.startswith("% ") for line in after.splitlines()) and "% [seeds] fewer than 3" in after
     assert "mfsgd-rank8-lr0.02 & adamw-lr0.002 & 3 & -0.2000 & 0.1000 & [-0.4484, +0.0484] & 3/3 lower \\\\" in tex
     assert summarize.main([str(study), "--format", "latex", "--table", "runs"]) == 0
     assert "final\\_val\\_loss" in capsys.readouterr().out  # LaTeX specials escaped

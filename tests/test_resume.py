@@ -58,6 +58,7 @@ def kill_after_step(args, results_dir, run_dir, step, timeout=120):
     ("adamw", 1, {}), ("mfsgd", 2, {"rank": 4}),
     ("mfsgd", 2, {"rank": 4, "memory_mode": "sketch", "comm": "sketch"}),
     ("mfsgd", 2, {"rank": 4, "shard": True}),
+    ("mfsgd", 2, {"rank": 4, "init": "zero", "rank_policy": "energy", "rank_every": 3}),  # ranks in the checkpoint
     ("mfsgd", 2, {"rank": 4, "memory_mode": "sketch", "parallel": "fsdp"}),  # distributed checkpoints (DCP)
 ])
 def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, extra):
@@ -84,6 +85,10 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, corpus, optimizer, nproc, ext
     for key in ("best_val_loss", "final_train_loss", "param_bytes", "opt_state_bytes_hidden"):
         assert summary[key] == ref_summary[key], key  # the summary sees the steps before the kill too
     assert len(list_checkpoints(str(tmp_path / "cut"))) == 2  # keep_checkpoints
+    if extra.get("rank_policy") == "energy":  # the allocations, each once, as the uninterrupted run's
+        ranks = [(tmp_path / run / "ranks.jsonl").read_text() for run in ("ref", "cut")]
+        assert ranks[0] == ranks[1] and ranks[0].count("\n") == STEPS // 3 + 1
+        assert len({line.split('"ranks"')[1] for line in ranks[0].splitlines()}) > 1  # they did change
     if optimizer == "adamw" or extra.get("parallel") == "fsdp":  # a file and a folder checkpoint; the rest alike
         again = launch(["--resume", "cut", "--nproc", str(nproc)], tmp_path)
         assert again.returncode == 2 and "already finished" in again.stderr

@@ -4,13 +4,15 @@ to the factors at full rank, and off meaning no monitor at all."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from worker.spectrum import (SpectrumMonitor, energy_top, keep_lines_up_to, projection_energies, subspace_overlap,
-                      truncation_energy)
+from worker.spectrum import (SpectrumMonitor, energies_from_sums, energy_top, keep_lines_up_to, overlap_from_sum,
+                             overlap_partial, projection_energies, projection_partials, shadow_error_from_sums,
+                             shadow_partials, subspace_overlap, truncation_energy)
 
 
 def orthonormal(rows, cols, generator):
@@ -38,6 +40,31 @@ def test_projection_energies_equal_the_dense_projections(m, n, r):
     assert min(got["left_energy"], got["right_energy"]) >= got["twosided_energy"] - 1e-12
     full = projection_energies(G, orthonormal(m, min(m, n), g), orthonormal(n, min(m, n), g))
     assert full["tangent_energy"] == pytest.approx(1.0, abs=1e-12)  # full-rank factors keep everything
+
+
+def test_row_blocks_sum_to_the_whole_matrix_values():
+    """FSDP's way (tests/test_spectrum_fsdp.py runs it on 2 ranks): the row sums of uneven row blocks
+    of G, U and the shadow, added up, give the whole matrix's energies, overlap and shadow error,
+    equal to the dense fp64 definitions (projections formed as m x n matrices)."""
+    g = torch.Generator().manual_seed(11)
+    m, n, r = 11, 7, 3
+    G, U, V, U_new = (torch.randn(m, n, dtype=torch.float64, generator=g), orthonormal(m, r, g), orthonormal(n, r, g),
+                      orthonormal(m, r, g))
+    M, F = torch.randn(m, n, dtype=torch.float64, generator=g), torch.randn(m, n, dtype=torch.float64, generator=g)
+    blocks = [slice(0, 5), slice(5, 9), slice(9, 11), slice(11, 11)]  # uneven, one empty (a rank without rows)
+    parts = [{**projection_partials(G[b], U[b], V), "overlap_u": overlap_partial(U_new[b], U[b]),
+              **shadow_partials(M[b], F[b])} for b in blocks]
+    sums = {key: sum(part[key] for part in parts) for key in parts[0]}
+    got = energies_from_sums(sums)
+    total = (G ** 2).sum()
+    assert got["tangent_energy"] == pytest.approx(float((dense_tangent(G, U, V) ** 2).sum() / total), abs=1e-12)
+    assert got["left_energy"] == pytest.approx(float(((U @ U.T @ G) ** 2).sum() / total), abs=1e-12)
+    assert got["right_energy"] == pytest.approx(float(((G @ V @ V.T) ** 2).sum() / total), abs=1e-12)
+    assert got["twosided_energy"] == pytest.approx(float(((U @ U.T @ G @ V @ V.T) ** 2).sum() / total), abs=1e-12)
+    whole = projection_energies(G, U, V)
+    assert all(got[k] == pytest.approx(whole[k], abs=1e-14) for k in ("left_energy", "tangent_energy"))
+    assert overlap_from_sum(sums["overlap_u"]) == pytest.approx(subspace_overlap(U_new, U), abs=1e-14)
+    assert shadow_error_from_sums(sums) == pytest.approx(float((M - F).norm() / M.norm()), abs=1e-14)
 
 
 @pytest.mark.parametrize("momentum", ["sum", "ema"])
@@ -118,7 +145,8 @@ def test_keep_lines_up_to_drops_what_a_resume_redoes(tmp_path):
     ({"logging": {"spectrum_every": -1}}, "logging.spectrum_every must be >= 0"),
     ({"logging": {"spectrum_shadow": True}}, "logging.spectrum_shadow needs logging.spectrum_every > 0"),
     ({"logging": {"spectrum_every": 5}, "memory_mode": "sketch"}, "memory_mode or comm sketch"),
-    ({"logging": {"spectrum_every": 5}, "train": {"parallel": "fsdp"}}, "train.parallel fsdp"),
+    ({"logging": {"spectrum_every": 5}, "memory_mode": "sketch", "train": {"parallel": "fsdp"}},
+     "memory_mode or comm sketch"),
 ])
 def test_the_config_refuses_what_the_monitor_cannot_read(overrides, message):
     from configs import ConfigError, resolve_config
@@ -127,6 +155,19 @@ def test_the_config_refuses_what_the_monitor_cannot_read(overrides, message):
         resolve_config("mfsgd", overrides)
     with pytest.raises(ConfigError, match="logging.spectrum_shadow is for MoFaSGD"):
         resolve_config("adamw", {"logging": {"spectrum_every": 5, "spectrum_shadow": True}})
+
+
+def test_the_config_accepts_fsdp_and_shard():
+    from configs import resolve_config
+
+    logging = {"logging": {"spectrum_every": 5, "spectrum_shadow": True}}
+    two = dict(nproc=2, world_size=2)
+    for optimizer, overrides in (("mfsgd", {"train": {"parallel": "fsdp"}, **logging}),
+                                 ("mfsgd", {"shard": True, **logging}),
+                                 ("adamw", {"train": {"parallel": "fsdp"}, "logging": {"spectrum_every": 5}}),
+                                 ("muon", {"shard": True, "logging": {"spectrum_every": 5}})):
+        overrides.setdefault("train", {})["micro_batch_size"] = 4
+        assert resolve_config(optimizer, overrides, launch=two).logging.spectrum_every == 5
 
 
 @pytest.mark.slow  # trains in spawned processes
@@ -173,3 +214,60 @@ def test_layer_types_of_both_architectures():
                                     "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight",
                                     "blocks.2.attn.c_q.weight", "blocks.2.attn.c_k.weight", "blocks.2.attn.c_v.weight")] \
         == ["attn qkv", "attn out", "mlp in", "mlp out", "attn q", "attn k", "attn v"]
+
+
+@pytest.mark.slow  # trains in spawned processes
+def test_a_resume_continues_the_shadow_exactly(tmp_path):
+    """A run with the shadow, resumed from its step-2 checkpoint, logs the uninterrupted run's lines
+    bit for bit (the shadow is in the checkpoint). The rule for turning it on or off across a
+    resume: from a checkpoint without a shadow, a new one starts from the factors at the resume
+    step (shadow_since 2) and only the shadow's values differ; with it turned off, the saved one is
+    ignored, the lines lack it and the new checkpoints hold none."""
+    from helpers import reseal_checkpoint, tiny_overrides, train_in_process, write_run_config, write_tiny_corpus
+
+    overrides = tiny_overrides(write_tiny_corpus(str(tmp_path / "corpus")), steps=6, rank=4)
+    overrides["train"].update(ckpt_every=2, keep_checkpoints=3)
+    overrides["logging"].update(spectrum_every=2, spectrum_shadow=True)
+    ref = write_run_config(tmp_path, "ref", "mfsgd", overrides)
+    train_in_process([ref], 1)
+    copies = {}
+    for case in ("saved", "started", "off"):
+        copy = copies[case] = str(tmp_path / case)
+        shutil.copytree(ref, copy)
+        for step in (4, 6):  # back to the step-2 checkpoint, as after a kill at step 3
+            os.remove(os.path.join(copy, "checkpoints", f"step_{step:07d}.pt"))
+            os.remove(os.path.join(copy, "checkpoints", f"step_{step:07d}.manifest.json"))
+    checkpoint = os.path.join(copies["started"], "checkpoints", f"step_{2:07d}.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    assert state.pop("spectrum_shadow")["since"] == 0
+    torch.save(state, checkpoint)  # as a run with the shadow off would have written it
+    reseal_checkpoint(checkpoint)
+    with open(os.path.join(copies["off"], "config.json")) as f:
+        cfg = json.load(f)
+    cfg["logging"]["spectrum_shadow"] = False  # a logging key: a resume may change it
+    with open(os.path.join(copies["off"], "config.json"), "w") as f:
+        json.dump(cfg, f)
+    train_in_process(list(copies.values()), 1, resume=True)
+
+    def lines(run_dir):
+        return [json.loads(x) for x in open(os.path.join(run_dir, "spectrum.jsonl"))]
+
+    original = lines(ref)
+    assert [x["step"] for x in original] == [2, 4, 6] and all(x["shadow_since"] == 0 for x in original)
+    assert lines(copies["saved"]) == original
+    shadow = {"shadow_error", "shadow_energy_top"}
+    for case in ("started", "off"):
+        got = lines(copies[case])
+        assert got[0] == original[0]  # logged before the checkpoint, kept
+        for a, b in zip(got[1:], original[1:], strict=True):
+            for name, matrix in b["matrices"].items():
+                assert {k: v for k, v in a["matrices"][name].items() if k not in shadow} == \
+                    {k: v for k, v in matrix.items() if k not in shadow}
+            if case == "started":
+                assert a["shadow_since"] == 2 and a["shadow_bytes"] == b["shadow_bytes"]
+                errors = [(a["matrices"][n]["shadow_error"], m["shadow_error"]) for n, m in b["matrices"].items()]
+                assert all(x != y for x, y in errors)  # another shadow: begun at step 2, not 0
+            else:
+                assert "shadow_since" not in a and not shadow & set(next(iter(a["matrices"].values())))
+    newest = torch.load(os.path.join(copies["off"], "checkpoints", f"step_{6:07d}.pt"), weights_only=True)
+    assert "spectrum_shadow" not in newest

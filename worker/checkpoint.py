@@ -43,6 +43,10 @@ CHECKPOINT_NAME = re.compile(r"step_(\d{1,18})(\.pt)?")
 META_NAME = "meta.pt"  # in a sharded (DCP) checkpoint folder: what is not sharded
 MANIFEST_NAME = "manifest.json"  # in a DCP folder; a file checkpoint's is step_NNNNNNN.manifest.json beside it
 MANIFEST_FORMAT = 1
+# logging.spectrum_shadow's full-rank momentum (worker/spectrum.py: SpectrumMonitor.shadow_state):
+# a file checkpoint's entry {"since": step, "matrices": {name: M}}; in a DCP folder the matrices
+# (row-sharded) under this key and {"since": step} in meta.pt
+SHADOW_KEY = "spectrum_shadow"
 CHUNK = 16 * 2**20  # bytes read at a time when a checksum is computed from a file
 # DCP raises CheckpointException (a BaseException) when any rank fails to write or read
 _DCP_ERRORS = (OSError, RuntimeError, ValueError, KeyError)
@@ -268,24 +272,27 @@ def gather_rng_states(rank: int, world_size: int) -> list[dict] | None:
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizers, elapsed: float, keep: int, rank: int,
-                    world_size: int, sharded: bool = False, *, config: dict) -> None:
+                    world_size: int, sharded: bool = False, *, config: dict, spectrum=None) -> None:
     """Writes step `step`'s checkpoint (every rank calls this): on rank 0 one file, the optimizer
     states and RNG states gathered to it first, then its manifest; `sharded` (FSDP2): a DCP folder
     every rank writes its shards to, its manifest last. `config`: the run's config dict (its
-    fixed entries and their hash are recorded). Then drops all but the newest `keep`. A failed write
-    (a full disk) raises RunFailed on every rank, the older checkpoints untouched."""
+    fixed entries and their hash are recorded). `spectrum`: the run's SpectrumMonitor (or None),
+    whose shadow momentum is saved with the rest when logging.spectrum_shadow is on. Then drops all
+    but the newest `keep`. A failed write (a full disk) raises RunFailed on every rank, the older
+    checkpoints untouched."""
     rngs = gather_rng_states(rank, world_size)
     folder = checkpoint_dir(run_dir)
     failure = None
     try:
         meta = {"step": step, "elapsed_s": elapsed, "rng": rngs, "config_hash": config_hash(config)}
         if sharded:
-            _write_sharded_checkpoint(folder, step, model, optimizers, meta, rank, world_size, config)
+            _write_sharded_checkpoint(folder, step, model, optimizers, meta, rank, world_size, config, spectrum)
         else:
             optimizer_states = optimizers.state_dict()  # {"optimizers": [...], "schedulers": [...]}
+            shadow = spectrum.shadow_state() if spectrum is not None else None  # shard: gathered to rank 0
             if rank == 0:
                 os.makedirs(folder, exist_ok=True)
-                state = {**meta, "model": model.state_dict(), **optimizer_states}
+                state = {**meta, "model": model.state_dict(), **optimizer_states, **({SHADOW_KEY: shadow} if shadow else {})}
                 path = os.path.join(folder, f"step_{step:07d}.pt")
                 writer = None
 
@@ -332,7 +339,7 @@ def dcp_exception() -> type:
 
 
 def _write_sharded_checkpoint(folder: str, step: int, model, optimizers, meta: dict, rank: int,
-                              world_size: int, config: dict) -> None:
+                              world_size: int, config: dict, spectrum=None) -> None:
     """The DCP folder of step `step`: written under step_N.tmp/ (every rank its shards, rank 0
     DCP's .metadata once all have written, then meta.pt), each rank checksums a share of its files,
     rank 0 writes manifest.json with them all, then renames the folder to step_N/. The folder must
@@ -347,9 +354,12 @@ def _write_sharded_checkpoint(folder: str, step: int, model, optimizers, meta: d
         shutil.rmtree(staging, ignore_errors=True)  # a write killed midway
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizers.all)
-    dcp.save({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=staging)
+    shadow = spectrum.shadow_state() if spectrum is not None else None  # each rank's rows, as DTensors
+    dcp.save({"model": model_state, "optimizers": optimizer_state, **({SHADOW_KEY: shadow["matrices"]} if shadow else {})},
+             checkpoint_id=staging)
     if rank == 0:  # dcp.save returns once every rank's shards and the .metadata are written
-        meta = {**meta, "schedulers": optimizers.scheduler_states(), "world_size": world_size}
+        meta = {**meta, "schedulers": optimizers.scheduler_states(), "world_size": world_size,
+                **({SHADOW_KEY: {"since": shadow["since"]}} if shadow else {})}
         write_atomic(os.path.join(staging, META_NAME), lambda f: torch.save(meta, f), binary=True)
     dist.barrier()  # meta.pt is there: every file of the folder is written
     # the ranks checksum the folder's files between them (re-read from the page cache, in parallel)
@@ -389,13 +399,15 @@ def agreed_resume_checkpoint(run_dir: str, rank: int) -> str | None:
     return path
 
 
-def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = False, *, config: dict) -> tuple[int, float]:
+def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = False, *, config: dict,
+                    spectrum=None) -> tuple[int, float]:
     """Restores the model, the optimizers (RunOptimizers) and this rank's RNG state from `path`
     (a file, or a DCP folder when `sharded`: every rank calls it); returns (step, elapsed seconds).
     First, before any tensor is read, the checkpoint's files are checked against its manifest (a
     file checkpoint by every rank, in case nodes hold copies; a DCP folder's files split between the
     ranks) and `config` (config.json's dict) against the config it was made with. An unreadable,
-    corrupt or unusable checkpoint, or a changed config, raises RunFailed on every rank."""
+    corrupt or unusable checkpoint, or a changed config, raises RunFailed on every rank. `spectrum`:
+    the run's SpectrumMonitor (or None), given the checkpoint's shadow momentum (load_shadow)."""
     if sharded != is_sharded_checkpoint(path):
         kinds = ("a sharded (train.parallel fsdp) checkpoint folder", "a single-file (train.parallel ddp) checkpoint")
         raise RunFailed(f"checkpoint {path} is {kinds[0] if is_sharded_checkpoint(path) else kinds[1]}, but this run "
@@ -408,7 +420,7 @@ def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = Fal
     if problem:
         raise RunFailed(problem)
     if sharded:
-        state = _load_sharded_checkpoint(path, model, optimizers, config)
+        state = _load_sharded_checkpoint(path, model, optimizers, config, spectrum)
     else:
         state = _read(path, path)
         problem = checkpoint_problem(state, path, model) or embedded_config_problem(state, config)
@@ -421,6 +433,11 @@ def load_checkpoint(path: str, model, optimizers, rank: int, sharded: bool = Fal
             raise RunFailed(f"checkpoint {path} does not fit this run's optimizers ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:150]}): it was written by another optimizer or "
                             "configuration") from None
+        if spectrum is not None:
+            try:
+                spectrum.load_shadow(state.get(SHADOW_KEY))
+            except (KeyError, ValueError, TypeError) as e:
+                raise RunFailed(f"checkpoint {path} is unusable: {e}") from None
     rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -435,7 +452,7 @@ def _read(path: str, shown: str):
         raise RunFailed(f"checkpoint {shown} is corrupt ({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
 
 
-def _load_sharded_checkpoint(path: str, model, optimizers, config: dict) -> dict:
+def _load_sharded_checkpoint(path: str, model, optimizers, config: dict, spectrum=None) -> dict:
     """Loads a DCP folder into the FSDP2 model and the optimizers, whatever number of ranks wrote it
     (DCP reads each rank's rows from the shards that hold them); returns meta.pt's entries."""
     import torch.distributed.checkpoint as dcp
@@ -448,10 +465,16 @@ def _load_sharded_checkpoint(path: str, model, optimizers, config: dict) -> dict
     # the state of this run's model and optimizers as templates: DCP fills them in place (an
     # optimizer without state yet gets it from a zero-gradient step at lr 0)
     model_state, optimizer_state = get_state_dict(model, optimizers.all)
+    # the shadow momentum, when this run keeps one and the checkpoint holds it (meta.pt says so)
+    saved_shadow = meta.get(SHADOW_KEY)
+    shadow = spectrum.shadow_template() if spectrum is not None and isinstance(saved_shadow, dict) else None
     try:
-        dcp.load({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=path)
+        dcp.load({"model": model_state, "optimizers": optimizer_state, **({SHADOW_KEY: shadow} if shadow else {})},
+                 checkpoint_id=path)
         set_state_dict(model, optimizers.all, model_state_dict=model_state, optim_state_dict=optimizer_state)
         optimizers.load_scheduler_states(meta["schedulers"])
+        if shadow:
+            spectrum.load_shadow({"since": saved_shadow["since"], "matrices": shadow})
     except (*_DCP_ERRORS, TypeError, IndexError, dcp_exception()) as e:
         raise RunFailed(f"checkpoint {path} cannot be loaded into this run: {dcp_failure_cause(e)}"
                         f"{older_checkpoint_hint(path)}") from None

@@ -62,3 +62,20 @@ def append_json_line(path: str, obj) -> None:
         f.write(json.dumps(obj) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def keep_lines_up_to(path: str, step: int) -> None:
+    """A resume's JSON-lines log (spectrum.jsonl, ranks.jsonl): the lines up to the checkpoint's
+    step, rewritten atomically (the later ones are redone); a line a kill cut short is dropped."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    write_text_atomic(path, "".join(kept))

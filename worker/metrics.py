@@ -20,7 +20,10 @@ from worker.memory import MEMORY_KEYS, PEAK_KEYS
 # ---------------------------------------------------------------------------------------------
 # metrics.jsonl
 
-METRIC_NUMBERS = ("train_loss", "val_loss", "lr", "tokens", "elapsed_s") + MEMORY_KEYS
+# what each training step records about the machine's load (StepClock.load_fields), so the reports
+# can tell when its times are not the optimizer's: a shared or oversubscribed CPU
+LOAD_KEYS = ("load_avg_1m", "cpu_s")
+METRIC_NUMBERS = ("train_loss", "val_loss", "lr", "tokens", "elapsed_s") + MEMORY_KEYS + LOAD_KEYS
 
 
 def metrics_record(raw: bytes) -> dict | None:
@@ -162,27 +165,46 @@ class RunLog:
 class StepClock:
     """Training time. A step's time runs from the end of the previous step's timing to the end of
     its own, so it includes the previous step's logging (metrics.jsonl, progress bar); validation
-    and checkpointing are paused out, so elapsed_s and tokens/s measure training only."""
+    and checkpointing are paused out, so elapsed_s and tokens/s measure training only.
+
+    The clock also keeps the step's CPU time (this process's, all its threads; paused out the same
+    way), and load_fields() adds the machine's 1-minute load average at the step's end: a step time
+    measured while other processes competed for the CPUs is not the optimizer's, and the reports
+    say so (scripts/results.py run_load)."""
 
     def __init__(self, elapsed: float = 0.0):
         self.elapsed = elapsed  # training seconds so far (a resumed run starts from its checkpoint's)
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
+        self.cpu_s = 0.0  # the last step's CPU seconds
 
     def lap(self) -> float:
         """Ends a step's timing; returns its seconds."""
-        now = time.perf_counter()
+        now, cpu_now = time.perf_counter(), time.process_time()
         step_time, self.start = now - self.start, now
+        self.cpu_s, self.cpu_start = cpu_now - self.cpu_start, cpu_now
         self.elapsed += step_time
         return step_time
+
+    def load_fields(self) -> dict:
+        """The last step's load record: `cpu_s` (its process CPU seconds) and `load_avg_1m` (the
+        system's 1-minute load average, where the platform has one)."""
+        fields = {"cpu_s": self.cpu_s}
+        try:
+            fields["load_avg_1m"] = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform (Windows)
+            pass
+        return fields
 
     @contextmanager
     def paused(self):
         """Time spent inside is left out of the next step's time."""
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.start += time.perf_counter() - began
+            self.cpu_start += time.process_time() - cpu_began
 
 
 # ---------------------------------------------------------------------------------------------
