@@ -44,30 +44,18 @@ def layer_type(name: str) -> str:
     return next((kind for fragment, kind in LAYER_TYPES if fragment in name), "other")
 
 
-def read_spectrum(run_dir: str) -> list[dict]:
-    """The run's spectrum.jsonl lines, in step order (unreadable lines skipped)."""
+def read_log(run_dir: str, log: str = "spectrum.jsonl") -> list[dict]:
+    """The run's spectrum.jsonl (or ranks.jsonl, rank_policy energy) lines, in step order;
+    unreadable lines and lines without their table ("matrices", "ranks") skipped."""
+    table = {"spectrum.jsonl": "matrices", "ranks.jsonl": "ranks"}[log]
     lines = []
-    with open(os.path.join(run_dir, "spectrum.jsonl")) as f:
+    with open(os.path.join(run_dir, log)) as f:
         for text in f:
             try:
                 record = json.loads(text)
             except ValueError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("matrices"), dict):
-                lines.append(record)
-    return sorted(lines, key=lambda r: r["step"])
-
-
-def read_ranks(run_dir: str) -> list[dict]:
-    """The run's ranks.jsonl lines (rank_policy energy), in step order (unreadable lines skipped)."""
-    lines = []
-    with open(os.path.join(run_dir, "ranks.jsonl")) as f:
-        for text in f:
-            try:
-                record = json.loads(text)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("ranks"), dict):
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get(table), dict):
                 lines.append(record)
     return sorted(lines, key=lambda r: r["step"])
 
@@ -75,13 +63,12 @@ def read_ranks(run_dir: str) -> list[dict]:
 def find_spectrum_runs(paths: list[str], log: str = "spectrum.jsonl") -> dict[str, list[dict]]:
     """{run name: its lines of `log` (spectrum.jsonl or ranks.jsonl)} for every run folder given or
     one level below a folder given."""
-    read = read_spectrum if log == "spectrum.jsonl" else read_ranks
     runs = {}
     for path in paths:
         candidates = [path] + ([os.path.join(path, e) for e in sorted(os.listdir(path))] if os.path.isdir(path) else [])
         for folder in candidates:
             if os.path.isfile(os.path.join(folder, log)):
-                lines = read(folder)
+                lines = read_log(folder, log)
                 if lines:
                     runs[os.path.basename(os.path.normpath(folder))] = lines
     return runs
@@ -161,14 +148,23 @@ def plot_ranks(rank_runs: dict, out: str) -> bool:
                     ax.text(j, i, str(r), ha="center", va="center", fontsize=5,
                             color="white" if r < 0.6 * top else "black")
         ax.set_title(f"{name}\nbudget {lines[-1].get('budget')} numbers", fontsize=8)
-        ax.set_xticks(range(len(lines)), [line["step"] for line in lines], fontsize=6)
-        ax.set_yticks(range(len(names)), [n.replace(".weight", "") for n in names], fontsize=5)
-        ax.set_xlabel("step")
-        fig.colorbar(image, ax=ax, label="rank")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "ranks.png"), dpi=120)
-    plt.close(fig)
+        label_heatmap(fig, ax, image, [line["step"] for line in lines], names, "rank")
+    save(fig, out, "ranks.png")
     return True
+
+
+def label_heatmap(fig, ax, image, steps: list, names: list, label: str) -> None:
+    """A matrix x step heatmap's ticks (steps, parameter names) and colour bar."""
+    ax.set_xticks(range(len(steps)), steps, fontsize=6)
+    ax.set_yticks(range(len(names)), [n.replace(".weight", "") for n in names], fontsize=5)
+    ax.set_xlabel("step")
+    fig.colorbar(image, ax=ax, label=label)
+
+
+def save(fig, out: str, filename: str) -> None:
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, filename), dpi=120)
+    plt.close(fig)
 
 
 def plot_energy(runs: dict, step: int | None, out: str) -> bool:
@@ -198,9 +194,7 @@ def plot_energy(runs: dict, step: int | None, out: str) -> bool:
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle("momentum energy in the top k (AdamW/Muon momentum, MoFaSGD shadow); mean over each type's matrices",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "energy.png"), dpi=120)
-    plt.close(fig)
+    save(fig, out, "energy.png")
     return True
 
 
@@ -215,13 +209,8 @@ def plot_tangent(runs: dict, out: str) -> bool:
         grid = [[r["matrices"].get(n, {}).get("tangent_energy", math.nan) for r in lines] for n in names]
         image = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
         ax.set_title(name, fontsize=9)
-        ax.set_xticks(range(len(lines)), [r["step"] for r in lines], fontsize=6)
-        ax.set_yticks(range(len(names)), [n.replace(".weight", "") for n in names], fontsize=5)
-        ax.set_xlabel("step")
-        fig.colorbar(image, ax=ax, label="tangent energy (share of ||G||^2)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "tangent.png"), dpi=120)
-    plt.close(fig)
+        label_heatmap(fig, ax, image, [r["step"] for r in lines], names, "tangent energy (share of ||G||^2)")
+    save(fig, out, "tangent.png")
     return True
 
 
@@ -242,9 +231,7 @@ def plot_drift(runs: dict, out: str) -> bool:
         ax.set_xlabel("step")
         ax.set_ylim(bottom=0)
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "drift.png"), dpi=120)
-    plt.close(fig)
+    save(fig, out, "drift.png")
     return True
 
 
