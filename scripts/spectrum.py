@@ -137,8 +137,8 @@ def plot_ranks(rank_runs: dict, out: str) -> bool:
     if not rank_runs:
         return False
     fig, axes = plt.subplots(1, len(rank_runs), figsize=(4.5 * len(rank_runs), 4), squeeze=False)
-    top = max(r for lines in rank_runs.values() for line in lines for r in line["ranks"].values())
     for ax, (name, lines) in zip(axes[0], rank_runs.items()):
+        top = max(r for line in lines for r in line["ranks"].values())  # each run's own scale: budgets differ
         names = list(lines[0]["ranks"])
         grid = [[line["ranks"].get(n, math.nan) for line in lines] for n in names]
         image = ax.imshow(grid, aspect="auto", vmin=0, vmax=top, cmap="magma", interpolation="nearest")
@@ -155,7 +155,8 @@ def plot_ranks(rank_runs: dict, out: str) -> bool:
 
 def label_heatmap(fig, ax, image, steps: list, names: list, label: str) -> None:
     """A matrix x step heatmap's ticks (steps, parameter names) and colour bar."""
-    ax.set_xticks(range(len(steps)), steps, fontsize=6)
+    every = -(-len(steps) // 9)  # at most 9 step labels, so they stay legible
+    ax.set_xticks(range(0, len(steps), every), steps[::every], fontsize=6)
     ax.set_yticks(range(len(names)), [n.replace(".weight", "") for n in names], fontsize=5)
     ax.set_xlabel("step")
     fig.colorbar(image, ax=ax, label=label)
