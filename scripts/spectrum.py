@@ -155,7 +155,7 @@ def plot_ranks(rank_runs: dict, out: str) -> bool:
 
 def label_heatmap(fig, ax, image, steps: list, names: list, label: str) -> None:
     """A matrix x step heatmap's ticks (steps, parameter names) and colour bar."""
-    every = -(-len(steps) // 9)  # at most 9 step labels, so they stay legible
+    every = max(1, -(-len(steps) // 9))  # at most 9 step labels, so they stay legible
     ax.set_xticks(range(0, len(steps), every), steps[::every], fontsize=6)
     ax.set_yticks(range(len(names)), [n.replace(".weight", "") for n in names], fontsize=5)
     ax.set_xlabel("step")
