@@ -13,7 +13,7 @@ For each run that logged a spectrum (several compare side by side):
 - spectrum.md: per run and layer type at --step: tangent, left, right, two-sided and truncation
   energy, overlap, shadow error and the top-k shares (means over the type's matrices).
 For each run of MoFaSGD's rank_policy energy (RUN/ranks.jsonl):
-- ranks.png: the rank allocation, one heatmap per run: matrix x re-allocation step, each cell
+- allocation.png: the rank allocation, one heatmap per run: matrix x re-allocation step, each cell
   its rank; spectrum.md adds per layer type the mean rank and kept share at the last line.
 """
 
@@ -132,8 +132,8 @@ def rank_table(rank_runs: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot_ranks(rank_runs: dict, out: str) -> bool:
-    """ranks.png: per run, the rank of each matrix (rows) at each re-allocation (columns)."""
+def plot_allocation(rank_runs: dict, out: str) -> bool:
+    """allocation.png: per run, the rank of each matrix (rows) at each re-allocation (columns)."""
     if not rank_runs:
         return False
     fig, axes = plt.subplots(1, len(rank_runs), figsize=(4.5 * len(rank_runs), 4), squeeze=False)
@@ -149,7 +149,7 @@ def plot_ranks(rank_runs: dict, out: str) -> bool:
                             color="white" if r < 0.6 * top else "black")
         ax.set_title(f"{name}\nbudget {lines[-1].get('budget')} numbers", fontsize=8)
         label_heatmap(fig, ax, image, [line["step"] for line in lines], names, "rank")
-    save(fig, out, "ranks.png")
+    save(fig, out, "allocation.png")
     return True
 
 
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     written = [f for f, made in (("energy.png", runs and plot_energy(runs, args.step, args.out)),
                                  ("tangent.png", runs and plot_tangent(runs, args.out)),
                                  ("drift.png", runs and plot_drift(runs, args.out)),
-                                 ("ranks.png", plot_ranks(rank_runs, args.out)))
+                                 ("allocation.png", plot_allocation(rank_runs, args.out)))
                if made]
     from worker.fileio import write_text_atomic
 

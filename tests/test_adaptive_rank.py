@@ -322,7 +322,7 @@ def test_a_run_logs_its_allocations(tmp_path, corpus):
 
     out = tmp_path / "report"
     assert report.main([run, "--out", str(out)]) == 0
-    assert (out / "ranks.png").stat().st_size > 0 and not (out / "energy.png").exists()
+    assert (out / "allocation.png").stat().st_size > 0 and not (out / "energy.png").exists()
     table = (out / "spectrum.md").read_text()
     assert "## Rank allocation (rank_policy energy)" in table and "| energy | 6 | mlp in | 2 |" in table
 
