@@ -587,7 +587,8 @@ class MoFaSGD(ShardedState, Optimizer):
         chosen by allocate_ranks under the budget left after the matrices not stepped now, then
         each matrix truncated to its new rank (growing keeps its directions and adds the next ones
         of the expansion; shrinking drops the smallest singular values). Writes nothing; returns
-        step()'s `pending` entries and the UMF path counts."""
+        step()'s `pending` entries, the UMF path counts (all Householder) and the allocation that
+        becomes `last_allocation` once step() commits."""
         entries = []  # (p, group, fresh, U_old, S_old, V_old, sketches, expansion)
         for group, params in work:
             for p in params:
