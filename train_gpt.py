@@ -35,7 +35,7 @@ from worker.checkpoint import agreed_resume_checkpoint, load_checkpoint, save_ch
 from configs import RunConfig, config_hash, resolve_path
 from data.loader import StreamLoader, TokenLoader, val_sequences
 from data.shards import find_shards
-from worker.fileio import append_json_line, keep_lines_up_to, write_json
+from worker.fileio import append_json_line, start_json_log, write_json
 from mofasgd.optimizer import local_part
 from worker.memory import current_memory_bytes, memory_parts, peak_memory_bytes, peak_memory_record, reset_peak_memory
 from worker.metrics import MetricsLog, RunLog, StepClock, environment_info, start_wandb
@@ -168,7 +168,6 @@ class RankLog:
     path: str
     names: list  # the optimizer's parameters' names, in its order
     optimizer: object
-    written_step: int = -1
 
     @classmethod
     def for_run(cls, run_dir: str, named_hidden, optimizer, rank: int, start_step: int) -> "RankLog | None":
@@ -177,11 +176,8 @@ class RankLog:
         path = os.path.join(run_dir, "ranks.jsonl")
         name_of = {id(p): name for name, p in named_hidden}
         log = cls(path, [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]], optimizer)
-        if start_step:
-            keep_lines_up_to(path, start_step)
-        else:
-            if os.path.exists(path):
-                os.remove(path)  # a fresh start
+        start_json_log(path, start_step)
+        if not start_step:
             log.write(0, optimizer.ranks(), [None] * len(log.names))
         return log
 
@@ -190,12 +186,11 @@ class RankLog:
                                      "kept_share": dict(zip(self.names, kept)),
                                      "budget": self.optimizer.rank_budget_numbers(),
                                      "held": self.optimizer.factor_numbers_held()})
-        self.written_step = step
 
     def after_step(self, step: int) -> None:
         """Writes the re-allocation of optimizer step `step` + 1, if it made one."""
         allocation = self.optimizer.last_allocation
-        if allocation is not None and allocation["step"] == step + 1 and self.written_step != step + 1:
+        if allocation is not None and allocation["step"] == step + 1:
             self.write(step + 1, allocation["ranks"], allocation["kept_share"])
 
 

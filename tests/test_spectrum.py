@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.spectrum import (SpectrumMonitor, energies_from_sums, energy_top, keep_lines_up_to, overlap_from_sum,
+from worker.fileio import keep_lines_up_to
+from worker.spectrum import (SpectrumMonitor, energies_from_sums, energy_top, overlap_from_sum,
                              overlap_partial, projection_energies, projection_partials, shadow_error_from_sums,
                              shadow_partials, subspace_overlap, truncation_energy)
 

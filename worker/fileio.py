@@ -79,3 +79,12 @@ def keep_lines_up_to(path: str, step: int) -> None:
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     write_text_atomic(path, "".join(kept))
+
+
+def start_json_log(path: str, start_step: int) -> None:
+    """A JSON-lines log at a run's start: a resume from step `start_step` keeps the lines up to it
+    (the later ones are logged again), a fresh start (0) begins a new file."""
+    if start_step:
+        keep_lines_up_to(path, start_step)
+    elif os.path.exists(path):
+        os.remove(path)

@@ -42,12 +42,11 @@ Sketch memory mode and sketch comm are refused by the config: no m x n reduced g
 """
 
 import json
-import os
 
 import torch
 import torch.distributed as dist
 
-from worker.fileio import append_json_line, keep_lines_up_to
+from worker.fileio import append_json_line, start_json_log
 from mofasgd import MoFaSGD
 
 TOP_KS = (8, 16, 32, 64)
@@ -238,12 +237,8 @@ class SpectrumMonitor:
     def prepare_file(self, start_step: int) -> None:
         """spectrum.jsonl at the run's start: a resume keeps the lines up to its checkpoint (the
         later ones are logged again), a fresh start begins a new file."""
-        if self.path is None:
-            return
-        if start_step:
-            keep_lines_up_to(self.path, start_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
+        if self.path is not None:
+            start_json_log(self.path, start_step)
 
     def _mine(self, p) -> bool:
         """Whether this rank computes p's entry: always, but under shard only p's owner."""
