@@ -561,7 +561,7 @@ class MoFaSGD(ShardedState, Optimizer):
         if self.rank_policy != "energy":
             return None
         params = [p for g in self.param_groups for p in g["params"]]
-        itemsize = torch.empty((), dtype=factor_dtype(params[0].dtype)).element_size() if params else 4
+        itemsize = factor_dtype(params[0].dtype).itemsize if params else 4
         return self.rank_budget_numbers() * itemsize + 4 * len(params)
 
     def _check_rank_budget(self) -> None:
