@@ -336,6 +336,9 @@ def shard_bench_worker(rank, world, port, args):
                 print(f"| {name} | {ms:.1f} | {ms / adamw_ms:.2f} | {mib(state):.1f} | {mib(sent):.2f} |")
     finally:
         dist.destroy_process_group()
+    from worker.outcome import exit_process
+
+    exit_process(0)  # as a torchrun worker ends: no interpreter teardown, where a late-freed gloo group can abort
 
 
 def run_sharded(args):

@@ -86,6 +86,18 @@ def _train_worker(rank, world, ports_dir, run_dirs, resume, dtype):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
         train_gpt.train(run_dir, resume=resume)
+    end_spawned_rank()
+
+
+def end_spawned_rank() -> None:
+    """The last call of a spawned rank that succeeded (after destroy_process_group): exits as
+    train_gpt.main ends a torchrun worker, without the interpreter's teardown. There a process group
+    that outlived destroy_process_group (FSDP's modules and device meshes hold theirs) is freed
+    late, and a gloo thread can abort the finished rank: SIGABRT, "terminate called without an
+    active exception", about once in a few hundred spawned FSDP runs."""
+    from worker.outcome import exit_process
+
+    exit_process(0)
 
 
 def train_in_process(run_dirs, world, resume=False, dtype=None, seconds_per_run=120) -> None:

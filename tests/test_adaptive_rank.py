@@ -15,7 +15,7 @@ from mofasgd import MoFaSGD
 from mofasgd.factors import expanded_momentum_factors, gradient_sketches
 from mofasgd.rank_policy import allocate_ranks, factor_numbers, kept_share, uniform_budget
 
-from helpers import tiny_overrides, train_in_process, write_run_config, write_tiny_corpus
+from helpers import end_spawned_rank, tiny_overrides, train_in_process, write_run_config, write_tiny_corpus
 
 SHAPES = [(24, 16), (16, 40), (24, 16), (32, 32)]
 GRADIENT_RANKS = [1, 2, 12, 16]  # what each matrix's gradients span: the ranks worth keeping differ
@@ -348,6 +348,7 @@ def _disagreeing_replica(rank, world, port):
                 assert should_fail and "re-allocated MoFaSGD's ranks differently at step 5" in str(e)
     finally:
         dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def test_replicas_that_allocate_differently_fail_on_every_rank():

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch.multiprocessing as mp
 
-from helpers import ROOT, launch, read_metrics, tiny_overrides, write_tiny_corpus
+from helpers import ROOT, end_spawned_rank, launch, read_metrics, tiny_overrides, write_tiny_corpus
 
 pytestmark = pytest.mark.slow  # launches, rendezvous and process groups
 
@@ -104,6 +104,7 @@ def _agree(rank, world, port, dirs, steps_per_rank, out):
     except RunFailed as e:
         out[rank] = ("failed", str(e))
     dist.destroy_process_group()
+    end_spawned_rank()
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import tiny_double_model
+from helpers import end_spawned_rank, tiny_double_model
 from optimizers import MoFaSGD, split_parameters
 
 STEPS, ACCUM, ROWS = 3, 2, 4  # ROWS sequences per micro-batch in all, split over the ranks
@@ -110,6 +110,7 @@ def fsdp_worker(rank, world, port, out):
         }
     out[rank] = results
     dist.destroy_process_group()
+    end_spawned_rank()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import (read_metrics, tiny_double_model, tiny_overrides, train_in_process, write_run_config,
-                     write_tiny_corpus)
+from helpers import (end_spawned_rank, read_metrics, tiny_double_model, tiny_overrides, train_in_process,
+                     write_run_config, write_tiny_corpus)
 from optimizers import MoFaSGD, split_parameters
 from optimizers.mofasgd import assign_owners
 from optimizers.muon import ShardedMuon
@@ -134,6 +134,7 @@ def shard_worker(rank, world, port, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def free_port() -> int:

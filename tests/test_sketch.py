@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from helpers import (launch, read_metrics, tiny_double_model, tiny_overrides, train_in_process, write_run_config,
-                     write_tiny_corpus)
+from helpers import (end_spawned_rank, launch, read_metrics, tiny_double_model, tiny_overrides, train_in_process,
+                     write_run_config, write_tiny_corpus)
 from optimizers import MoFaSGD, split_parameters
 
 
@@ -144,6 +144,7 @@ def _collective_order_worker(rank, world, port, out):
         adam.zero_grad()
     out[rank] = (log, [p.detach().clone() for p in model.parameters()])
     dist.destroy_process_group()
+    end_spawned_rank()
 
 
 @pytest.mark.slow

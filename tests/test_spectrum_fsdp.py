@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import tiny_overrides, train_in_process, write_run_config, write_tiny_corpus
+from helpers import end_spawned_rank, tiny_overrides, train_in_process, write_run_config, write_tiny_corpus
 
 WORLD, STEPS, EVERY = 2, 4, 2
 SHAPES = [(7, 5), (6, 9)]  # 7 rows split 4 + 3 over 2 ranks: uneven shards
@@ -99,6 +99,7 @@ def row_sharded_worker(rank, world, port, out):
                       "exp_avg": [adam.state[q]["exp_avg"].full_tensor() for q in adam_params]})
     out[rank] = {"weights": weights, "steps": steps, "shadow_rows": [m.shape[0] for m in monitor.shadows.values()]}
     dist.destroy_process_group()
+    end_spawned_rank()
 
 
 @pytest.fixture(scope="module")
