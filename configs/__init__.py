@@ -270,15 +270,16 @@ def check_fsdp_support(name: str, optimizer_cfg) -> None:
 
 
 def check_spectrum_support(cfg) -> None:
-    """Raises ValueError where logging.spectrum_every / spectrum_shadow cannot run: they read the
-    reduced gradient the step used (DDP, FSDP's row shards, or shard's owners: worker/spectrum.py),
-    which the sketch modes never hold (docs/spectrum.md)."""
+    """Raises ValueError where logging.spectrum_every / spectrum_shadow cannot run. The shadow adds
+    the reduced gradient the step used to its full momentum, and the sketch modes never hold it
+    (the spectrum itself then comes from the sketches: worker/spectrum.py, docs/spectrum.md)."""
     if not cfg.logging.spectrum_every:
         return
-    if "sketch" in (getattr(cfg.optimizer, "memory_mode", "full"), getattr(cfg.optimizer, "comm", "full")):
-        raise ValueError("logging.spectrum_every does not run with optimizer memory_mode or comm sketch: no reduced "
-                         "gradient is held, so ||G||^2 (every share's denominator) and the shadow's update are "
-                         "unknown; use memory_mode full and comm full")
+    sketched = [k for k in ("memory_mode", "comm") if getattr(cfg.optimizer, k, "full") == "sketch"]
+    if cfg.logging.spectrum_shadow and sketched:
+        raise ValueError(f"logging.spectrum_shadow does not run with optimizer.{sketched[0]} sketch: the shadow adds "
+                         "the reduced m x n gradient, which sketch modes never hold; use memory_mode full and comm "
+                         "full, or spectrum_shadow false (spectrum_every alone runs, from the sketches)")
     if cfg.logging.spectrum_shadow and cfg.optimizer_name != "mfsgd":
         raise ValueError(f"logging.spectrum_shadow is for MoFaSGD (optimizer mfsgd): {cfg.optimizer_name} keeps "
                          "its full momentum already (logging.spectrum_every logs its spectrum)")

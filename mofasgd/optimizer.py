@@ -987,6 +987,24 @@ class MoFaSGD(ShardedState, Optimizer):
                     self._add_sketch(p, p.grad)
                     p.grad = None
 
+    @torch.no_grad()
+    def pending_sketches(self, p: torch.Tensor):
+        """The sketches (G V, G^T U, U^T G V) of the gradient the next step() will use for p, as
+        new tensors (nothing pending changes), or None when none were sketched (memory_mode
+        "full" without low-rank communication: that step reads p.grad). The pending ones plus
+        those of any gradient still in p.grad, against p's current factors; averaged over the ranks
+        once all_reduce_sketches() ran. On an FSDP2 weight: this rank's share (local_row_sketches:
+        its rows of G V; G^T U and U^T G V partial sums over the ranks)."""
+        if p not in self._sketches:
+            return None
+        self._wait_for_sketches(p)
+        pending = [t.clone() for t in self._sketches[p]]
+        if p.grad is not None and not _is_dtensor(p):
+            state = self.state[p]
+            fresh = gradient_sketches(p.grad.to(state["U"].dtype), state["U"], state["V"])
+            pending = [a + b for a, b in zip(pending, fresh)]
+        return tuple(pending)
+
     def sketch_bytes(self) -> int:
         """Bytes of all pending sketches: (m + n) r + r^2 numbers per matrix."""
         return sum(t.numel() * t.element_size() for acc in self._sketches.values() for t in acc)

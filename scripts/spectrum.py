@@ -8,7 +8,8 @@ For each run that logged a spectrum (several compare side by side):
   logged step of each run), in the style of the paper's Figure 6a. AdamW's and Muon's momentum, and
   MoFaSGD's shadow full momentum (logging.spectrum_shadow).
 - tangent.png: MoFaSGD's tangent energy (the share of ||G||^2 its tangent projection keeps), one
-  heatmap per run: matrix x logged step.
+  heatmap per run: matrix x logged step. Runs in sketch modes have no shares of ||G||^2 (None in
+  their lines): no heatmap, "-" in the table.
 - drift.png: MoFaSGD's subspace overlap (U, V) and shadow error over steps, mean over matrices.
 - spectrum.md: per run and layer type at --step: tangent, left, right, two-sided and truncation
   energy, overlap, shadow error and the top-k shares (means over the type's matrices).
@@ -200,14 +201,16 @@ def plot_energy(runs: dict, step: int | None, out: str) -> bool:
 
 
 def plot_tangent(runs: dict, out: str) -> bool:
+    # runs with the shares of ||G||^2 (sketch modes log them as None: no m x n gradient)
     panels = {name: lines for name, lines in runs.items()
-              if any("tangent_energy" in m for m in lines[-1]["matrices"].values())}
+              if any(m.get("tangent_energy") is not None for m in lines[-1]["matrices"].values())}
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (name, lines) in zip(axes[0], panels.items()):
-        names = sorted({n for r in lines for n, m in r["matrices"].items() if "tangent_energy" in m})
-        grid = [[r["matrices"].get(n, {}).get("tangent_energy", math.nan) for r in lines] for n in names]
+        names = sorted({n for r in lines for n, m in r["matrices"].items() if m.get("tangent_energy") is not None})
+        grid = [[r["matrices"].get(n, {}).get("tangent_energy") for r in lines] for n in names]
+        grid = [[math.nan if v is None else v for v in row] for row in grid]
         image = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
         ax.set_title(name, fontsize=9)
         label_heatmap(fig, ax, image, [r["step"] for r in lines], names, "tangent energy (share of ||G||^2)")

@@ -13,7 +13,7 @@ import torch
 from worker.fileio import keep_lines_up_to
 from worker.spectrum import (SpectrumMonitor, energies_from_sums, energy_top, overlap_from_sum,
                              overlap_partial, projection_energies, projection_partials, shadow_error_from_sums,
-                             shadow_partials, subspace_overlap, truncation_energy)
+                             shadow_partials, sketch_partials, subspace_overlap, truncation_energy)
 
 
 def orthonormal(rows, cols, generator):
@@ -66,6 +66,86 @@ def test_row_blocks_sum_to_the_whole_matrix_values():
     assert all(got[k] == pytest.approx(whole[k], abs=1e-14) for k in ("left_energy", "tangent_energy"))
     assert overlap_from_sum(sums["overlap_u"]) == pytest.approx(subspace_overlap(U_new, U), abs=1e-14)
     assert shadow_error_from_sums(sums) == pytest.approx(float((M - F).norm() / M.norm()), abs=1e-14)
+
+
+def test_the_sketches_give_the_squared_norms_but_no_share():
+    """sketch_partials (from G V, G^T U, U^T G V): the four squared projection norms equal the dense
+    ones; ||G||^2 is not in the sketches, so every share is None; summed over row blocks (FSDP's
+    local_row_sketches) they equal the whole matrix's."""
+    from mofasgd.factors import gradient_sketches
+    from mofasgd.row_sharded import local_row_sketches
+
+    g = torch.Generator().manual_seed(5)
+    m, n, r = 14, 9, 3
+    U, V = orthonormal(m, r, g), orthonormal(n, r, g)
+    G = torch.randn(m, n, dtype=torch.float64, generator=g)
+    got = energies_from_sums(sketch_partials(*gradient_sketches(G, U, V)))
+    full = energies_from_sums(projection_partials(G, U, V))
+    assert got["tangent_sq"] == pytest.approx(float((dense_tangent(G, U, V) ** 2).sum()), rel=1e-12)
+    assert got["left_sq"] == pytest.approx(float(((U.T @ G) ** 2).sum()), rel=1e-12)
+    assert got["right_sq"] == pytest.approx(float(((G @ V) ** 2).sum()), rel=1e-12)
+    assert got["twosided_sq"] == pytest.approx(float(((U.T @ G @ V) ** 2).sum()), rel=1e-12)
+    assert full["grad_sq"] == pytest.approx(float((G ** 2).sum()), rel=1e-12)
+    assert got["grad_sq"] is None and all(got[f"{k}_energy"] is None for k in ("left", "right", "twosided", "tangent"))
+    assert full["tangent_energy"] == pytest.approx(full["tangent_sq"] / full["grad_sq"], rel=1e-12)
+    parts = [sketch_partials(*local_row_sketches(G[rows], U[rows], V)) for rows in (slice(0, 5), slice(5, m))]
+    rows = energies_from_sums({k: parts[0][k] + parts[1][k] for k in parts[0]})
+    assert all(rows[k] == pytest.approx(got[k], rel=1e-12) for k in ("left_sq", "right_sq", "twosided_sq", "tangent_sq"))
+
+
+@pytest.mark.parametrize("momentum", ["sum", "ema"])
+def test_sketch_memory_mode_logs_full_modes_values_but_the_shares(momentum):
+    """memory_mode sketch, two micro-batches folded by the backward hooks: the monitor reads the
+    optimizer's pending sketches (MoFaSGD.pending_sketches, equal to the dense sketches of the summed
+    gradient). Truncation energy, overlaps, singular values and the squared projection norms equal
+    full mode's to fp64 rounding; the shares of ||G||^2 are None (no m x n gradient is held)."""
+    from mofasgd import MoFaSGD
+    from mofasgd.factors import gradient_sketches
+
+    lines = {}
+    for mode in ("full", "sketch"):
+        g = torch.Generator().manual_seed(11)
+        weights = [torch.nn.Parameter(torch.randn(m, n, dtype=torch.float64, generator=g)) for m, n in ((12, 9), (8, 10))]
+        batches = [[(torch.randn(w.shape[1], 5, dtype=torch.float64, generator=g),
+                     torch.randn(w.shape[0], 5, dtype=torch.float64, generator=g)) for w in weights] for _ in range(6)]
+        opt = MoFaSGD(weights, lr=0.05, rank=3, beta=0.9, momentum=momentum, memory_mode=mode)
+        monitor = SpectrumMonitor([(f"w{i}", w) for i, w in enumerate(weights)], opt, every=1, shadow=False, path=None)
+        lines[mode] = []
+        for step in range(3):
+            summed = [torch.zeros_like(w) for w in weights]
+            for micro in batches[2 * step: 2 * step + 2]:
+                loss = sum(((w @ x - y) ** 2).sum() for w, (x, y) in zip(weights, micro))
+                grads = torch.autograd.grad(loss, weights, retain_graph=True)
+                summed = [a + b.detach() for a, b in zip(summed, grads)]
+                loss.backward()
+            if mode == "sketch" and step > 0:
+                for w, G in zip(weights, summed):
+                    state = opt.state[w]
+                    dense = gradient_sketches(G, state["U"], state["V"])
+                    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(opt.pending_sketches(w), dense))
+            monitor.before_step(step)
+            opt.step()
+            lines[mode].append(monitor.after_step(step))
+            opt.zero_grad()
+    for step, (full, sketch) in enumerate(zip(lines["full"], lines["sketch"])):
+        for name, expected in full["matrices"].items():
+            got = sketch["matrices"][name]
+            for key, value in expected.items():
+                if value is None:  # full mode's first step: no factors before it to compare with
+                    assert step == 0, key
+                elif key == "grad_sq" or key.endswith("_energy") and key != "truncation_energy":
+                    assert got[key] is None, key
+                elif isinstance(value, list):
+                    assert got[key] == pytest.approx(value, rel=1e-9), key
+                else:
+                    assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+            if step > 0:  # from the second step on, both hold the factors the step projected on
+                assert set(got) == set(expected) and "tangent_sq" in got
+    with pytest.raises(ValueError, match="spectrum_shadow needs the reduced m x n gradient"):
+        weights = [torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64))]
+        opt = MoFaSGD(weights, rank=2, memory_mode="sketch")
+        (weights[0] ** 2).sum().backward()
+        SpectrumMonitor([("w", weights[0])], opt, every=1, shadow=True, path=None).before_step(0)
 
 
 @pytest.mark.parametrize("momentum", ["sum", "ema"])
@@ -145,9 +225,12 @@ def test_keep_lines_up_to_drops_what_a_resume_redoes(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"logging": {"spectrum_every": -1}}, "logging.spectrum_every must be >= 0"),
     ({"logging": {"spectrum_shadow": True}}, "logging.spectrum_shadow needs logging.spectrum_every > 0"),
-    ({"logging": {"spectrum_every": 5}, "memory_mode": "sketch"}, "memory_mode or comm sketch"),
-    ({"logging": {"spectrum_every": 5}, "memory_mode": "sketch", "train": {"parallel": "fsdp"}},
-     "memory_mode or comm sketch"),
+    ({"logging": {"spectrum_every": 5, "spectrum_shadow": True}, "memory_mode": "sketch"},
+     "logging.spectrum_shadow does not run with optimizer.memory_mode sketch"),
+    ({"logging": {"spectrum_every": 5, "spectrum_shadow": True}, "memory_mode": "sketch", "train": {"parallel": "fsdp"}},
+     "logging.spectrum_shadow does not run with optimizer.memory_mode sketch"),
+    ({"logging": {"spectrum_every": 5, "spectrum_shadow": True}, "comm": "sketch"},
+     "logging.spectrum_shadow does not run with optimizer.comm sketch"),
 ])
 def test_the_config_refuses_what_the_monitor_cannot_read(overrides, message):
     from configs import ConfigError, resolve_config
@@ -158,7 +241,7 @@ def test_the_config_refuses_what_the_monitor_cannot_read(overrides, message):
         resolve_config("adamw", {"logging": {"spectrum_every": 5, "spectrum_shadow": True}})
 
 
-def test_the_config_accepts_fsdp_and_shard():
+def test_the_config_accepts_fsdp_shard_and_sketch_modes():
     from configs import resolve_config
 
     logging = {"logging": {"spectrum_every": 5, "spectrum_shadow": True}}
@@ -166,7 +249,11 @@ def test_the_config_accepts_fsdp_and_shard():
     for optimizer, overrides in (("mfsgd", {"train": {"parallel": "fsdp"}, **logging}),
                                  ("mfsgd", {"shard": True, **logging}),
                                  ("adamw", {"train": {"parallel": "fsdp"}, "logging": {"spectrum_every": 5}}),
-                                 ("muon", {"shard": True, "logging": {"spectrum_every": 5}})):
+                                 ("muon", {"shard": True, "logging": {"spectrum_every": 5}}),
+                                 ("mfsgd", {"memory_mode": "sketch", "comm": "sketch", "logging": {"spectrum_every": 5}}),
+                                 ("mfsgd", {"comm": "sketch", "logging": {"spectrum_every": 5}}),
+                                 ("mfsgd", {"memory_mode": "sketch", "train": {"parallel": "fsdp"},
+                                            "logging": {"spectrum_every": 5}})):
         overrides.setdefault("train", {})["micro_batch_size"] = 4
         assert resolve_config(optimizer, overrides, launch=two).logging.spectrum_every == 5
 
@@ -206,6 +293,21 @@ def test_a_run_logs_its_spectrum_and_off_logs_nothing(tmp_path):
     assert sorted(os.listdir(out)) == ["drift.png", "energy.png", "spectrum.md", "tangent.png"]
     table = (out / "spectrum.md").read_text()
     assert "| mf | 4 | attn qkv | 2 |" in table and "| adam | 4 | mlp in | 2 |" in table and "| off |" not in table
+
+
+def test_the_report_takes_sketch_mode_lines(tmp_path):
+    """A sketch-mode run's lines (shares of ||G||^2 None): no tangent heatmap, "-" in their table
+    cells, the values the sketches give (truncation energy) shown."""
+    from scripts import spectrum as report
+
+    entry = {"singular_values": [2.0, 1.0], "overlap_u": 0.9, "overlap_v": 0.8, "truncation_energy": 0.97,
+             "tangent_energy": None, "left_energy": None, "right_energy": None, "twosided_energy": None,
+             "grad_sq": None, "left_sq": 1.0, "right_sq": 2.0, "twosided_sq": 0.5, "tangent_sq": 2.5}
+    lines = [{"step": s, "matrices": {"transformer.h.0.attn.c_attn.weight": entry}} for s in (2, 4)]
+    assert report.plot_tangent({"sketch": lines}, str(tmp_path)) is False
+    row = next(x for x in report.table({"sketch": lines}, None).splitlines() if x.startswith("| sketch"))
+    cells = [c.strip() for c in row.split("|")[5:-1]]
+    assert cells[:4] == ["-"] * 4 and cells[4] == "0.970"  # tangent, left, right, two-sided; truncation
 
 
 def test_layer_types_of_both_architectures():

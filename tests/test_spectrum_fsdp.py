@@ -197,6 +197,10 @@ CASES = {  # name: (optimizer, optimizer keys, train.parallel, spectrum_shadow)
     "adamw-fsdp": ("adamw", {}, "fsdp", False),
     "muon-ddp": ("muon", {"shard": False}, "ddp", False),
     "muon-shard": ("muon", {"shard": True}, "ddp", False),
+    # sketch modes: no m x n gradient; the spectrum comes from the (reduced) sketches, no shadow
+    "mfsgd-sketch-ddp": ("mfsgd", {"rank": 4, "memory_mode": "sketch", "comm": "sketch"}, "ddp", False),
+    "mfsgd-comm-sketch": ("mfsgd", {"rank": 4, "comm": "sketch"}, "ddp", False),
+    "mfsgd-sketch-fsdp": ("mfsgd", {"rank": 4, "memory_mode": "sketch"}, "fsdp", False),
 }
 SAME_AS = {"mfsgd-fsdp": "mfsgd-ddp", "mfsgd-shard": "mfsgd-ddp", "adamw-fsdp": "adamw-ddp", "muon-shard": "muon-ddp"}
 
@@ -259,6 +263,28 @@ def test_fsdp_and_shard_log_what_ddp_logs(runs):
     assert spectrum(runs["mfsgd-fsdp"])[-1]["shadow_bytes"] == whole // 2  # rank 0's rows
     assert 0 < spectrum(runs["mfsgd-shard"])[-1]["shadow_bytes"] < whole  # rank 0's matrices
     assert all(line["shadow_since"] == 0 for line in spectrum(runs["mfsgd-fsdp"]))
+
+
+@pytest.mark.slow
+def test_sketch_modes_log_what_the_sketches_determine(runs):
+    """Under DDP with sketch comm (memory_mode sketch or full) and under FSDP with memory_mode sketch,
+    the monitor reads the reduced sketches (FSDP: each rank's row partials, all-reduced): truncation
+    energy, overlaps, singular values and the squared projection norms equal DDP's full-mode values
+    to fp64 rounding; the shares of ||G||^2 and grad_sq, which no sketch determines, are None."""
+    shadow = {"shadow_error", "shadow_energy_top"}
+    unknown = {"grad_sq", "left_energy", "right_energy", "twosided_energy", "tangent_energy"}
+    reference = spectrum(runs["mfsgd-ddp"])
+    for name in ("mfsgd-sketch-ddp", "mfsgd-comm-sketch", "mfsgd-sketch-fsdp"):
+        got = spectrum(runs[name])
+        assert [line["step"] for line in got] == [EVERY, STEPS] and all("shadow_since" not in x for x in got)
+        for a, b in zip(got, reference):
+            assert a["matrices"].keys() == b["matrices"].keys() and len(a["matrices"]) == 8
+            for matrix, expected in b["matrices"].items():
+                entry = a["matrices"][matrix]
+                assert set(entry) == set(expected) - shadow, (name, matrix)
+                assert all(entry[k] is None for k in unknown)
+                for key in set(entry) - unknown:
+                    assert entry[key] == pytest.approx(expected[key], rel=1e-8, abs=1e-12), (name, matrix, key)
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 Every `spectrum_every` steps rank 0 appends one line to RUN/spectrum.jsonl:
     {"step": N, "matrices": {PARAM_NAME: {...}}, "shadow_bytes": B[, "shadow_since": S]}
 per hidden matrix, for MoFaSGD (U, V: the factors the step's gradient G was projected on; G: the
-reduced gradient the optimizer used; all energies are shares of ||G||_F^2):
+reduced gradient the optimizer used; all energies are shares of ||G||_F^2, and the squared norms
+behind them are logged too: grad_sq, left_sq, right_sq, twosided_sq, tangent_sq):
 - left_energy ||U^T G||^2, right_energy ||G V||^2, twosided_energy ||U^T G V||^2 and tangent_energy
   ||G_hat||^2, G_hat = UU^T G + G VV^T - UU^T G VV^T (the paper's tangent projection, eq. 4). Since
   the two terms UU^T G and (I - UU^T) G VV^T are orthogonal, ||G_hat||^2 = ||U^T G||^2 + ||G V||^2 -
@@ -37,8 +38,11 @@ Where the matrices live (docs/spectrum.md, "Under DDP, FSDP and shard"):
 - optimizer.shard (MoFaSGD's or Muon's state on one owner rank per matrix): every rank runs the
   monitor for the matrices it owns (it holds the whole reduced G and their state; the shadow of a
   matrix lives on its owner), and rank 0 gathers the finished lines (a few floats per matrix).
-Sketch memory mode and sketch comm are refused by the config: no m x n reduced gradient exists, so
-||G||^2, the denominator of every share, and the shadow's update are not available.
+Sketch memory mode and sketch comm hold no m x n reduced gradient: the monitor reads the sketches the
+step will use (MoFaSGD.pending_sketches: G V, G^T U, U^T G V, reduced; FSDP: row partials). They give
+left_sq, right_sq, twosided_sq, tangent_sq, the truncation energy, overlaps and S exactly; grad_sq and
+the shares of it are None (||G||^2 is not a function of the sketches); the shadow, whose update needs
+G, is refused by the config.
 """
 
 import json
@@ -68,19 +72,29 @@ def projection_partials(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> di
     return {"grad_sq": G.square().sum(), "right_sq": GV.square().sum(), "UtG": U.mT @ G, "core": U.mT @ GV}
 
 
+def sketch_partials(GV: torch.Tensor, GtU: torch.Tensor, C: torch.Tensor) -> dict:
+    """projection_partials from the sketches (G V, G^T U, U^T G V) instead of G (sketch modes):
+    the same row sums but grad_sq, which no sketch holds (||G||^2 is not a function of them)."""
+    return {"right_sq": GV.square().sum(), "UtG": GtU.mT, "core": C}
+
+
 def energies_from_sums(sums: dict) -> dict:
-    """Shares of ||G||^2 from projection_partials summed over all rows: left ||U^T G||^2, right
-    ||G V||^2, two-sided ||U^T G V||^2 and tangent ||G_hat||^2 = left + right - two-sided (the
-    orthogonal split G_hat = UU^T G + (I - UU^T) G VV^T); with 'grad_sq', 'tangent_sq' and 'core'
-    (U^T G V), which the truncation energy needs. Computed in fp64."""
+    """From projection_partials (or sketch_partials) summed over all rows, in fp64: the squared
+    norms left_sq ||U^T G||^2, right_sq ||G V||^2, twosided_sq ||U^T G V||^2 and tangent_sq
+    ||G_hat||^2 = left + right - two-sided (the orthogonal split G_hat = UU^T G + (I - UU^T) G VV^T),
+    grad_sq ||G||^2, and the *_energy shares of ||G||^2 (None without grad_sq: sketch modes); with
+    'core' (U^T G V), which the truncation energy needs."""
     core = sums["core"].double()
     left, right, both = sums["UtG"].double().square().sum(), sums["right_sq"].double(), core.square().sum()
-    grad_sq = sums["grad_sq"].double()
     tangent_sq = left + right - both
-    scale = 1.0 / grad_sq if grad_sq > 0 else float("nan")
-    return {"left_energy": float(left * scale), "right_energy": float(right * scale),
-            "twosided_energy": float(both * scale), "tangent_energy": float(tangent_sq * scale),
-            "grad_sq": grad_sq, "tangent_sq": tangent_sq, "core": core}
+    norms = {"left": float(left), "right": float(right), "twosided": float(both), "tangent": float(tangent_sq)}
+    grad_sq = float(sums["grad_sq"].double()) if "grad_sq" in sums else None
+    if grad_sq is None:
+        shares = dict.fromkeys(norms)
+    else:
+        shares = {k: v / grad_sq if grad_sq > 0 else float("nan") for k, v in norms.items()}
+    return {**{f"{k}_energy": v for k, v in shares.items()}, "grad_sq": grad_sq,
+            **{f"{k}_sq": v for k, v in norms.items()}, "core": core}
 
 
 def projection_energies(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> dict:
@@ -250,8 +264,15 @@ class SpectrumMonitor:
             return
         self.before = {}
         for _, p in self.named:
-            if p.grad is None or not self._mine(p):
+            if not self._mine(p):
                 continue
+            # sketch modes: the sketches of the reduced gradient the step will use, instead of G
+            sketches = self.optimizer.pending_sketches(p)
+            if p.grad is None and sketches is None:
+                continue
+            if self.shadow and sketches is not None:
+                raise ValueError("spectrum_shadow needs the reduced m x n gradient, which MoFaSGD's sketch memory "
+                                 "mode and sketch comm never hold: turn one of them off")
             group = _group_of(self.optimizer, p)
             state = self.optimizer.state.get(p) or {}
             if self.shadow and p not in self.shadows:
@@ -261,7 +282,8 @@ class SpectrumMonitor:
                 # weight gathered once): every rank comes here for the same matrices in one order.
                 self.shadows[p] = _factor_momentum(state or self.optimizer._initial_state(p, group))
                 self.shadow_since = step if self.shadow_since is None else self.shadow_since
-            seen = {"beta": group["beta"], "momentum": group["momentum"], "G": _local(p.grad)}
+            seen = {"beta": group["beta"], "momentum": group["momentum"], "sketches": sketches,
+                    "G": _local(p.grad) if sketches is None else None}
             if state and self.due(step):
                 seen.update({k: _local(state[k]).clone() for k in ("U", "S", "V")})
             self.before[p] = seen
@@ -302,7 +324,9 @@ class SpectrumMonitor:
             return {}
         sums = {}
         if "U" in seen:
-            sums.update(projection_partials(seen["G"], seen["U"], seen["V"]))
+            sketches = seen["sketches"]
+            sums.update(projection_partials(seen["G"], seen["U"], seen["V"]) if sketches is None
+                        else sketch_partials(*sketches))
             sums["overlap_u"] = overlap_partial(_local(state["U"]), seen["U"])
         if p in self.shadows:
             sums.update(shadow_partials(self.shadows[p], _factor_momentum(state)))
@@ -325,9 +349,8 @@ class SpectrumMonitor:
         if "U" in seen:  # the step projected G on the factors it started from
             energies = energies_from_sums(sums)
             out["truncation_energy"] = truncation_energy(
-                seen["S"], state["S"], energies.pop("core"), energies.pop("tangent_sq"), seen["beta"],
+                seen["S"], state["S"], energies.pop("core"), energies["tangent_sq"], seen["beta"],
                 momentum_scale(seen["momentum"], seen["beta"]))
-            energies.pop("grad_sq")
             out.update(energies)
         if p in self.shadows:
             out["shadow_error"] = shadow_error_from_sums(sums)
