@@ -997,13 +997,7 @@ class MoFaSGD(ShardedState, Optimizer):
         its rows of G V; G^T U and U^T G V partial sums over the ranks)."""
         if p not in self._sketches:
             return None
-        self._wait_for_sketches(p)
-        pending = [t.clone() for t in self._sketches[p]]
-        if p.grad is not None and not _is_dtensor(p):
-            state = self.state[p]
-            fresh = gradient_sketches(p.grad.to(state["U"].dtype), state["U"], state["V"])
-            pending = [a + b for a, b in zip(pending, fresh)]
-        return tuple(pending)
+        return tuple(t.clone() for t in self._step_sketches(p, self.state[p]))
 
     def sketch_bytes(self) -> int:
         """Bytes of all pending sketches: (m + n) r + r^2 numbers per matrix."""
@@ -1058,17 +1052,21 @@ class MoFaSGD(ShardedState, Optimizer):
         gradient still in p.grad (the sketches are linear in G), stacked; None when none were."""
         if not any(p in self._sketches for p in params):
             return None
-        per_param = []
-        for p, st in zip(params, states):
-            self._wait_for_sketches(p)
-            pending = self._sketches.get(p)
-            fresh = gradient_sketches(p.grad.to(st["U"].dtype), st["U"], st["V"]) if p.grad is not None else None
-            if pending is None:
-                pending = fresh
-            elif fresh is not None:
-                pending = [a + b for a, b in zip(pending, fresh)]  # new tensors: nothing pending changes
-            per_param.append(pending)
+        per_param = [self._step_sketches(p, st) for p, st in zip(params, states)]
         return tuple(torch.stack([acc[k] for acc in per_param]) for k in range(3))
+
+    def _step_sketches(self, p, state: dict):
+        """p's sketches for its step: the pending ones plus those of any gradient still in p.grad
+        (the sketches are linear in G; an FSDP2 weight's gradient is only ever sketched by its
+        hook), against `state`'s factors; None when there are neither."""
+        self._wait_for_sketches(p)
+        pending = self._sketches.get(p)
+        fresh = None
+        if p.grad is not None and not _is_dtensor(p):
+            fresh = gradient_sketches(p.grad.to(state["U"].dtype), state["U"], state["V"])
+        if pending is None or fresh is None:
+            return pending if fresh is None else fresh
+        return [a + b for a, b in zip(pending, fresh)]  # new tensors: nothing pending changes
 
     def _compute_bucket(self, params, group, states):
         """Steps 1-2 for parameters of identical shape, dtype, device and rank, from their `states`,
